@@ -1,0 +1,210 @@
+"""Image datasets held as uint8 tensors, with augmentation applied to whole batches.
+
+As in airbench, the dataset lives on the training device as one tensor; a batch is an
+index into it, and random crop + flip are a single gather over the batch, never a Python
+loop over images.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from normbench.data import Batch, DataInfo
+from normbench.errors import UserError
+
+
+def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Random `pad`-pixel translation (zero fill) and horizontal flip of a (B,C,H,W) batch.
+
+    The same as torchvision's RandomCrop(H, padding=pad) + RandomHorizontalFlip per image,
+    done as one indexed gather: row/column indices per sample pick the crop, and reversed
+    column indices do the flip.
+    """
+    b, _, h, w = x.shape
+    dev = x.device
+    shift = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(dev, non_blocking=True)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(dev, non_blocking=True)
+    xp = F.pad(x, (pad, pad, pad, pad)) if pad else x
+    rows = shift[0, :, None] + torch.arange(h, device=dev)  # (B, H)
+    cols = shift[1, :, None] + torch.arange(w, device=dev)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch_idx = torch.arange(b, device=dev)[:, None, None]
+    out = xp[batch_idx, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2)
+
+
+class ImageDataset:
+    """Train/val images as uint8 (N,C,H,W) tensors and int64 labels."""
+
+    def __init__(self, train_x, train_y, val_x, val_y, num_classes: int, *,
+                 augment: bool = True, crop_pad: int = 4, name: str = "images"):
+        if train_x.dtype != torch.uint8 or val_x.dtype != torch.uint8:
+            raise TypeError("ImageDataset holds uint8 images")
+        self.name = name
+        self.train_x, self.train_y = train_x, train_y.long()
+        self.val_x, self.val_y = val_x, val_y.long()
+        self.augment = augment
+        self.crop_pad = crop_pad
+        # Per-channel standardization from the training split only.
+        flat = train_x.transpose(0, 1).reshape(train_x.shape[1], -1).double() / 255
+        self.mean = flat.mean(dim=1).float()
+        self.std = flat.std(dim=1).float().clamp(min=1e-3)
+        self.info = DataInfo(kind="image", num_classes=num_classes,
+                             in_channels=train_x.shape[1], image_size=train_x.shape[-1])
+
+    @property
+    def n_train(self) -> int:
+        return self.train_x.shape[0]
+
+    @property
+    def n_val(self) -> int:
+        return self.val_x.shape[0]
+
+    def to(self, device) -> ImageDataset:
+        for attr in ("train_x", "train_y", "val_x", "val_y", "mean", "std"):
+            setattr(self, attr, getattr(self, attr).to(device))
+        return self
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div_(255)
+        return (x - self.mean[:, None, None]) / self.std[:, None, None]
+
+    def train_loader(self, batch_size: int, seed: int) -> ImageTrainLoader:
+        return ImageTrainLoader(self, batch_size, seed)
+
+    def val_batches(self, batch_size: int, shuffle_seed: int | None = None):
+        """Validation batches; in fixed order unless a shuffle seed is given."""
+        n = self.n_val
+        order = None
+        if shuffle_seed is not None:
+            g = torch.Generator().manual_seed(shuffle_seed)
+            order = torch.randperm(n, generator=g).to(self.val_x.device)
+        for start in range(0, n, batch_size):
+            idx = slice(start, start + batch_size) if order is None else order[start:start + batch_size]
+            yield Batch(self.normalize(self.val_x[idx]), self.val_y[idx])
+
+
+class ImageTrainLoader:
+    """Endless stream of shuffled, augmented training batches; resumable via state_dict.
+
+    Each epoch is a fresh permutation; the last incomplete batch is dropped, so every step
+    sees exactly `batch_size` samples (BatchNorm statistics are never from a tiny tail).
+    """
+
+    def __init__(self, ds: ImageDataset, batch_size: int, seed: int):
+        if batch_size > ds.n_train:
+            raise UserError(f"batch_size={batch_size} is larger than the {ds.n_train} "
+                            f"training images of {ds.name}", "use a smaller batch_size")
+        self.ds = ds
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+        self.pos = 0
+        self.perm: torch.Tensor | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.ds.n_train // self.batch_size
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        if self.perm is None or self.pos + self.batch_size > self.perm.numel():
+            if self.perm is not None:
+                self.epoch += 1
+            self.perm = torch.randperm(self.ds.n_train, generator=self.generator)
+            self.pos = 0
+        idx = self.perm[self.pos:self.pos + self.batch_size].to(self.ds.train_x.device)
+        self.pos += self.batch_size
+        x = self.ds.train_x[idx]
+        if self.ds.augment:
+            x = random_crop_flip(x, self.ds.crop_pad, self.generator)
+        return Batch(self.ds.normalize(x).contiguous(), self.ds.train_y[idx])
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "perm": self.perm,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos, self.perm = state["epoch"], state["pos"], state["perm"]
+        self.generator.set_state(state["generator"])
+
+
+# ----------------------------------------------------------------------------- CIFAR
+
+
+def cifar_dataset(name: str, root: str = "data_cache", download: bool = True,
+                  augment: bool = True, limit: int | None = None, **_ignored) -> ImageDataset:
+    """CIFAR-10/100 through torchvision, downloaded into `root` on first use."""
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    root = str(Path(root).expanduser())
+    try:
+        train = cls(root, train=True, download=download)
+        val = cls(root, train=False, download=download)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a missing file a RuntimeError
+        archive = Path(root) / cls.filename
+        raise UserError(
+            f"{name} is not in {root} and could not be downloaded ({type(e).__name__}: "
+            f"{str(e)[:120]})",
+            f"connect to the network, or put {cls.filename} from {cls.url} at {archive} "
+            f"(or set dataset.root to where it is)") from None
+
+    def tensors(ds):
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N,32,32,3) -> NCHW
+        y = torch.tensor(ds.targets, dtype=torch.long)
+        if limit:
+            x, y = x[:limit], y[:limit]
+        return x, y
+
+    (tx, ty), (vx, vy) = tensors(train), tensors(val)
+    return ImageDataset(tx, ty, vx, vy, len(train.classes), augment=augment, name=name)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def imagefolder_dataset(root: str | None = None, image_size: int = 32, augment: bool = True,
+                        **_ignored) -> ImageDataset:
+    """Any folder with train/ and val/ split into class subfolders, resized to a square."""
+    import torchvision
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2.functional import resize
+
+    if not root:
+        raise UserError("dataset=imagefolder needs a folder",
+                        "add dataset.root=/path/with/train_and_val")
+    base = Path(root).expanduser()
+    for split in ("train", "val"):
+        if not (base / split).is_dir():
+            raise UserError(f"{base / split} is not a folder",
+                            f"point dataset.root at a folder holding train/ and val/, each "
+                            f"with one subfolder per class")
+
+    def load(split: str, class_to_idx=None):
+        try:
+            folder = torchvision.datasets.ImageFolder(str(base / split), loader=lambda p: p)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise UserError(f"{base / split}: {e}", "put images in one subfolder per class") from None
+        if class_to_idx is not None and folder.class_to_idx != class_to_idx:
+            raise UserError(f"the classes of {base / 'val'} differ from those of {base / 'train'}",
+                            "give val/ the same class subfolders as train/")
+        images = torch.empty(len(folder.samples), 3, image_size, image_size, dtype=torch.uint8)
+        for i, (path, _) in enumerate(folder.samples):
+            img = decode_image(path, mode=ImageReadMode.RGB)
+            images[i] = resize(img, [image_size, image_size], antialias=True)
+        return images, torch.tensor(folder.targets), folder.class_to_idx
+
+    tx, ty, classes = load("train")
+    vx, vy, _ = load("val", classes)
+    return ImageDataset(tx, ty, vx, vy, len(classes), augment=augment, name=f"imagefolder:{base}")
+
+
+def steps_for_epochs(epochs: float, n_train: int, batch_size: int) -> int:
+    return max(1, math.ceil(epochs * (n_train // batch_size)))

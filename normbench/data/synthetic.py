@@ -1,0 +1,100 @@
+"""Embedded synthetic data, generated deterministically from a seed (no files, no network).
+
+`shapes`: ten classes of drawn shapes. Each image varies the shape's colour, size,
+position and rotation, the background colour and its gradient, and adds pixel noise, so
+that colour and position carry no label information and a model must learn the outline.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from normbench.data.images import ImageDataset
+
+SHAPE_CLASSES = ("disk", "ring", "square", "frame", "triangle",
+                 "plus", "cross", "diamond", "half_disk", "two_dots")
+
+
+def _inside(label: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Signed "inside" score of class `label` at coordinates (u, v) in shape units.
+
+    > 0 means inside; the magnitude is the distance to the edge in shape units (roughly),
+    which gives a soft, anti-aliased edge once scaled to pixels.
+    """
+    name = SHAPE_CLASSES[label]
+    r = torch.sqrt(u * u + v * v)
+    box = torch.maximum(u.abs(), v.abs())
+
+    def arm(a, b):
+        return torch.minimum(0.28 - a.abs(), 0.95 - b.abs())
+
+    if name == "disk":
+        return 1.0 - r
+    if name == "ring":
+        return torch.minimum(r - 0.55, 1.0 - r)
+    if name == "square":
+        return 0.85 - box
+    if name == "frame":
+        return torch.minimum(box - 0.5, 0.9 - box)
+    if name == "triangle":  # apex up
+        return torch.minimum(v + 0.75, 0.75 - v - 1.7 * u.abs())
+    if name == "plus":
+        return torch.maximum(arm(u, v), arm(v, u))
+    if name == "cross":
+        ud, vd = (u + v) / math.sqrt(2), (u - v) / math.sqrt(2)
+        return torch.maximum(arm(ud, vd), arm(vd, ud))
+    if name == "diamond":
+        return 1.0 - (u.abs() + v.abs())
+    if name == "half_disk":
+        return torch.minimum(1.0 - r, v + 0.1)
+    # two dots
+    return torch.maximum(0.42 - torch.sqrt((u - 0.5) ** 2 + v * v),
+                         0.42 - torch.sqrt((u + 0.5) ** 2 + v * v))
+
+
+def render_shapes(n: int, seed: int, size: int = 32, noise: float = 0.1):
+    """Render `n` images (uint8, (n,3,size,size)) and labels from one seed."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+    labels = torch.randint(0, len(SHAPE_CLASSES), (n,), generator=g)
+    radius = (0.18 + 0.17 * rand(n)) * size  # pixels
+    cx = 0.5 * size + (rand(n) - 0.5) * (size - 2 * radius)
+    cy = 0.5 * size + (rand(n) - 0.5) * (size - 2 * radius)
+    angle = (rand(n) - 0.5) * (math.pi / 6)  # +-15 degrees
+    fg = rand(n, 3)
+    bg = rand(n, 3)
+    # Keep the shape visible: push the foreground away from the background where close.
+    close = (fg - bg).abs().sum(1) < 0.6
+    fg[close] = 1.0 - bg[close]
+    grad_dir = rand(n) * 2 * math.pi
+
+    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    dx = (xs - cx[:, None, None]) / radius[:, None, None]  # (n, H, W)
+    dy = (ys - cy[:, None, None]) / radius[:, None, None]
+    c, s = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
+    u, v = c * dx + s * dy, -s * dx + c * dy
+    v = -v  # image rows grow downwards; shapes are defined with v up
+    score = torch.empty(n, size, size)
+    for label in range(len(SHAPE_CLASSES)):  # ten vectorized passes, one per class
+        pick = labels == label
+        score[pick] = _inside(label, u[pick], v[pick])
+    # Soft edge about one pixel wide.
+    alpha = (score * radius[:, None, None]).clamp(-0.5, 0.5) + 0.5  # (n, H, W)
+
+    ramp = (torch.cos(grad_dir)[:, None, None] * (xs / size - 0.5)
+            + torch.sin(grad_dir)[:, None, None] * (ys / size - 0.5))  # (n, H, W)
+    background = bg[:, :, None, None] * (1.0 + 0.5 * ramp[:, None])
+    img = alpha[:, None] * fg[:, :, None, None] + (1 - alpha[:, None]) * background
+    img = img + noise * torch.randn(img.shape, generator=g)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+def shapes_dataset(n_train: int = 5000, n_val: int = 1000, image_size: int = 32,
+                   noise: float = 0.1, seed: int = 0, augment: bool = True,
+                   **_ignored) -> ImageDataset:
+    """The default image dataset: deterministic in `seed`, independent of the training seed."""
+    tx, ty = render_shapes(n_train, seed=2 * seed, size=image_size, noise=noise)
+    vx, vy = render_shapes(n_val, seed=2 * seed + 1, size=image_size, noise=noise)
+    return ImageDataset(tx, ty, vx, vy, len(SHAPE_CLASSES), augment=augment, name="shapes")

@@ -1,0 +1,89 @@
+"""CIFAR ResNet (He et al. 2016, section 4.2): 6n+2 layers in three stages of n blocks.
+
+Widths are 16, 32, 64 times `width`; the first block of stages 2 and 3 halves the
+resolution. The norm arrives as a factory `make_norm(channels)`, resolved once by the
+caller, and is passed down unchanged (torchvision's `norm_layer` pattern).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normbench.errors import UserError
+from normbench.norms import NormFactory
+
+
+def conv3x3(cin: int, cout: int, stride: int, bias: bool) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=bias)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, make_norm: NormFactory,
+                 conv_bias: bool, shortcut: str):
+        super().__init__()
+        self.conv1 = conv3x3(cin, cout, stride, conv_bias)
+        self.norm1 = make_norm(cout)
+        self.conv2 = conv3x3(cout, cout, 1, conv_bias)
+        self.norm2 = make_norm(cout)
+        self.shortcut = None
+        self.pad_channels = 0
+        if stride != 1 or cin != cout:
+            if shortcut == "conv":  # option B: 1x1 projection
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(cin, cout, 1, stride=stride, bias=conv_bias), make_norm(cout))
+            else:  # option A, the paper's CIFAR choice: subsample, zero-pad channels
+                self.pad_channels = cout - cin
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        if self.shortcut is not None:
+            identity = self.shortcut(x)
+        elif self.stride != 1 or self.pad_channels:
+            identity = x[:, :, :: self.stride, :: self.stride]
+            half = self.pad_channels // 2
+            identity = F.pad(identity, (0, 0, 0, 0, half, self.pad_channels - half))
+        else:
+            identity = x
+        return F.relu(out + identity)
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, make_norm: NormFactory, *, depth: int = 20, width: int = 1,
+                 num_classes: int = 10, in_channels: int = 3, conv_bias: bool = False,
+                 shortcut: str = "pad"):
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise UserError(f"model.depth={depth} is not of the form 6n+2",
+                            "use 20, 32, 44, 56, 110 or any 6n+2 >= 8")
+        if width < 1:
+            raise UserError(f"model.width={width} must be >= 1", "use model.width=1 or more")
+        if shortcut not in ("pad", "conv"):
+            raise UserError(f"model.shortcut={shortcut} is not known", "use pad or conv")
+        n = (depth - 2) // 6
+        widths = [16 * width, 32 * width, 64 * width]
+        self.stem = nn.Sequential(conv3x3(in_channels, widths[0], 1, conv_bias),
+                                  make_norm(widths[0]), nn.ReLU(inplace=True))
+        blocks, cin = [], widths[0]
+        for stage, cout in enumerate(widths):
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(BasicBlock(cin, cout, stride, make_norm, conv_bias, shortcut))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(cin, num_classes)
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, classes)
+        x = self.blocks(self.stem(x))
+        return self.head(x.mean(dim=(2, 3)))

@@ -1,0 +1,249 @@
+"""The norm registry: a norm *name* and a tensor *layout* resolve to a factory `make(num_features)`.
+
+Models resolve the name once, at their top, and hand the factory down; blocks never see the
+name (as torchvision's `norm_layer`, timm's `create_norm`). The semantics per layout follow
+DESIGN.md §3:
+
+| name  | image (N,C,H,W)             | tokens (N,T,D)                      | features (N,D)        |
+|-------|-----------------------------|-------------------------------------|-----------------------|
+| batch | N,H,W per channel           | real (non-padding) tokens per feature | N per feature       |
+| layer | C,H,W per sample            | D per token                         | D per sample          |
+| group | C/G channels x H,W per group | D/G features per token and group   | D/G per sample, group |
+| none  | identity                    | identity                            | identity              |
+
+Momentum follows PyTorch: ``running = (1 - momentum) * running + momentum * batch`` with
+0.1 by default. Keras/TensorFlow write the same update as ``running = m * running +
+(1 - m) * batch``, so Keras' ``momentum=0.99`` is PyTorch's ``momentum=0.01``.
+BatchNorm normalizes with the *biased* batch variance but stores the *unbiased* one in
+``running_var`` (PyTorch's choice; probes undo it where they compare the two).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from normbench.errors import UserError
+
+NORMS = ("batch", "layer", "group", "none")
+LAYOUTS = ("image", "tokens", "features")
+# Norms that re-centre their input: a conv/linear in front of one needs no bias.
+RECENTRING = ("batch", "layer", "group")
+
+NormFactory = Callable[[int], nn.Module]
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """Everything a factory needs; plain values so that models stay Hydra-free."""
+
+    name: str = "batch"
+    eps: float = 1e-5
+    momentum: float | None = 0.1
+    affine: bool = True
+    num_groups: int = 32
+    track_running_stats: bool = True
+
+    @property
+    def recentres(self) -> bool:
+        return self.name in RECENTRING
+
+
+# ----------------------------------------------------------------------------- token layout
+
+
+class TokenBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over (N,T,D) tokens whose statistics come from the real tokens only.
+
+    ``mask`` is (N,T), True where the token is real. Padding positions are normalized with
+    the same statistics (so the output is defined everywhere) but never contribute to them.
+    Statistics are computed with masked sums rather than boolean indexing, so nothing waits
+    on the host.
+    """
+
+    def moments(self, x: torch.Tensor, mask: torch.Tensor | None):
+        """Biased mean and variance per feature over the real tokens, and their count."""
+        if mask is None:
+            flat = x.reshape(-1, x.shape[-1])
+            var, mean = torch.var_mean(flat, dim=0, correction=0)
+            return mean, var, torch.tensor(float(flat.shape[0]), device=x.device)
+        m = mask.to(x.dtype).unsqueeze(-1)  # (N, T, 1)
+        count = m.sum()
+        mean = (x * m).sum(dim=(0, 1)) / count
+        var = ((x - mean).square() * m).sum(dim=(0, 1)) / count
+        return mean, var, count
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        use_batch_stats = self.training or not self.track_running_stats
+        if mask is None or not use_batch_stats:
+            # Fast path: PyTorch's own kernel over all N*T tokens as a (N*T, D) batch.
+            shape = x.shape
+            y = super().forward(x.reshape(-1, shape[-1]))
+            return y.reshape(shape)
+        mean, var, count = self.moments(x, mask)
+        if self.training and self.track_running_stats:
+            self._update_running(mean, var, count)
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y
+
+    @torch.no_grad()
+    def _update_running(self, mean, var, count):
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:  # cumulative moving average, as in PyTorch
+            factor = 1.0 / self.num_batches_tracked.float()
+        else:
+            factor = self.momentum
+        unbiased = var * count / (count - 1).clamp(min=1)
+        self.running_mean.lerp_(mean, factor)
+        self.running_var.lerp_(unbiased, factor)
+
+
+class TokenLayerNorm(nn.LayerNorm):
+    """LayerNorm over D per token; takes (and ignores) the padding mask."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x)
+
+
+class TokenGroupNorm(nn.GroupNorm):
+    """GroupNorm over D/G features per token and group; takes (and ignores) the mask."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape
+        return super().forward(x.reshape(-1, shape[-1])).reshape(shape)
+
+
+class TokenIdentity(nn.Identity):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return x
+
+
+# ----------------------------------------------------------------------------- group checks
+
+
+class InvalidGroupNorm(nn.Module):
+    """Stands where a GroupNorm cannot: `check_norms` names its place in the model.
+
+    Building the model first and checking afterwards is what lets the error say *which*
+    layer failed, by its path in the module tree, without threading names through blocks.
+    """
+
+    def __init__(self, num_channels: int, num_groups: int):
+        super().__init__()
+        self.num_channels = num_channels
+        self.num_groups = num_groups
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("InvalidGroupNorm reached forward; call check_norms(model) first")
+
+
+def check_norms(model: nn.Module) -> None:
+    """Raise a UserError naming the first layer whose channels num_groups does not divide."""
+    bad = [(name, m) for name, m in model.named_modules() if isinstance(m, InvalidGroupNorm)]
+    if not bad:
+        return
+    name, m = bad[0]
+    widths = sorted({m2.num_channels for _, m2 in model.named_modules()
+                     if isinstance(m2, (InvalidGroupNorm, nn.GroupNorm))})
+    common = math.gcd(*widths)
+    divisors = [g for g in range(1, common + 1) if common % g == 0]
+    raise UserError(
+        f"norm.num_groups={m.num_groups} does not divide the {m.num_channels} channels of "
+        f"layer '{name}' (layer widths here: {', '.join(map(str, widths))})",
+        f"choose norm.num_groups from {divisors}",
+    )
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+def _group_or_invalid(cls, num_groups: int, num_features: int, spec: NormSpec) -> nn.Module:
+    if num_features % num_groups:
+        return InvalidGroupNorm(num_features, num_groups)
+    return cls(num_groups, num_features, eps=spec.eps, affine=spec.affine)
+
+
+def norm_factory(spec: NormSpec, layout: str) -> NormFactory:
+    """Resolve a norm name and layout into `make(num_features) -> nn.Module`."""
+    if spec.name not in NORMS:
+        raise UserError(f"unknown norm '{spec.name}'", f"use one of: {', '.join(NORMS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    bn_kwargs = dict(eps=spec.eps, momentum=spec.momentum, affine=spec.affine,
+                     track_running_stats=spec.track_running_stats)
+    name = spec.name
+
+    if name == "none":
+        return (lambda d: TokenIdentity()) if layout == "tokens" else (lambda d: nn.Identity())
+
+    if layout == "image":
+        if name == "batch":
+            return lambda c: nn.BatchNorm2d(c, **bn_kwargs)
+        if name == "layer":
+            # LN on images as in the GN paper: one group holding all of C,H,W, affine per channel.
+            return lambda c: nn.GroupNorm(1, c, eps=spec.eps, affine=spec.affine)
+        return lambda c: _group_or_invalid(nn.GroupNorm, spec.num_groups, c, spec)
+
+    if layout == "tokens":
+        if name == "batch":
+            return lambda d: TokenBatchNorm(d, **bn_kwargs)
+        if name == "layer":
+            return lambda d: TokenLayerNorm(d, eps=spec.eps, elementwise_affine=spec.affine)
+        return lambda d: _group_or_invalid(TokenGroupNorm, spec.num_groups, d, spec)
+
+    # features: (N, D), as inside a recurrent cell
+    if name == "batch":
+        return lambda d: nn.BatchNorm1d(d, **bn_kwargs)
+    if name == "layer":
+        return lambda d: nn.LayerNorm(d, eps=spec.eps, elementwise_affine=spec.affine)
+    return lambda d: _group_or_invalid(nn.GroupNorm, spec.num_groups, d, spec)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """BatchNorm-like layers: the ones with batch statistics and running buffers."""
+    return isinstance(module, _BatchNorm) and module.track_running_stats
+
+
+def batch_moments(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None):
+    """Biased batch mean/variance a BatchNorm layer computes from input `x`, and the count.
+
+    Reduces over every axis but the feature axis, exactly as the layer does in training.
+    """
+    if isinstance(module, TokenBatchNorm):
+        return module.moments(x, mask)
+    x = x.detach()
+    dims = [0] + list(range(2, x.dim()))
+    var, mean = torch.var_mean(x, dim=dims, correction=0)
+    count = x.numel() // x.shape[1]
+    return mean, var, torch.tensor(float(count), device=x.device)
+
+
+def bn_stat_gaps(module: _BatchNorm, mean_b, var_b, count):
+    """Gaps between batch and running statistics (DESIGN.md §4), as 0-d tensors.
+
+    `running_var` holds the EMA of *unbiased* batch variances; rescaling it by (n-1)/n
+    puts it on the biased scale that BatchNorm normalizes with, so a layer whose batches
+    all have the same statistics shows a gap of zero, whatever n is.
+    """
+    d = mean_b.numel()
+    running_var = module.running_var * (count - 1) / count
+    dmu = torch.linalg.vector_norm(mean_b - module.running_mean) / d
+    dvar = torch.linalg.vector_norm(var_b - running_var) / d
+    return dmu, dvar
+
+
+def make_spec(**kwargs) -> NormSpec:
+    """NormSpec from a config mapping, ignoring keys that are not norm options."""
+    fields = NormSpec.__dataclass_fields__
+    return NormSpec(**{k: v for k, v in kwargs.items() if k in fields})

@@ -1,0 +1,102 @@
+"""Where results go: TensorBoard event files, the rich terminal, and summary.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+SUMMARY_FILE = "summary.json"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON to a temporary file in the same folder, then rename: never a half file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Tracker:
+    """One run's outputs: a SummaryWriter in the run folder, a console, summary.json."""
+
+    def __init__(self, run_dir: Path, console: Console | None = None, live: bool = True):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(log_dir=str(self.run_dir))
+        self.console = console or Console()
+        self.live = live and self.console.is_terminal
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def progress(self) -> Progress:
+        return Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=self.console, disable=not self.live, transient=False)
+
+    def write_summary(self, summary: dict) -> None:
+        write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
+
+    def print_summary(self, summary: dict) -> None:
+        table = Table(title=f"normbench: {summary.get('run_name', self.run_dir.name)}",
+                      show_header=True, header_style="bold")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        status = summary.get("status", "?")
+        colour = {"completed": "green", "diverged": "red", "failed": "red"}.get(status, "yellow")
+        table.add_row("status", f"[{colour}]{status}[/{colour}]")
+        for key in ("dataset", "model", "norm", "batch_size", "lr", "seed", "steps"):
+            if key in summary:
+                table.add_row(key, str(summary[key]))
+        for key, value in sorted(summary.get("final", {}).items()):
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        if "elapsed_s" in summary:
+            table.add_row("elapsed", f"{summary['elapsed_s']:.1f} s")
+        self.console.print(table)
+        self.console.print(f"Run folder: {self.run_dir}")
+        self.console.print(f"TensorBoard: tensorboard --logdir {self.run_dir.parent}")
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+def write_failed_summary(run_dir: Path, config: dict, error: str) -> None:
+    """Record a run that ended before or during training with an error (never overwrites a
+    finished run's summary)."""
+    run_dir = Path(run_dir)
+    previous = read_summary(run_dir) or {}
+    if previous.get("status") in ("completed", "diverged", "interrupted"):
+        return
+    summary = {**previous, "status": "failed", "error": error}
+    for key in ("batch_size", "lr", "seed"):
+        summary.setdefault(key, config.get(key))
+    for key in ("dataset", "model", "norm"):
+        summary.setdefault(key, (config.get(key) or {}).get("name"))
+    summary.setdefault("run_name", config.get("run_name"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / SUMMARY_FILE, summary)
