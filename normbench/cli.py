@@ -258,7 +258,8 @@ def preflight(overrides: list[str], multirun: bool) -> Path | None:
                 first = [o for o in overrides if "," not in o.split("=", 1)[-1]]
                 base = compose("train", overrides=first, return_hydra_config=True)
                 sweep_dir = Path(str(base.hydra.sweep.dir))
-                params = OmegaConf.to_container(base.hydra.sweeper.get("params") or {})
+                params = base.hydra.sweeper.get("params")
+                params = OmegaConf.to_container(params) if params is not None else {}
                 combined = [f"{k}={v}" for k, v in params.items()] + overrides
                 batches = BasicSweeper.split_arguments(parser.parse_overrides(combined), None)
                 jobs = batches[0] if batches else [combined]
