@@ -52,6 +52,12 @@ class Tracker:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
 
+    def histograms(self, histograms: dict, step: int) -> None:
+        """Histograms computed on the device (see `normbench.probes.Histogram`)."""
+        for tag, h in histograms.items():
+            self.writer.add_histogram_raw(tag, h.min, h.max, h.num, h.sum, h.sum_squares,
+                                          h.bucket_limits, h.bucket_counts, step)
+
     def progress(self) -> Progress:
         return Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
