@@ -185,9 +185,10 @@ def precise_distances(model: nn.Module, stats: dict[str, Population]) -> dict[st
     for name, pop in stats.items():
         m = bns[name]
         d = pop.mean.numel()
-        parts[f"bn_gap/precise_dmu/{name}"] = torch.linalg.vector_norm(m.running_mean - pop.mean) / d
-        parts[f"bn_gap/precise_dvar/{name}"] = (
-            torch.linalg.vector_norm(m.running_var - pop.unbiased_var) / d)
+        dmu = torch.linalg.vector_norm(m.running_mean - pop.mean) / d
+        dvar = torch.linalg.vector_norm(m.running_var - pop.unbiased_var) / d
+        parts[f"bn_gap/precise_dmu/{name}"] = dmu
+        parts[f"bn_gap/precise_dvar/{name}"] = dvar
     if not parts:
         return {}
     tags = list(parts)

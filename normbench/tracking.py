@@ -84,7 +84,8 @@ class Tracker:
             table.add_row("elapsed", f"{summary['elapsed_s']:.1f} s")
         self.console.print(table)
         self.console.print(f"Run folder: {self.run_dir}")
-        self.console.print(f"TensorBoard: tensorboard --logdir {self.run_dir.parent}")
+        self.console.print(f"TensorBoard: tensorboard --logdir {self.run_dir.parent}  "
+                           "(probe charts: Custom Scalars > normbench; sweeps: HParams)")
 
     def close(self) -> None:
         self.writer.flush()

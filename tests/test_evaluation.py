@@ -12,8 +12,12 @@ from torch import nn
 
 from normbench.data import Batch
 from normbench.data.synthetic import shapes_dataset
-from normbench.evaluation import (evaluate_batchstats, population_statistics, precise_bn_stats,
-                                  train_eval_discrepancy)
+from normbench.evaluation import (
+    evaluate_batchstats,
+    population_statistics,
+    precise_bn_stats,
+    train_eval_discrepancy,
+)
 from normbench.norms import TokenBatchNorm
 
 

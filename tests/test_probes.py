@@ -10,8 +10,13 @@ import torch
 from torch import nn
 
 from normbench.norms import TokenBatchNorm
-from normbench.probes import (PERCENTILE_SAMPLE, Probes, activation_stats, excess_kurtosis,
-                              norm_layers)
+from normbench.probes import (
+    PERCENTILE_SAMPLE,
+    Probes,
+    activation_stats,
+    excess_kurtosis,
+    norm_layers,
+)
 from normbench.train import run_experiment
 from tests.conftest import read_scalars
 
@@ -264,7 +269,15 @@ def test_runs_without_batchnorm_have_no_bn_families(tiny_config, tmp_path, norm)
 
 
 def test_probes_off_logs_only_the_basics(tiny_config, tmp_path):
-    run_experiment(tiny_config("probes=false"), tmp_path, live=False)
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    run_experiment(tiny_config("probes=false"), tmp_path / "run", live=False,
+                   console=Console(file=out, width=300))
+    assert f"tensorboard --logdir {tmp_path}" in out.getvalue()
+    tmp_path = tmp_path / "run"
     present = families(read_scalars(tmp_path))
     assert present == {"train/loss", "train/acc", "train/lr", "perf/samples_per_sec",
                        "val/loss", "val/acc"}
