@@ -41,6 +41,7 @@ def check_config(config: dict) -> None:
         _positive_number(config, "epochs")
     _positive_int(config, "log_every")
     _positive_int(config, "eval_batch_size")
+    _probe_options(config)
     norm = config["norm"]
     if norm.get("name") == "batch" and config["batch_size"] == 1:
         raise UserError("norm=batch with batch_size=1: BatchNorm needs at least 2 samples per "
@@ -49,6 +50,17 @@ def check_config(config: dict) -> None:
     if norm.get("name") == "group":
         _positive_int(norm, "num_groups")
     check_model_builds(config)
+
+
+def _probe_options(config: dict) -> None:
+    if not isinstance(config.get("probes", True), bool):
+        raise UserError(f"probes={config['probes']} must be true or false",
+                        "set probes=true or probes=false")
+    _positive_int(config, "hist_every", allow_none=True)
+    value = config.get("precise_bn_batches", 0)
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+        raise UserError(f"precise_bn_batches={value} must be a whole number >= 0",
+                        "set precise_bn_batches=20, or 0 to skip PreciseBN")
 
 
 def placeholder_info(dataset: dict) -> DataInfo:

@@ -1,17 +1,44 @@
-"""Measurements of what normalization does, taken only on logging steps.
+"""Measurements of what normalization does during training, taken only on logging steps.
 
-Every probe reduces on the device and leaves its result as a 0-d tensor; `flush()` moves
-all of them to the host in one transfer. On the steps in between no hook is attached.
+Every probe reduces on the device and leaves a small tensor behind; `flush()` moves all of
+them to the host in one transfer. On the steps in between no hook is attached and nothing
+is computed. Tag families (DESIGN.md §4 has the formulas):
+
+- ``bn_gap/{dmu,dvar,tid_mu,tid_sigma}/<layer>``: batch vs running statistics of each
+  BatchNorm layer, read before this step's update; ``bn_gap/{mean,max}/<stat>`` over layers.
+- ``act/{in,out}_{mean,std}/<layer>``: input and output of every norm layer;
+  ``act/out_p{15,50,85}/<layer>``: percentiles of its output (Ioffe & Szegedy 2015, Fig. 1);
+  ``act/saturation/<module>``: share of saturated tanh/sigmoid outputs.
+- ``grad/norm/<param>``, ``grad/global_norm``; ``grad/kurtosis/<weight>`` (excess
+  kurtosis of the gradient entries: 0 for a Gaussian, > 0 for heavier tails);
+  histograms ``grad/hist/<weight>`` every `hist_every` logging steps.
+- ``update/<weight>``: log10(std(ΔW) / std(W)), ΔW the optimizer's actual step.
+
+A module that runs several times in one forward (a recurrent cell) reports the mean of its
+per-call values.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from normbench.norms import batch_moments, bn_stat_gaps, is_batchnorm
+
+PERCENTILES = (15, 50, 85)
+# Percentiles come from about this many entries of a layer's output: sorting 2^14 values
+# costs little, sorting every activation of a batch would cost more than the step's
+# convolutions; the sampling error of a 15th percentile from 2^14 draws is ~0.3 points.
+PERCENTILE_SAMPLE = 1 << 14
+HIST_BINS = 50
+TANH_SATURATED = 0.97
+SIGMOID_BAND = (0.03, 0.97)
+NORM_TYPES = (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 
 def batchnorm_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -19,71 +46,323 @@ def batchnorm_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if is_batchnorm(m)}
 
 
-class Probes:
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.bn_layers = batchnorm_layers(model)
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self._pending: dict[str, torch.Tensor] = {}
+def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every normalization layer by path (BatchNorm, GroupNorm, LayerNorm and their token
+    variants); identities that stand in for norm=none are not norms."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, NORM_TYPES)}
 
-    # -- BatchNorm statistics gaps --------------------------------------------------------
+
+def saturating_units(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Tanh, nn.Sigmoid))}
+
+
+def bn_tid(module: nn.Module, mean_b: torch.Tensor, var_b: torch.Tensor, count: torch.Tensor):
+    """Training-inference discrepancy (Wang et al. 2022), as 0-d tensors.
+
+    ``tid_mu = mean_c |mu - mu_B| / sigma_B`` and ``tid_sigma = mean_c |sigma / sigma_B - 1|``
+    with mu, sigma^2 the running statistics (variance on the biased scale, as in
+    `bn_stat_gaps`) and mu_B, sigma_B^2 the biased batch statistics. Both sigmas include
+    the layer's eps, as the divisors the layer actually uses in eval and training mode.
+    """
+    running_var = module.running_var * (count - 1) / count
+    sigma_b = torch.sqrt(var_b + module.eps)
+    sigma = torch.sqrt(running_var + module.eps)
+    tid_mu = ((module.running_mean - mean_b).abs() / sigma_b).mean()
+    tid_sigma = (sigma / sigma_b - 1).abs().mean()
+    return tid_mu, tid_sigma
+
+
+def token_mask(x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The (N,T) padding mask a token layer was called with, if any."""
+    mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
+    if mask is None or x.dim() != 3:
+        return None
+    return mask
+
+
+def activation_stats(x: torch.Tensor, mask: torch.Tensor | None = None,
+                     percentiles: tuple[int, ...] = ()) -> list[torch.Tensor]:
+    """[mean, std, *percentiles] of the entries of `x` (biased std), padding excluded.
+
+    Without padding, mean and std come from a sum and a sum of squares (two fast passes,
+    no temporary; half the time of std_mean on CPU). Padding is set to NaN and skipped by
+    nan-aware reductions rather than removed by boolean indexing, which would wait on the
+    host for the number of real tokens. Percentiles are taken on a strided sample of
+    about PERCENTILE_SAMPLE entries.
+    """
+    x = x.detach().float()
+    if mask is None:
+        n = x.numel()
+        mean = x.sum() / n
+        std = (torch.linalg.vector_norm(x).square() / n - mean.square()).clamp(min=0).sqrt()
+    else:
+        x = x.masked_fill(~mask.bool().unsqueeze(-1), float("nan"))
+        mean = x.nanmean()
+        std = (x - mean).square().nanmean().sqrt()
+    out = [mean, std]
+    if percentiles:
+        flat = x.reshape(-1)
+        # An odd stride is coprime with the power-of-two strides of channels and positions,
+        # so the sample visits every channel rather than one.
+        stride = max(1, flat.numel() // PERCENTILE_SAMPLE) | 1
+        sample = flat[::stride].contiguous()
+        q = torch.tensor([p / 100 for p in percentiles], device=x.device)
+        quantile = torch.quantile if mask is None else torch.nanquantile
+        out.extend(quantile(sample, q).unbind())
+    return out
+
+
+def pooled_stats(mean_c: torch.Tensor, var_c: torch.Tensor) -> list[torch.Tensor]:
+    """[mean, std] over all entries from per-channel biased moments of equal counts (what a
+    BN hook has already computed, so a BN layer's input costs nothing more)."""
+    mean = mean_c.mean()
+    var = (var_c + mean_c.square()).mean() - mean.square()
+    return [mean, var.clamp(min=0).sqrt()]
+
+
+def excess_kurtosis(g: torch.Tensor) -> torch.Tensor:
+    """E[(g - mean)^4] / Var(g)^2 - 3 over all entries: 0 for a Gaussian; NaN if constant."""
+    g = g.detach().float().reshape(-1)
+    d = g - g.mean()
+    m2 = d.square().mean()
+    return d.pow(4).mean() / m2.square() - 3
+
+
+def update_ratio(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """log10(std(after - before) / std(before)): the size of a step relative to the weights."""
+    return torch.log10(torch.std(after - before) / torch.std(before))
+
+
+@dataclass
+class Histogram:
+    """What TensorBoard's add_histogram_raw needs, host-side."""
+
+    min: float
+    max: float
+    num: int
+    sum: float
+    sum_squares: float
+    bucket_limits: list[float]
+    bucket_counts: list[float]
+
+
+def _histogram_parts(g: torch.Tensor, bins: int = HIST_BINS) -> torch.Tensor:
+    """[min, max, num, sum, sum_squares, counts...] as one device vector.
+
+    histc needs its range as Python numbers, which would mean a host sync per tensor; the
+    entries are mapped onto [0, 1] on the device instead, and the bucket limits rebuilt
+    from min and max after the single transfer.
+    """
+    g = g.detach().float().reshape(-1)
+    lo, hi = g.min(), g.max()
+    u = (g - lo) / (hi - lo).clamp(min=torch.finfo(torch.float32).tiny)
+    counts = torch.histc(u, bins=bins, min=0.0, max=1.0)
+    head = torch.stack([lo, hi, torch.tensor(float(g.numel()), device=g.device), g.sum(),
+                        g.square().sum()])
+    return torch.cat([head, counts])
+
+
+def _histogram_from(parts: list[float]) -> Histogram:
+    lo, hi, num, total, squares, *counts = parts
+    width = (hi - lo) / len(counts)
+    limits = [lo + width * (i + 1) for i in range(len(counts))]
+    limits[-1] = hi
+    return Histogram(lo, hi, int(num), total, squares, limits, counts)
+
+
+class Probes:
+    """The training-step probes of one model.
+
+    `enabled=False` turns every probe into a no-op (the loop still calls them), so that a
+    run can measure what the probes cost. Histograms are taken on every `hist_every`-th
+    logging step.
+    """
+
+    def __init__(self, model: nn.Module, enabled: bool = True, hist_every: int = 10):
+        self.model = model
+        self.enabled = enabled
+        self.hist_every = max(1, int(hist_every))
+        self.bn_layers = batchnorm_layers(model)
+        self.norm_layers = norm_layers(model)
+        self.saturating = saturating_units(model)
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        # Weight matrices and kernels: the "layers" for kurtosis, histograms and update
+        # ratios (a norm's scale starts constant, so std(W) = 0 there).
+        self.weights = {n: p for n, p in self.params.items() if p.dim() >= 2}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._sums: dict[str, torch.Tensor] = {}
+        self._calls: dict[str, int] = {}
+        self._hist_pending: dict[str, torch.Tensor] = {}
+        self._histograms: dict[str, Histogram] = {}
+        self._log_count = 0
+        self._moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._before: list[torch.Tensor] | None = None
+
+    # -- forward: BN statistics, activations, saturation ---------------------------------
 
     @contextmanager
     def watch_forward(self, active: bool):
-        """Within this block, a training forward records each BN layer's batch-vs-running gap.
+        """Within this block, a training forward records BN gaps, TID, activation statistics
+        and saturation. Hooks exist only inside the block, and only when `active`.
 
-        Pre-hooks run before the layer updates its running statistics, so the gap compares
-        this batch with what the running statistics were *before* it (DESIGN.md §4).
+        BN pre-hooks run before the layer updates its running statistics, so the gaps
+        compare this batch with the running statistics *before* it (DESIGN.md §4).
         """
-        if not active or not self.bn_layers:
+        if not (active and self.enabled):
             yield
             return
-        handles = [m.register_forward_pre_hook(self._gap_hook(name), with_kwargs=True)
+        handles = [m.register_forward_pre_hook(self._bn_hook(name), with_kwargs=True)
                    for name, m in self.bn_layers.items()]
+        handles += [m.register_forward_hook(self._norm_hook(name), with_kwargs=True)
+                    for name, m in self.norm_layers.items()]
+        handles += [m.register_forward_hook(self._saturation_hook(name, isinstance(m, nn.Tanh)))
+                    for name, m in self.saturating.items()]
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
 
-    def _gap_hook(self, name: str):
+    def _accumulate(self, tag: str, value: torch.Tensor) -> None:
+        self._sums[tag] = value if tag not in self._sums else self._sums[tag] + value
+        self._calls[tag] = self._calls.get(tag, 0) + 1
+
+    def _bn_hook(self, name: str):
         def hook(module, args, kwargs):
             if not module.training:
                 return
             x = args[0]
-            mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
             with torch.no_grad():
-                mean, var, count = batch_moments(module, x.detach(), mask)
+                mean, var, count = batch_moments(module, x.detach(), token_mask(x, args, kwargs))
                 dmu, dvar = bn_stat_gaps(module, mean, var, count)
-            self._pending[f"bn_gap/dmu/{name}"] = dmu
-            self._pending[f"bn_gap/dvar/{name}"] = dvar
+                tid_mu, tid_sigma = bn_tid(module, mean, var, count)
+            self._moments[name] = (mean, var)
+            for stat, value in (("dmu", dmu), ("dvar", dvar), ("tid_mu", tid_mu),
+                                ("tid_sigma", tid_sigma)):
+                self._accumulate(f"bn_gap/{stat}/{name}", value)
 
         return hook
 
-    # -- gradients ------------------------------------------------------------------------
+    def _norm_hook(self, name: str):
+        def hook(module, args, kwargs, output):
+            x = args[0]
+            mask = token_mask(x, args, kwargs)
+            moments = self._moments.pop(name, None)
+            with torch.no_grad():
+                in_mean, in_std = (pooled_stats(*moments) if moments is not None
+                                   else activation_stats(x, mask))
+                out = activation_stats(output, mask, PERCENTILES)
+            values = {"in_mean": in_mean, "in_std": in_std, "out_mean": out[0], "out_std": out[1]}
+            values.update({f"out_p{p}": v for p, v in zip(PERCENTILES, out[2:], strict=True)})
+            for stat, value in values.items():
+                self._accumulate(f"act/{stat}/{name}", value)
 
-    def record_grads(self) -> torch.Tensor:
-        """Per-parameter and global gradient norms; returns the global norm (a 0-d tensor)."""
+        return hook
+
+    def _saturation_hook(self, name: str, tanh: bool):
+        def hook(module, args, output):
+            with torch.no_grad():
+                y = output.detach()
+                if tanh:
+                    saturated = y.abs() > TANH_SATURATED
+                else:
+                    saturated = (y < SIGMOID_BAND[0]) | (y > SIGMOID_BAND[1])
+                self._accumulate(f"act/saturation/{name}", saturated.float().mean())
+
+        return hook
+
+    # -- backward: gradients ----------------------------------------------------------------
+
+    def record_grads(self) -> torch.Tensor | None:
+        """Gradient norms per parameter and overall, kurtosis per weight, and (every
+        `hist_every`-th logging step) histograms. Returns the global norm (0-d tensor)."""
+        if not self.enabled:
+            return None
         named = [(n, p.grad) for n, p in self.params.items() if p.grad is not None]
         if not named:
-            return torch.zeros(())
+            return None
         norms = torch._foreach_norm([g for _, g in named])
         for (name, _), norm in zip(named, norms, strict=True):
-            self._pending[f"grad/{name}"] = norm
+            self._pending[f"grad/norm/{name}"] = norm
         total = torch.linalg.vector_norm(torch.stack(norms))
         self._pending["grad/global_norm"] = total
+        with_hist = self._log_count % self.hist_every == 0
+        for name, p in self.weights.items():
+            if p.grad is None:
+                continue
+            self._pending[f"grad/kurtosis/{name}"] = excess_kurtosis(p.grad)
+            if with_hist:
+                self._hist_pending[f"grad/hist/{name}"] = _histogram_parts(p.grad)
         return total
 
-    # -- hand-off -------------------------------------------------------------------------
+    # -- optimizer step: update:data ratios ---------------------------------------------------
+
+    @contextmanager
+    def watch_step(self, active: bool):
+        """Around `optimizer.step()`: on logging steps, record log10(std(ΔW)/std(W)) per
+        weight from a snapshot taken just before the step (ΔW is what the optimizer did,
+        momentum, weight decay and all)."""
+        if not (active and self.enabled and self.weights):
+            yield
+            return
+        names = list(self.weights)
+        with torch.no_grad():
+            before = [p.detach().clone() for p in self.weights.values()]
+        yield
+        with torch.no_grad():
+            for name, old in zip(names, before, strict=True):
+                self._pending[f"update/{name}"] = update_ratio(old, self.weights[name])
+
+    # -- hand-off -----------------------------------------------------------------------------
 
     def add(self, tag: str, value: torch.Tensor) -> None:
         self._pending[tag] = value
 
     def flush(self) -> dict[str, float]:
-        """All pending values as floats, with one device-to-host transfer."""
-        if not self._pending:
+        """All pending values as floats, with one device-to-host transfer.
+
+        Histograms taken since the last flush travel in the same transfer; collect them
+        with `take_histograms()`. Means and maxima over layers are added host-side.
+        """
+        self._log_count += 1
+        for tag, total in self._sums.items():
+            self._pending[tag] = total / self._calls[tag]
+        self._sums.clear()
+        self._calls.clear()
+        if not self._pending and not self._hist_pending:
             return {}
         tags = list(self._pending)
-        values = torch.stack([self._pending[t].detach().float().reshape(()) for t in tags])
+        parts = [self._pending[t].detach().float().reshape(1) for t in tags]
+        hist_tags = list(self._hist_pending)
+        parts += [self._hist_pending[t].float() for t in hist_tags]
+        host = torch.cat(parts).cpu().tolist()  # the one transfer
         self._pending.clear()
-        return dict(zip(tags, values.cpu().tolist(), strict=True))
+        self._hist_pending.clear()
+        values = dict(zip(tags, host[:len(tags)], strict=True))
+        offset = len(tags)
+        for tag in hist_tags:
+            self._histograms[tag] = _histogram_from(host[offset:offset + 5 + HIST_BINS])
+            offset += 5 + HIST_BINS
+        values.update(layer_summaries(values))
+        return values
+
+    def take_histograms(self) -> dict[str, Histogram]:
+        out, self._histograms = self._histograms, {}
+        return out
+
+
+def layer_summaries(values: dict[str, float], prefix: str = "bn_gap/") -> dict[str, float]:
+    """``bn_gap/mean/<stat>`` and ``bn_gap/max/<stat>`` over the layers of each
+    ``bn_gap/<stat>/<layer>`` family (NaN-free layers only)."""
+    families: dict[str, list[float]] = {}
+    for tag, value in values.items():
+        if not tag.startswith(prefix):
+            continue
+        parts = tag[len(prefix):].split("/", 1)
+        if len(parts) == 2 and parts[0] not in ("mean", "max") and math.isfinite(value):
+            families.setdefault(parts[0], []).append(value)
+    out = {}
+    for stat, vals in families.items():
+        out[f"{prefix}mean/{stat}"] = sum(vals) / len(vals)
+        out[f"{prefix}max/{stat}"] = max(vals)
+    return out

@@ -52,6 +52,12 @@ class Tracker:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
 
+    def histograms(self, histograms: dict, step: int) -> None:
+        """Histograms computed on the device (see `normbench.probes.Histogram`)."""
+        for tag, h in histograms.items():
+            self.writer.add_histogram_raw(tag, h.min, h.max, h.num, h.sum, h.sum_squares,
+                                          h.bucket_limits, h.bucket_counts, step)
+
     def progress(self) -> Progress:
         return Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -78,7 +84,8 @@ class Tracker:
             table.add_row("elapsed", f"{summary['elapsed_s']:.1f} s")
         self.console.print(table)
         self.console.print(f"Run folder: {self.run_dir}")
-        self.console.print(f"TensorBoard: tensorboard --logdir {self.run_dir.parent}")
+        self.console.print(f"TensorBoard: tensorboard --logdir {self.run_dir.parent}  "
+                           "(probe charts: Custom Scalars > normbench; sweeps: HParams)")
 
     def close(self) -> None:
         self.writer.flush()

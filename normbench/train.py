@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
+from normbench.dashboards import hparams_of, write_dashboards
 from normbench.data import Batch, build_dataset
 from normbench.errors import UserError
+from normbench.evaluation import train_eval_discrepancy
 from normbench.models import build_model
 from normbench.norms import make_spec
 from normbench.optim import build_optimizer, build_scheduler
@@ -111,7 +113,8 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
     steps = total_steps(config, loader.steps_per_epoch)
     optimizer = build_optimizer(model, config["lr"], **config["optim"])
     scheduler = build_scheduler(optimizer, steps, **config["sched"])
-    probes = Probes(model)
+    probes = Probes(model, enabled=config.get("probes", True),
+                    hist_every=config.get("hist_every", 10))
 
     summary = {
         "run_name": config.get("run_name", Path(run_dir).name),
@@ -123,6 +126,8 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
     }
     tracker = Tracker(run_dir, console=console, live=live)
     tracker.write_summary(summary)
+    write_dashboards(tracker.writer, hparams_of(summary, config), has_bn=bool(probes.bn_layers),
+                     has_norm=bool(probes.norm_layers), has_saturation=bool(probes.saturating))
     log_every = max(1, int(config.get("log_every", 20)))
     eval_every = int(config.get("eval_every", 0) or 0)
     eval_bs = int(config.get("eval_batch_size", 500))
@@ -146,7 +151,8 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
             loss.backward()
             if log_now:
                 probes.record_grads()
-            optimizer.step()
+            with probes.watch_step(log_now):
+                optimizer.step()
             scheduler.step()
             running_loss += loss.detach() * count
             running_correct += correct
@@ -169,6 +175,7 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
                     console.print(f"[red]diverged[/red]: non-finite loss at step {step}")
                     break
                 tracker.scalars(values, step)
+                tracker.histograms(probes.take_histograms(), step)
                 summary["final"]["train_loss"] = values["train/loss"]
                 progress.update(task, status=f"loss {values['train/loss']:.3f}")
 
@@ -176,6 +183,13 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
                 model.eval()
                 last_val = evaluate(model, data, eval_bs)
                 model.train()
+                if probes.enabled:  # BN models: val_batchstats/, val_precise/, val_gap/
+                    extra = train_eval_discrepancy(
+                        model, data, last_val, batch_size=config["batch_size"],
+                        eval_batch_size=eval_bs, seed=config["seed"],
+                        precise_batches=int(config.get("precise_bn_batches", 20)))
+                    tracker.scalars(extra, step)
+                    last_val.update({k: v for k, v in extra.items() if k.startswith("val")})
                 tracker.scalars(last_val, step)
                 shown = "  ".join(f"{k} {v:.4f}" for k, v in last_val.items())
                 progress.console.print(f"step {step}/{steps}  {shown}")

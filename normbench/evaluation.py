@@ -1,0 +1,223 @@
+"""Train/eval discrepancy of BatchNorm models: the validation set evaluated three ways.
+
+- ``val/``: eval mode, running statistics (`normbench.train.evaluate`).
+- ``val_batchstats/``: BN layers normalize with each batch's own statistics, as in
+  training; batches of the *training* batch size, drawn in random order (a validation set
+  stored class by class would otherwise give one-class batches).
+- ``val_precise/``: BN layers use PreciseBN population statistics (Wu & Johnson 2021),
+  recomputed over `precise_bn_batches` training batches with frozen weights.
+- ``val_gap/<metric>``: ``val/<metric>`` minus ``val_batchstats/<metric>``.
+- ``bn_gap/precise_dmu/<layer>``, ``bn_gap/precise_dvar/<layer>``: distance between the
+  running and the PreciseBN statistics, ``||running - precise||_2 / d`` (plus mean and max
+  over layers).
+
+Whatever it evaluates, the model leaves with its buffers, train/eval modes and the global
+RNG state exactly as they were, and the training stream is never touched (PreciseBN draws
+from a loader of its own), so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from normbench.norms import batch_moments
+from normbench.probes import batchnorm_layers, layer_summaries, token_mask
+
+# PreciseBN's loader is seeded from the training seed plus this, so it neither shares nor
+# disturbs the training stream's order.
+PRECISE_SEED_OFFSET = 7919
+
+
+@contextmanager
+def preserved_state(model: nn.Module):
+    """Restore every BN buffer, every module's train/eval mode and the RNG state on exit."""
+    bns = batchnorm_layers(model)
+    buffers = {name: {k: b.detach().clone() for k, b in m.named_buffers(recurse=False)}
+               for name, m in bns.items()}
+    modes = [(m, m.training) for m in model.modules()]
+    devices = sorted({b.device.index or 0 for b in model.buffers() if b.is_cuda} |
+                     {p.device.index or 0 for p in model.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield bns
+        finally:
+            with torch.no_grad():
+                for name, m in bns.items():
+                    for k, b in m.named_buffers(recurse=False):
+                        b.copy_(buffers[name][k])
+            for m, training in modes:
+                m.training = training
+
+
+@contextmanager
+def batch_statistics(model: nn.Module):
+    """Eval mode except for the BN layers, which normalize with batch statistics.
+
+    Dropout and the like stay off, so that only BN differs from plain evaluation; the
+    running buffers the BN layers update meanwhile are restored on exit.
+    """
+    with preserved_state(model) as bns:
+        model.eval()
+        for m in bns.values():
+            m.train()
+        yield bns
+
+
+class _TailMerged:
+    """A dataset view whose shuffled validation batches never end in a batch of one: BN
+    cannot take training statistics from a single sample, so such a tail joins the batch
+    before it (or is dropped if the two cannot be concatenated)."""
+
+    def __init__(self, data):
+        self.data = data
+        self.info = data.info
+
+    def val_batches(self, batch_size: int, shuffle_seed: int | None = None):
+        previous = None
+        for batch in self.data.val_batches(batch_size, shuffle_seed=shuffle_seed):
+            if previous is not None:
+                if batch.size == 1:
+                    yield _concat(previous, batch) or previous
+                    return
+                yield previous
+            previous = batch
+        if previous is not None and previous.size > 1:
+            yield previous
+
+
+def _concat(a, b):
+    if a.x.shape[1:] != b.x.shape[1:] or (a.mask is None) != (b.mask is None):
+        return None
+    mask = None if a.mask is None else torch.cat([a.mask, b.mask])
+    return type(a)(torch.cat([a.x, b.x]), torch.cat([a.y, b.y]), mask)
+
+
+def evaluate_batchstats(model: nn.Module, data, batch_size: int, seed: int,
+                        prefix: str = "val_batchstats") -> dict[str, float]:
+    """Validation metrics with BN in training mode (batch statistics), buffers restored."""
+    from normbench.train import evaluate  # train imports this module
+
+    with batch_statistics(model):
+        return evaluate(model, _TailMerged(data), batch_size, prefix=prefix, shuffle_seed=seed)
+
+
+@dataclass
+class Population:
+    """PreciseBN statistics of one BN layer: mean, biased variance, number of entries."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    count: float
+
+    @property
+    def unbiased_var(self) -> torch.Tensor:
+        """The variance on running_var's (unbiased) scale."""
+        return self.var * self.count / max(self.count - 1, 1)
+
+
+@torch.no_grad()
+def precise_bn_stats(model: nn.Module, batches: Iterable) -> dict[str, Population]:
+    """Population statistics of every BN layer's input over `batches`, weights frozen.
+
+    Each batch b gives its biased mean m_b and variance v_b over n_b entries per channel;
+    the population mean is sum n_b m_b / N and the variance sum n_b (v_b + m_b^2) / N minus
+    the mean squared (fvcore's PreciseBN, weighted by batch size so that uneven batches
+    count by their size): exactly the statistics of all the batches' entries pooled. The
+    layers normalize with batch statistics meanwhile, as in training; the model's buffers
+    are untouched afterwards. Accumulates in float64.
+    """
+    from normbench.train import forward  # train imports this module
+
+    sums: dict[str, list] = {}
+
+    def hook_for(name):
+        def hook(module, args, kwargs):
+            x = args[0]
+            mean, var, count = batch_moments(module, x.detach(), token_mask(x, args, kwargs))
+            n = count.double()
+            m = mean.double()
+            s = sums.setdefault(name, [0.0, 0.0, 0.0])
+            s[0] = s[0] + n * m
+            s[1] = s[1] + n * (var.double() + m.square())
+            s[2] = s[2] + n
+
+        return hook
+
+    with batch_statistics(model) as bns:
+        handles = [m.register_forward_pre_hook(hook_for(name), with_kwargs=True)
+                   for name, m in bns.items()]
+        try:
+            for batch in batches:
+                forward(model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+    out = {}
+    for name, (s1, s2, n) in sums.items():
+        mean = s1 / n
+        var = (s2 / n - mean.square()).clamp(min=0)
+        dtype = bns[name].running_mean.dtype
+        out[name] = Population(mean.to(dtype), var.to(dtype), float(n))
+    return out
+
+
+@contextmanager
+def population_statistics(model: nn.Module, stats: dict[str, Population]):
+    """Eval mode with the BN buffers set to `stats`; the original buffers restored on exit."""
+    with preserved_state(model) as bns, torch.no_grad():
+        model.eval()
+        for name, pop in stats.items():
+            bns[name].running_mean.copy_(pop.mean)
+            bns[name].running_var.copy_(pop.unbiased_var)
+        yield
+
+
+def precise_distances(model: nn.Module, stats: dict[str, Population]) -> dict[str, float]:
+    """||running - precise||_2 / d for means and (unbiased-scale) variances, per layer."""
+    bns = batchnorm_layers(model)
+    parts = {}
+    for name, pop in stats.items():
+        m = bns[name]
+        d = pop.mean.numel()
+        dmu = torch.linalg.vector_norm(m.running_mean - pop.mean) / d
+        dvar = torch.linalg.vector_norm(m.running_var - pop.unbiased_var) / d
+        parts[f"bn_gap/precise_dmu/{name}"] = dmu
+        parts[f"bn_gap/precise_dvar/{name}"] = dvar
+    if not parts:
+        return {}
+    tags = list(parts)
+    values = torch.stack([parts[t].float() for t in tags]).cpu().tolist()
+    return dict(zip(tags, values, strict=True))
+
+
+def train_eval_discrepancy(model: nn.Module, data, val_metrics: dict[str, float], *,
+                           batch_size: int, eval_batch_size: int, precise_batches: int,
+                           seed: int) -> dict[str, float]:
+    """``val_batchstats/``, ``val_precise/``, ``val_gap/`` and the running-vs-precise
+    distances for a model with BN layers; {} for a model without."""
+    if not batchnorm_layers(model):
+        return {}
+    from normbench.train import evaluate  # train imports this module
+
+    out = evaluate_batchstats(model, data, batch_size, seed)
+    for key, value in val_metrics.items():
+        if key.startswith("val/"):
+            stat = key[len("val/"):]
+            if f"val_batchstats/{stat}" in out:
+                out[f"val_gap/{stat}"] = value - out[f"val_batchstats/{stat}"]
+    if precise_batches > 0:
+        loader = data.train_loader(batch_size, seed=seed + PRECISE_SEED_OFFSET)
+        with preserved_state(model):  # the loader's augmentation must not move any RNG
+            stats = precise_bn_stats(model, itertools.islice(loader, precise_batches))
+        distances = precise_distances(model, stats)
+        out.update(distances)
+        out.update(layer_summaries(distances))
+        with population_statistics(model, stats):
+            out.update(evaluate(model, data, eval_batch_size, prefix="val_precise"))
+    return out

@@ -1,0 +1,101 @@
+"""What the probes cost: training throughput of one model and dataset with probes off, on at
+the default logging interval, and on at every step, and the ratios to probes off.
+
+    python scripts/bench_probes.py                    # default ResNet on shapes, CPU
+    python scripts/bench_probes.py --steps 400 --rounds 3 -- device=cuda batch_size=256
+
+Throughput is read back from the runs' own `perf/samples_per_sec` (the time between two
+logging steps, probes included); the first interval (warm-up) is left out, and so are
+the evaluations, which happen outside those intervals. With several rounds the three
+settings alternate, so that drifting machine load affects them alike, and the median of
+the rounds is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def compose(overrides: list[str]) -> dict:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from normbench.cli import conf_dir, register_resolvers
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def throughput(run_dir: Path, batch_size: int) -> float:
+    """Samples per second over every logging interval but the first."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    points = [(e.step, e.value) for e in acc.Scalars("perf/samples_per_sec")]
+    samples = seconds = 0.0
+    for (prev, _), (step, rate) in zip(points, points[1:], strict=False):
+        n = (step - prev) * batch_size
+        samples += n
+        seconds += n / rate
+    if not seconds:
+        raise SystemExit("too few logging intervals: raise --steps")
+    return samples / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for all settings")
+    args = parser.parse_args()
+
+    from rich.console import Console
+
+    from normbench.train import run_experiment
+
+    base = compose(args.overrides)
+    default_interval = int(base["log_every"])
+    settings = {
+        "probes off": ["probes=false"],
+        f"probes every {default_interval} steps (default)": ["probes=true"],
+        "probes every step": ["probes=true", "log_every=1"],
+    }
+    # Evaluations are not timed; a small validation set and no PreciseBN keep them short.
+    common = [f"steps={args.steps}", "eval_every=0", "precise_bn_batches=0", *args.overrides]
+    results: dict[str, list[float]] = {name: [] for name in settings}
+    quiet = Console(file=open("/dev/null", "w"))  # noqa: SIM115
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for i, (name, extra) in enumerate(settings.items()):
+                config = compose(common + extra)
+                run_dir = Path(tmp) / f"r{r}-{i}"
+                run_experiment(config, run_dir, console=quiet, live=False)
+                results[name].append(throughput(run_dir, config["batch_size"]))
+                print(f"round {r + 1}: {name}: {results[name][-1]:.1f} samples/s", flush=True)
+
+    c = base
+    print(f"\nmodel={c['model']['name']} dataset={c['dataset']['name']} norm={c['norm']['name']} "
+          f"batch_size={c['batch_size']} steps={args.steps} rounds={args.rounds} "
+          f"device={c['device']} threads={c['threads']}")
+    off = statistics.median(results["probes off"])
+    print(f"{'setting':<36}{'samples/s':>12}{'ratio to off':>14}")
+    for name, values in results.items():
+        value = statistics.median(values)
+        print(f"{name:<36}{value:>12.1f}{value / off:>14.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Train/eval discrepancy: batch-statistics evaluation and PreciseBN, checked against direct
+computations, and the promise that the model, its buffers and the RNG come back untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normbench.data import Batch
+from normbench.data.synthetic import shapes_dataset
+from normbench.evaluation import (
+    evaluate_batchstats,
+    population_statistics,
+    precise_bn_stats,
+    train_eval_discrepancy,
+)
+from normbench.norms import TokenBatchNorm
+
+
+def conv_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 10))
+    for m in net.modules():  # running statistics that differ from any batch's
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.num_batches_tracked.fill_(7)
+    return net
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model, before):
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+def test_precise_bn_equals_pooled_statistics_over_uneven_batches():
+    net = conv_net()
+    net.train(False)
+    batches = [Batch(torch.randn(n, 3, 6, 6) * 2 + 0.5, torch.zeros(n, dtype=torch.long))
+               for n in (5, 2, 9, 3)]
+    before = snapshot(net)
+    stats = precise_bn_stats(net, batches)
+    assert_same_state(net, before)
+    assert not net.training and not net[1].training  # modes restored too
+
+    # Direct computation: each layer's input, batch by batch, with BN in training mode
+    # (a copy, so its buffers may change), pooled over all entries of all batches.
+    ref = copy.deepcopy(net).train()
+    inputs = {1: [], 4: []}
+    with torch.no_grad():
+        for b in batches:
+            h = ref[0](b.x)
+            inputs[1].append(h)
+            h = ref[3](F.relu(F.batch_norm(h, None, None, ref[1].weight, ref[1].bias,
+                                           training=True, eps=ref[1].eps)))
+            inputs[4].append(h)
+    for idx in (1, 4):
+        pooled = torch.cat([x.transpose(0, 1).reshape(x.shape[1], -1) for x in inputs[idx]], 1)
+        var, mean = torch.var_mean(pooled.double(), dim=1, correction=0)
+        pop = stats[str(idx)]
+        assert pop.count == pooled.shape[1] == 19 * 36
+        assert torch.allclose(pop.mean.double(), mean, atol=1e-6)
+        assert torch.allclose(pop.var.double(), var, rtol=1e-5)
+        assert torch.allclose(pop.unbiased_var.double(), pooled.double().var(dim=1), rtol=1e-5)
+
+
+def test_precise_bn_on_masked_tokens_counts_real_tokens_only():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = TokenBatchNorm(3)
+
+        def forward(self, x, mask=None):
+            return self.bn(x, mask=mask)
+
+    torch.manual_seed(1)
+    net = Net()
+    batches, real = [], []
+    for n, t, lengths in ((2, 4, [4, 1]), (3, 6, [6, 2, 3])):
+        x = torch.randn(n, t, 3) * 3 - 1
+        mask = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
+        batches.append(Batch(x, torch.zeros(n, t, dtype=torch.long), mask))
+        real.append(x[mask])
+    stats = precise_bn_stats(net, batches)["bn"]
+    pooled = torch.cat(real).double()
+    var, mean = torch.var_mean(pooled, dim=0, correction=0)
+    assert stats.count == 16
+    assert torch.allclose(stats.mean.double(), mean, atol=1e-6)
+    assert torch.allclose(stats.var.double(), var, rtol=1e-5)
+
+
+def test_population_statistics_are_used_in_eval_and_then_restored():
+    net = conv_net().eval()
+    batches = [Batch(torch.randn(4, 3, 6, 6), torch.zeros(4, dtype=torch.long))]
+    stats = precise_bn_stats(net, batches)
+    before = snapshot(net)
+    x = torch.randn(2, 3, 6, 6)
+    with population_statistics(net, stats), torch.no_grad():
+        assert torch.equal(net[1].running_mean, stats["1"].mean)
+        y = net(x)
+    ref = copy.deepcopy(net)
+    ref[1].running_mean.copy_(stats["1"].mean)
+    ref[1].running_var.copy_(stats["1"].unbiased_var)
+    ref[4].running_mean.copy_(stats["4"].mean)
+    ref[4].running_var.copy_(stats["4"].unbiased_var)
+    with torch.no_grad():
+        assert torch.allclose(y, ref(x))
+    assert_same_state(net, before)
+
+
+def tiny_shapes(n_val: int):
+    return shapes_dataset(n_train=64, n_val=n_val, image_size=8, seed=3)
+
+
+def test_val_batchstats_equals_a_train_mode_forward_with_buffers_restored():
+    data = tiny_shapes(n_val=9)  # batches of 4: 4, 4 and a tail of 1 that joins the last
+    net = conv_net().eval()
+    before = snapshot(net)
+    rng = torch.get_rng_state()
+    got = evaluate_batchstats(net, data, batch_size=4, seed=11)
+    assert_same_state(net, before)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not any(m.training for m in net.modules())
+
+    g = torch.Generator().manual_seed(11)
+    order = torch.randperm(9, generator=g)
+    groups = [order[:4], order[4:]]  # the final sample merged into the second batch
+    total_loss = correct = 0.0
+    for idx in groups:
+        ref = copy.deepcopy(net).train()  # fresh buffers each time: they must not matter
+        x = data.normalize(data.val_x[idx])
+        with torch.no_grad():
+            logits = ref(x)
+        total_loss += float(F.cross_entropy(logits, data.val_y[idx], reduction="sum"))
+        correct += float((logits.argmax(1) == data.val_y[idx]).sum())
+    assert got["val_batchstats/loss"] == pytest.approx(total_loss / 9, rel=1e-5)
+    assert got["val_batchstats/acc"] == pytest.approx(correct / 9)
+
+
+def test_discrepancy_leaves_model_rng_and_training_stream_untouched():
+    data = tiny_shapes(n_val=10)
+    net = conv_net().train()
+    loader = data.train_loader(8, seed=0)
+    next(loader)
+    loader_state = copy.deepcopy(loader.state_dict())
+    before = snapshot(net)
+    rng = torch.get_rng_state()
+    val = {"val/acc": 0.5, "val/loss": 2.0}
+    out = train_eval_discrepancy(net, data, val, batch_size=8, eval_batch_size=5,
+                                 precise_batches=3, seed=0)
+    assert_same_state(net, before)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(m.training for m in net.modules())
+    state = loader.state_dict()
+    assert torch.equal(state["perm"], loader_state["perm"]) and state["pos"] == loader_state["pos"]
+    assert torch.equal(state["generator"], loader_state["generator"])
+    assert out["val_gap/acc"] == pytest.approx(0.5 - out["val_batchstats/acc"])
+    assert {"val_precise/acc", "bn_gap/precise_dmu/1", "bn_gap/precise_dvar/4",
+            "bn_gap/mean/precise_dmu", "bn_gap/max/precise_dvar"} <= out.keys()
+    assert out["bn_gap/precise_dmu/1"] > 0  # running statistics were set far off
+
+
+def test_discrepancy_is_empty_without_batchnorm():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    assert train_eval_discrepancy(net, tiny_shapes(4), {"val/acc": 0.1}, batch_size=2,
+                                  eval_batch_size=2, precise_batches=2, seed=0) == {}
