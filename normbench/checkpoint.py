@@ -150,11 +150,30 @@ def capture(parts: dict, **extra) -> dict:
             **extra}
 
 
-def restore(state: dict, parts: dict) -> None:
+def restore(state: dict, parts: dict, path: Path) -> None:
     """The inverse of `capture`; call it last, after anything that draws random numbers."""
-    for name, part in parts.items():
-        part.load_state_dict(state[name])
+    try:
+        for name, part in parts.items():
+            part.load_state_dict(state[name])
+    except (RuntimeError, KeyError, ValueError) as e:
+        reason = " ".join(str(e).split())[:160]
+        raise UserError(f"the checkpoint {path} does not fit this configuration ({reason})",
+                        "resume with the same overrides as the run it continues") from None
     set_rng_state(state["rng"])
+
+
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs (resume= itself excluded)."""
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if key == "resume" and not prefix:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 def resume_point(run_dir: Path, resume, warn: Callable[[str], None]) -> tuple[dict, Path] | None:

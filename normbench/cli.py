@@ -301,7 +301,8 @@ def explain_hydra_error(error: Exception, overrides: list[str]) -> tuple[str, st
         r"Key '([^']+)' is not in struct", text)
     if match:
         key = match.group(1)
-        close = difflib.get_close_matches(key, known_keys(), n=1)
+        # The key may exist under another group option (dataset.n_train is shapes', not cifar's).
+        close = [k for k in difflib.get_close_matches(key, known_keys(), n=2) if k != key][:1]
         hint = f"did you mean {close[0]}? " if close else ""
         return (f"unknown config key '{key}'",
                 f"{hint}'normbench train --cfg job' prints every key (add a new one with +{key}=...)")

@@ -152,7 +152,11 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
     status, step = "completed", start_step
     if resumed:
         state, path = resumed
-        ckpt.restore(state, parts)  # last: it sets the RNG states the next steps draw from
+        changed = ckpt.config_changes(state.get("config", {}), config)
+        if changed:
+            warn(f"resuming with a config that differs from the checkpoint's in "
+                 f"{', '.join(changed)}: the run will not match an uninterrupted one")
+        ckpt.restore(state, parts, path)  # last: it sets the RNG states the next steps draw from
         for total, saved in zip((running_loss, running_correct, running_count), state["running"],
                                 strict=True):
             total.copy_(saved)
@@ -211,7 +215,7 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
             if save_now or stop.requested:
                 state = ckpt.capture(parts, running=torch.stack(
                     [running_loss, running_correct, running_count]).cpu(),
-                    final=dict(summary["final"]), last_val=dict(last_val))
+                    final=dict(summary["final"]), last_val=dict(last_val), config=config)
                 summary["checkpoint"] = str(ckpt.save_checkpoint(run_dir, step, state,
                                                                  keep_checkpoints))
                 tracker.writer.flush()  # the event files match the checkpoint

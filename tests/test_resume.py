@@ -173,3 +173,21 @@ def test_deterministic_runs_with_the_same_seed_are_identical(tmp_path,
     assert first["status"] == second["status"] == "completed"
     assert first["final"] == second["final"]
     assert read_scalars(tmp_path / "a")["train/loss"] == read_scalars(tmp_path / "b")["train/loss"]
+
+
+def test_resuming_with_another_model_is_a_user_error_and_other_changes_are_named(tmp_path,
+                                                                                 capsys):
+    from normbench.errors import UserError
+
+    run_experiment(compose_config([*RUN, "steps=2"]), tmp_path, live=False)
+    with pytest.raises(UserError, match="does not fit this configuration"):
+        run_experiment(compose_config([*RUN, "steps=2", "model.depth=14", "resume=true"]),
+                       tmp_path, live=False)
+    capsys.readouterr()
+    summary = run_experiment(compose_config([*RUN, "steps=3", "lr=0.05", "resume=true"]),
+                             tmp_path, live=False)
+    warning = capsys.readouterr().err.strip()
+    assert warning.startswith("normbench: warning: resuming with a config that differs")
+    assert "differs from the checkpoint's in lr, steps:" in warning
+    assert summary["status"] == "completed"
+    assert (summary["resumed_from_step"], summary["steps"]) == (2, 3)
