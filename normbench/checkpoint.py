@@ -189,9 +189,11 @@ def check_resume(run_dir: Path, resume) -> str:
     false: start afresh, which a folder holding another run's checkpoints refuses (its
     files would be mixed with this run's). true: continue, and it is an error if there is
     nothing to continue. auto: continue if there is something, else start afresh (for jobs
-    a cluster may requeue).
+    a cluster may requeue). A requeued SLURM job treats false as auto.
     """
     mode = normalize_resume(resume)
+    if mode == "false" and requeued():
+        mode = "auto"
     found = bool(list_checkpoints(run_dir))
     if mode == "false" and found:
         raise UserError(f"{run_dir} already holds the checkpoints of a run",
@@ -201,6 +203,12 @@ def check_resume(run_dir: Path, resume) -> str:
                         "point hydra.run.dir at the folder of the run to continue, or drop "
                         "resume=true to start afresh")
     return mode
+
+
+def requeued() -> bool:
+    """A SLURM job started again after preemption or a time limit (submitit requeues with the
+    same config, so resume= is what it was the first time)."""
+    return os.environ.get("SLURM_RESTART_COUNT", "0").strip() not in ("", "0")
 
 
 def normalize_resume(resume) -> str:

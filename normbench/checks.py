@@ -143,3 +143,15 @@ def check_model_builds(config: dict, info: DataInfo | None = None) -> None:
     info = info or placeholder_info(config["dataset"])
     with torch.device("meta"):
         build_model(config["model"], make_spec(**config["norm"]), info)
+
+
+def check_sweep_dir(sweep_dir: Path, resume) -> None:
+    """The sweep folder is writable; without resume= it must not hold earlier jobs' checkpoints
+    (each job would refuse its folder, or mix its files with the earlier job's)."""
+    from normbench.checkpoint import list_checkpoints
+
+    check_output_dir(sweep_dir)
+    if normalize_resume(resume) == "false" and Path(sweep_dir).is_dir():
+        if any(list_checkpoints(job) for job in Path(sweep_dir).iterdir() if job.is_dir()):
+            raise UserError(f"the sweep folder {sweep_dir} already holds runs with checkpoints",
+                            "add resume=auto to continue them, or choose another hydra.sweep.dir")

@@ -246,7 +246,7 @@ def preflight(overrides: list[str], multirun: bool) -> Path | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException, OverrideParseException
 
-    from normbench.checks import check_config, check_output_dir, check_run_dir
+    from normbench.checks import check_config, check_run_dir, check_sweep_dir
 
     parser = OverridesParser.create()
     try:
@@ -265,7 +265,8 @@ def preflight(overrides: list[str], multirun: bool) -> Path | None:
                 first = [o for o in overrides if "," not in o.split("=", 1)[-1]]
                 base = compose("train", overrides=first, return_hydra_config=True)
                 sweep_dir = Path(str(base.hydra.sweep.dir))
-                params = OmegaConf.to_container(base.hydra.sweeper.get("params") or {})
+                params = base.hydra.sweeper.get("params")
+                params = OmegaConf.to_container(params) if params else {}
                 combined = [f"{k}={v}" for k, v in params.items()] + overrides
                 batches = BasicSweeper.split_arguments(parser.parse_overrides(combined), None)
                 jobs = batches[0] if batches else [combined]
@@ -276,7 +277,7 @@ def preflight(overrides: list[str], multirun: bool) -> Path | None:
                 full = compose("train", overrides=overrides, return_hydra_config=True)
                 check_run_dir(Path(str(full.hydra.run.dir)), cfg.get("resume"))
             else:
-                check_output_dir(sweep_dir)
+                check_sweep_dir(sweep_dir, base.get("resume"))
         except HydraException as e:
             raise UserError(*explain_hydra_error(e, overrides)) from None
     GlobalHydra.instance().clear()

@@ -20,9 +20,9 @@ class StopSignals:
     """Within this block, the first SIGINT/SIGTERM/SIGUSR2 sets `received` instead of killing.
 
     After the first signal the previous handlers are back, so a second Ctrl-C stops the
-    process at once. SIGUSR2 is only taken over where someone already handles it (submitit
-    does, to requeue a SLURM job); `forward()` then hands the signal on once the checkpoint
-    is written, so the job is requeued with its state saved.
+    process at once. Under submitit (which handles SIGTERM and SIGUSR2 in Python) SIGTERM
+    is left to submitit, and SIGUSR2 is taken over and, once the checkpoint is written,
+    handed on by `forward()` to submitit, which requeues the job.
     """
 
     def __init__(self):
@@ -41,7 +41,11 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is not threading.main_thread():
             return self  # only the main thread may set handlers; runs there stay killable
-        wanted = [signal.SIGINT, signal.SIGTERM]
+        wanted = [signal.SIGINT]
+        # submitit installs a Python handler that ignores SIGTERM on purpose (SLURM sends it
+        # ahead of the USR2 that triggers the requeue): leave such a handler in place.
+        if not callable(signal.getsignal(signal.SIGTERM)):
+            wanted.append(signal.SIGTERM)
         usr2 = getattr(signal, "SIGUSR2", None)
         if usr2 is not None and callable(signal.getsignal(usr2)):
             wanted.append(usr2)

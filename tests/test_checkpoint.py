@@ -148,3 +148,23 @@ def test_sigusr2_is_handed_on_to_the_previous_handler_after_the_checkpoint():
         assert calls == [signal.SIGUSR2]
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_a_requeued_slurm_job_resumes_even_with_resume_false(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 1, small_state(1), keep=1)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert ckpt.check_resume(tmp_path, False) == "auto"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # first start: a used folder is refused
+    with pytest.raises(UserError, match="already holds"):
+        ckpt.check_resume(tmp_path, False)
+
+
+def test_a_python_sigterm_handler_such_as_submitits_is_left_in_place():
+    bypass = lambda signum, frame: None  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, bypass)
+    try:
+        with StopSignals():
+            assert signal.getsignal(signal.SIGTERM) is bypass
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)

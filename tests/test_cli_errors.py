@@ -4,6 +4,7 @@ traceback, and the files of another run in the same place left byte-identical.""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,8 @@ CASES = [
      ["resume=true but", "holds no checkpoint"]),
     ("another-runs-folder", ["hydra.run.dir=runs/sibling"],
      ["already holds the checkpoints of a run", "resume=true"]),
+    ("sweep-folder-with-checkpoints", ["-m", "norm=batch,group", "hydra.sweep.dir=old_sweep"],
+     ["the sweep folder old_sweep already holds runs with checkpoints", "resume=auto"]),
     ("impossible-pair", ["dataset.kind=text"], ["model=resnet cannot read text data"]),
 ]
 
@@ -71,6 +74,7 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("errors")
     result = run_cli("train", *TINY, "steps=2", "hydra.run.dir=runs/sibling", cwd=root)
     assert result.returncode == 0, result.stderr
+    shutil.copytree(root / "runs" / "sibling", root / "old_sweep" / "0_job")
     return root, make_files(root)
 
 
