@@ -21,8 +21,10 @@ OFFLINE = {key: "http://127.0.0.1:9" for key in
 
 def text_dataset(path: Path, context: int = 64) -> list[str]:
     """Overrides selecting a text dataset read from `path` with a given context length."""
-    if (conf_dir() / "dataset" / "text.yaml").is_file():
-        return ["dataset=text", f"dataset.path={path}", f"+dataset.seq_len={context}"]
+    text_yaml = conf_dir() / "dataset" / "text.yaml"
+    if text_yaml.is_file():
+        plus = "" if "\nseq_len:" in "\n" + text_yaml.read_text() else "+"
+        return ["dataset=text", f"dataset.path={path}", f"{plus}dataset.seq_len={context}"]
     # Without the text dataset, the same config keys on the default dataset reach the checks.
     return ["dataset.kind=text", f"+dataset.path={path}", f"+dataset.seq_len={context}"]
 
