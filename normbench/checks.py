@@ -7,10 +7,13 @@ of each job.
 
 from __future__ import annotations
 
+import os
 from numbers import Integral, Real
+from pathlib import Path
 
 import torch
 
+from normbench.checkpoint import check_resume, normalize_resume
 from normbench.data import DataInfo
 from normbench.errors import UserError
 
@@ -49,6 +52,16 @@ def check_config(config: dict) -> None:
                         "use batch_size=2 or more, or a per-sample norm (norm=group or norm=layer)")
     if norm.get("name") == "group":
         _positive_int(norm, "num_groups")
+    _positive_int(config, "keep_checkpoints")
+    every = config.get("checkpoint_every")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, Integral)
+                             or every < 0):
+        raise UserError(f"checkpoint_every={every} must be 0 or a positive integer",
+                        "set checkpoint_every=100 (or 0: only at the end)")
+    normalize_resume(config.get("resume", False))
+    dataset = config["dataset"]
+    if dataset.get("kind") == "text" and dataset.get("path"):
+        check_text_file(dataset["path"], text_context(config))
     check_model_builds(config)
 
 
@@ -61,6 +74,69 @@ def _probe_options(config: dict) -> None:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
         raise UserError(f"precise_bn_batches={value} must be a whole number >= 0",
                         "set precise_bn_batches=20, or 0 to skip PreciseBN")
+
+
+def text_context(config: dict) -> int:
+    """The context length (tokens per training sequence) a text config asks for."""
+    for section, key in (("dataset", "seq_len"), ("model", "seq_len"), ("model", "context"),
+                         ("model", "block_size")):
+        value = (config.get(section) or {}).get(key)
+        if isinstance(value, Integral) and value > 0:
+            return int(value)
+    return 1
+
+
+def check_text_file(path: str | Path, context: int) -> None:
+    """A text corpus must exist, be UTF-8 text, and hold at least context+1 characters (one
+    input sequence and its next-character targets)."""
+    path = Path(path).expanduser()
+    fix = "set dataset.path to a UTF-8 text file"
+    if not path.is_file():
+        raise UserError(f"the text file {path} does not exist", fix)
+    size = path.stat().st_size
+    if size == 0:
+        raise UserError(f"the text file {path} is empty", fix)
+    # Enough bytes to count context+1 characters (UTF-8: at most 4 bytes each), 1 MB at least.
+    with path.open("rb") as f:
+        head = f.read(max(1 << 20, 4 * (context + 1)))
+    if b"\x00" in head:
+        raise UserError(f"{path} is a binary file, not text", fix)
+    try:
+        text = head.decode("utf-8", errors="strict") if len(head) == size else \
+            _decode_prefix(head)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded)",
+                        fix) from None
+    if len(text) < context + 1:
+        raise UserError(f"{path} holds {len(text)} characters, fewer than the context of "
+                        f"{context} + 1", "use a longer file or a shorter context")
+
+
+def _decode_prefix(head: bytes) -> str:
+    """Decode the start of a longer file, which may end inside a multi-byte character."""
+    import codecs
+
+    return codecs.getincrementaldecoder("utf-8")("strict").decode(head, final=False)
+
+
+def check_output_dir(folder: Path) -> None:
+    """The output folder can be created and written: its nearest existing ancestor is a
+    writable folder (checked without creating anything)."""
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    fix = "set hydra.run.dir (or hydra.sweep.dir with -m) to a writable place"
+    if not existing.is_dir():
+        raise UserError(f"cannot create the output folder {folder}: {existing} is a file", fix)
+    if not os.access(existing, os.W_OK | os.X_OK):  # EROFS included
+        raise UserError(f"cannot write the output folder {folder}: {existing} is not writable", fix)
+
+
+def check_run_dir(run_dir: Path, resume) -> None:
+    """The single run's folder is writable, and resume= matches what is in it."""
+    check_output_dir(run_dir)
+    check_resume(run_dir, resume)
 
 
 def placeholder_info(dataset: dict) -> DataInfo:
@@ -79,3 +155,15 @@ def check_model_builds(config: dict, info: DataInfo | None = None) -> None:
     info = info or placeholder_info(config["dataset"])
     with torch.device("meta"):
         build_model(config["model"], make_spec(**config["norm"]), info)
+
+
+def check_sweep_dir(sweep_dir: Path, resume) -> None:
+    """The sweep folder is writable; without resume= it must not hold earlier jobs' checkpoints
+    (each job would refuse its folder, or mix its files with the earlier job's)."""
+    from normbench.checkpoint import list_checkpoints
+
+    check_output_dir(sweep_dir)
+    if normalize_resume(resume) == "false" and Path(sweep_dir).is_dir():
+        if any(list_checkpoints(job) for job in Path(sweep_dir).iterdir() if job.is_dir()):
+            raise UserError(f"the sweep folder {sweep_dir} already holds runs with checkpoints",
+                            "add resume=auto to continue them, or choose another hydra.sweep.dir")

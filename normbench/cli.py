@@ -26,6 +26,7 @@ SUBCOMMANDS = {
 }
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1
+EXIT_SIGNAL_BASE = 128  # interrupted by signal N: exit status 128 + N, as the shell reports it
 STAMP_ENV = "NORMBENCH_STAMP"
 
 
@@ -190,7 +191,7 @@ def _task(cfg) -> None:
         check_config(config)
         from normbench.train import run_experiment
 
-        run_experiment(config, run_dir, live=not multirun)
+        summary = run_experiment(config, run_dir, live=not multirun)
     except UserError as e:
         write_failed_summary(run_dir, config, e.line())
         if multirun:
@@ -206,6 +207,12 @@ def _task(cfg) -> None:
             traceback.print_exc()
             return
         raise
+    if summary["status"] == "interrupted":  # stop here, sweep included: 130 (SIGINT), 143 (SIGTERM)
+        import signal
+
+        raise SystemExit(EXIT_SIGNAL_BASE + signal.Signals[summary["signal"]].value)
+    if summary["status"] == "diverged" and not multirun:  # a sweep goes on; it reports at the end
+        raise SystemExit(EXIT_RUN_FAILED)
 
 
 def report_sweep(sweep_dir: Path) -> int:
@@ -239,7 +246,7 @@ def preflight(overrides: list[str], multirun: bool) -> Path | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException, OverrideParseException
 
-    from normbench.checks import check_config
+    from normbench.checks import check_config, check_run_dir, check_sweep_dir
 
     parser = OverridesParser.create()
     try:
@@ -266,6 +273,11 @@ def preflight(overrides: list[str], multirun: bool) -> Path | None:
             for job in jobs:
                 cfg = compose("train", overrides=list(job))
                 check_config(OmegaConf.to_container(cfg, resolve=True))
+            if not multirun:
+                full = compose("train", overrides=overrides, return_hydra_config=True)
+                check_run_dir(Path(str(full.hydra.run.dir)), cfg.get("resume"))
+            else:
+                check_sweep_dir(sweep_dir, base.get("resume"))
         except HydraException as e:
             raise UserError(*explain_hydra_error(e, overrides)) from None
     GlobalHydra.instance().clear()
@@ -290,7 +302,8 @@ def explain_hydra_error(error: Exception, overrides: list[str]) -> tuple[str, st
         r"Key '([^']+)' is not in struct", text)
     if match:
         key = match.group(1)
-        close = difflib.get_close_matches(key, known_keys(), n=1)
+        # The key may exist under another group option (dataset.n_train is shapes', not cifar's).
+        close = [k for k in difflib.get_close_matches(key, known_keys(), n=2) if k != key][:1]
         hint = f"did you mean {close[0]}? " if close else ""
         return (f"unknown config key '{key}'",
                 f"{hint}'normbench train --cfg job' prints every key (add a new one with +{key}=...)")

@@ -39,12 +39,14 @@ def read_summary(run_dir: Path) -> dict | None:
 class Tracker:
     """One run's outputs: a SummaryWriter in the run folder, a console, summary.json."""
 
-    def __init__(self, run_dir: Path, console: Console | None = None, live: bool = True):
+    def __init__(self, run_dir: Path, console: Console | None = None, live: bool = True,
+                 purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=str(self.run_dir))
+        # purge_step (on resume): TensorBoard hides this folder's events from that step on.
+        self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
         self.console = console or Console()
         self.live = live and self.console.is_terminal
 

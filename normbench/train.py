@@ -7,7 +7,9 @@ is in use: probes find BatchNorm-like layers by type.
 from __future__ import annotations
 
 import math
+import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -17,10 +19,12 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
+from normbench import checkpoint as ckpt
 from normbench.dashboards import hparams_of, write_dashboards
 from normbench.data import Batch, build_dataset
 from normbench.errors import UserError
 from normbench.evaluation import train_eval_discrepancy
+from normbench.guard import DivergenceWatch, StopSignals, grad_norm
 from normbench.models import build_model
 from normbench.norms import make_spec
 from normbench.optim import build_optimizer, build_scheduler
@@ -43,6 +47,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; read when CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
 
@@ -115,6 +121,13 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
     scheduler = build_scheduler(optimizer, steps, **config["sched"])
     probes = Probes(model, enabled=config.get("probes", True),
                     hist_every=config.get("hist_every", 10))
+    resumed = ckpt.resume_point(run_dir, config.get("resume", False), warn)
+    checkpoint_every = int(config.get("checkpoint_every", 0) or 0)
+    keep_checkpoints = int(config.get("keep_checkpoints", 2))
+    watch = DivergenceWatch(device)
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "loader": loader,
+             "divergence": watch}
+    params = [p for p in model.parameters() if p.requires_grad]
 
     summary = {
         "run_name": config.get("run_name", Path(run_dir).name),
@@ -124,7 +137,10 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
         "n_params": sum(p.numel() for p in model.parameters()), "status": "running",
         "final": {},
     }
-    tracker = Tracker(run_dir, console=console, live=live)
+    start_step = resumed[0]["step"] if resumed else 0
+    # On resume, TensorBoard drops events logged after the checkpoint: one continuous curve.
+    tracker = Tracker(run_dir, console=console, live=live,
+                      purge_step=start_step + 1 if resumed else None)
     tracker.write_summary(summary)
     write_dashboards(tracker.writer, hparams_of(summary, config), has_bn=bool(probes.bn_layers),
                      has_norm=bool(probes.norm_layers), has_saturation=bool(probes.saturating))
@@ -138,10 +154,24 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
     running_count = torch.zeros((), device=device)
     last_log_time, last_log_step = time.time(), 0
     last_val: dict[str, float] = {}
-    status, step = "completed", 0
-    with tracker.progress() as progress:
-        task = progress.add_task(summary["run_name"], total=steps, status="")
-        for step in range(1, steps + 1):
+    status, step = "completed", start_step
+    if resumed:
+        state, path = resumed
+        changed = ckpt.config_changes(state.get("config", {}), config)
+        if changed:
+            warn(f"resuming with a config that differs from the checkpoint's in "
+                 f"{', '.join(changed)}: the run will not match an uninterrupted one")
+        ckpt.restore(state, parts, path)  # last: it sets the RNG states the next steps draw from
+        for total, saved in zip((running_loss, running_correct, running_count), state["running"],
+                                strict=True):
+            total.copy_(saved)
+        summary["final"].update(state["final"])
+        last_val = state["last_val"]
+        summary["resumed_from_step"] = start_step
+        console.print(f"resuming from {path} (step {start_step}/{steps})")
+    with tracker.progress() as progress, StopSignals() as stop:
+        task = progress.add_task(summary["run_name"], total=steps, status="", completed=start_step)
+        for step in range(start_step + 1, steps + 1):
             log_now = step % log_every == 0 or step == steps
             batch = next(loader)
             with probes.watch_forward(log_now):
@@ -149,6 +179,7 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
             loss, correct, count = loss_and_counts(logits, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            watch.observe(step, loss, grad_norm(params))
             if log_now:
                 probes.record_grads()
             with probes.watch_step(log_now):
@@ -158,6 +189,13 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
             running_correct += correct
             running_count += count
             progress.advance(task)
+            save_now = (checkpoint_every and step % checkpoint_every == 0) or step == steps
+            if (log_now or save_now or stop.requested) and watch.first_bad_step():
+                status = "diverged"
+                summary["diverged_at_step"] = watch.first_bad_step()
+                console.print(f"[red]diverged[/red]: non-finite loss or gradient norm at step "
+                              f"{summary['diverged_at_step']}")
+                break
 
             if log_now:
                 probes.add("train/loss", running_loss / running_count)
@@ -168,12 +206,6 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
                 values["perf/samples_per_sec"] = (step - last_log_step) * batch.size / (now - last_log_time)
                 last_log_time, last_log_step = now, step
                 running_loss.zero_(), running_correct.zero_(), running_count.zero_()
-                if not math.isfinite(values["train/loss"]):
-                    status = "diverged"
-                    summary["diverged_at_step"] = step
-                    tracker.scalars({"train/loss": values["train/loss"]}, step)
-                    console.print(f"[red]diverged[/red]: non-finite loss at step {step}")
-                    break
                 tracker.scalars(values, step)
                 tracker.histograms(probes.take_histograms(), step)
                 summary["final"]["train_loss"] = values["train/loss"]
@@ -194,6 +226,20 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
                 shown = "  ".join(f"{k} {v:.4f}" for k, v in last_val.items())
                 progress.console.print(f"step {step}/{steps}  {shown}")
 
+            if save_now or stop.requested:
+                state = ckpt.capture(parts, running=torch.stack(
+                    [running_loss, running_correct, running_count]).cpu(),
+                    final=dict(summary["final"]), last_val=dict(last_val), config=config)
+                summary["checkpoint"] = str(ckpt.save_checkpoint(run_dir, step, state,
+                                                                 keep_checkpoints))
+                tracker.writer.flush()  # the event files match the checkpoint
+            if stop.requested and step < steps:
+                status = "interrupted"
+                summary["signal"] = stop.name
+                console.print(f"[yellow]interrupted[/yellow] by {stop.name} at step {step}; "
+                              f"checkpoint {summary['checkpoint']}")
+                break
+
     summary["status"] = status
     summary["steps"] = step
     summary["elapsed_s"] = round(time.time() - start, 2)
@@ -201,4 +247,10 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
     tracker.write_summary(summary)
     tracker.close()
     tracker.print_summary(summary)
+    if status == "interrupted":
+        stop.forward()  # under submitit, SIGUSR2 now requeues the job
     return summary
+
+
+def warn(message: str) -> None:
+    print(f"normbench: warning: {message}", file=sys.stderr, flush=True)
