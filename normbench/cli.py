@@ -60,8 +60,10 @@ def _quotient(a: float, b: float) -> float:
 
 
 def _floor_quotient(a: int, b: int) -> int:
-    """`${nb_idiv:a,b}`: integer a // b, at least 1 (e.g. log every N samples, not steps)."""
-    return max(1, int(a) // int(b))
+    """`${nb_idiv:a,b}`: integer a // b, at least 1 (e.g. log every N samples, not steps).
+
+    b <= 0 gives 1, so that a bad batch_size is reported by the config checks by name."""
+    return max(1, int(a) // int(b)) if int(b) > 0 else 1
 
 
 def register_resolvers() -> None:
@@ -285,6 +287,7 @@ def preflight(overrides: list[str], multirun: bool) -> Path | None:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException, OverrideParseException
+    from omegaconf.errors import InterpolationResolutionError
 
     from normbench.checks import check_config
 
@@ -315,6 +318,12 @@ def preflight(overrides: list[str], multirun: bool) -> Path | None:
                 check_config(OmegaConf.to_container(cfg, resolve=True))
         except HydraException as e:
             raise UserError(*explain_hydra_error(e, overrides)) from None
+        except InterpolationResolutionError as e:  # e.g. a preset's ${nb_div:...} by zero
+            cause = e
+            while (inner := cause.__cause__ or cause.__context__) is not None:
+                cause = inner  # nested interpolations wrap the real error
+            raise UserError(f"cannot compute {e.full_key}: {type(cause).__name__}: {cause}",
+                            "check the values it is computed from") from None
     GlobalHydra.instance().clear()
     return sweep_dir
 
