@@ -123,6 +123,8 @@ def print_usage() -> None:
     console.print(table)
     console.print("\nExamples:\n  normbench train norm=group\n"
                   "  normbench train -m norm=batch,group batch_size=2,8,32\n"
+                  "  normbench train -m experiment=batch_size_sweep hydra/launcher=joblib\n"
+                  "  normbench report runs/sweeps/<stamp>\n"
                   "  normbench train --help      (config groups and every key)")
 
 

@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 
 from normbench.report import Report, Run, fmt_value  # noqa: E402
 
+SHRINKING_X = ("batch_size", "stats_batch")
 METRIC_LABELS = {"val_err": "validation error (%)", "val_acc": "validation accuracy",
                  "val_loss": "validation loss", "train_loss": "training loss",
                  "val_bpc": "validation bits per character"}
@@ -99,12 +100,15 @@ def plot_metric_vs_x(report: Report, path: Path) -> Path:
         ax.set_xscale("log", base=2)
     elif scale == "log10":
         ax.set_xscale("log", base=10)
+    if report.x in SHRINKING_X:  # as in the GN paper: smaller batches to the right
+        ax.invert_xaxis()
     ax.set_xticks(list(pos.values()))
     ax.set_xticklabels([fmt_value(c) for c in report.columns])
     ax.minorticks_off()
     ax.set_xlabel(report.x.replace("_", " "))
     ax.set_ylabel(METRIC_LABELS.get(report.metric, report.metric))
-    ax.set_title(f"{report.metric} vs {report.x} (mean ± std over seeds)")
+    ax.set_title(f"{METRIC_LABELS.get(report.metric, report.metric)} vs "
+                 f"{report.x.replace('_', ' ')} (mean ± std over seeds)", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(frameon=False)
     fig.tight_layout()
@@ -131,7 +135,7 @@ def _mean_curve(runs: list[Run], scalars: dict, tag_fn):
     steps = np.array(sorted(common))
     if not len(steps):
         return None
-    values = np.mean([[dict(zip(s.tolist(), v.tolist()))[k] for k in steps]
+    values = np.mean([[dict(zip(s.tolist(), v.tolist(), strict=True))[k] for k in steps]
                       for _, (s, v) in curves], axis=0)
     return _progress(curves[0][0], steps), values
 
@@ -200,16 +204,23 @@ def plot_gaps(report: Report, scalars: dict, path: Path) -> Path:
     ||mu_B - mu|| / d and ||sigma2_B - sigma2|| / d averaged over the BN layers, one line per
     row and x value that has BN layers (mean over completed seeds)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    groups = [(row, col) for row in report.rows for col in report.columns]
-    colors = _colors(len(groups), "tab10" if len(groups) <= 10 else "viridis")
-    for (row, col), color in zip(groups, colors, strict=True):
-        runs = _runs_by(report, row, col, True)
+    curves = {}  # (row, x value) -> {prefix: (progress, gap)}, only where there are BN layers
+    for row in report.rows:
+        for col in report.columns:
+            runs = _runs_by(report, row, col, True)
+            found = {p: _mean_curve(runs, scalars, lambda s, p=p: _layer_mean(s, p))
+                     for p in ("bn_gap/dmu/", "bn_gap/dvar/")}
+            if any(c is not None for c in found.values()):
+                curves[(row, col)] = found
+    # One row (e.g. batch size sweep): a colour ramp along x; several rows: distinct colours.
+    one_row = len({row for row, _ in curves}) == 1
+    colors = _colors(len(curves), "viridis" if one_row or len(curves) > 10 else "tab10")
+    for ((row, col), found), color in zip(curves.items(), colors, strict=True):
         label = report.row_label(row) + (
             f", {report.x}={fmt_value(col)}" if len(report.columns) > 1 else "")
         for ax, prefix in zip(axes, ("bn_gap/dmu/", "bn_gap/dvar/"), strict=True):
-            mean = _mean_curve(runs, scalars, lambda s, p=prefix: _layer_mean(s, p))
-            if mean is not None:
-                ax.plot(*mean, color=color, lw=1.3, label=label)
+            if found[prefix] is not None:
+                ax.plot(*found[prefix], color=color, lw=1.3, label=label)
     for ax, name in zip(axes, ("gap of means  ||μ_B − μ|| / d", "gap of variances  "
                                "||σ²_B − σ²|| / d"), strict=True):
         ax.set_title(name)

@@ -19,6 +19,7 @@ import csv
 import difflib
 import math
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -267,13 +268,14 @@ def print_table(report: Report, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    # Cells never wrap: wide enough for the table even when stdout is a file or a pipe.
+    console = console or Console(width=None if sys.stdout.isatty() else 200)
     direction = "higher" if report.higher_is_better else "lower"
     table = Table(title=f"{report.metric} ({direction} is better), mean ± std over seeds",
                   header_style="bold")
     table.add_column(" / ".join(report.row_keys) + f" \\ {report.x}")
     for col in report.columns:
-        table.add_column(fmt_value(col), justify="right")
+        table.add_column(fmt_value(col), justify="right", no_wrap=True)
     for row in report.rows:
         texts = []
         for col in report.columns:
@@ -294,7 +296,8 @@ def print_table(report: Report, console=None) -> None:
     bad = [r for r in report.runs if r.status != "completed"]
     for r in bad:
         console.print(f"[red]{r.status}[/red]: {r.path}"
-                      + (f" ({r.summary['error']})" if r.summary.get("error") else ""))
+                      + (f" ({r.summary['error']})" if r.summary.get("error") else ""),
+                      soft_wrap=True)
 
 
 def write_csv(report: Report, path: Path) -> None:
@@ -366,7 +369,8 @@ def parse_args(args: list[str]) -> argparse.Namespace:
                         help="a key of summary.json's final block, or val_err = 100*(1-val_acc) "
                              "(the default, as in the GroupNorm paper's Figure 1)")
     parser.add_argument("--out", default=None,
-                        help="where report.md, report.csv and the plots go (default: the first DIR)")
+                        help="folder for report.md, report.csv and the plots (default: the "
+                             "first DIR)")
     parser.add_argument("--no-plots", action="store_true", help="only the table, CSV and Markdown")
     try:
         return parser.parse_args(args)

@@ -36,7 +36,7 @@ def test_batch_size_sweep_scales_lr_linearly_and_keeps_epochs(batch_size, lr):
     cfg = compose_config(["experiment=batch_size_sweep", f"batch_size={batch_size}"])
     assert cfg["lr"] == pytest.approx(cfg["base_lr"] * batch_size / cfg["base_batch_size"])
     assert cfg["lr"] == pytest.approx(lr)
-    assert cfg["epochs"] == 12  # same epochs at every batch size: more steps when small
+    assert cfg["epochs"] == 18  # same epochs at every batch size: more steps when small
     assert cfg["log_every"] * batch_size == 256  # a log point every 256 samples
     assert (cfg["dataset"]["name"], cfg["model"]["name"]) == ("shapes", "resnet")
 
