@@ -23,6 +23,7 @@ from normbench.errors import UserError
 SUBCOMMANDS = {
     "train": "train one configuration, or a sweep with -m (Hydra overrides: key=value)",
     "list": "list the datasets, models, norms and presets in the config tree",
+    "report": "tables and plots from run or sweep folders (normbench report DIR... --help)",
 }
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1
@@ -46,9 +47,35 @@ def _stamp() -> str:
     return os.environ[STAMP_ENV]
 
 
+def _product(*factors: float) -> float:
+    """`${nb_mul:a,b,...}`: presets scale a value (lr with batch size) without eval."""
+    value = 1.0
+    for f in factors:
+        value *= float(f)
+    return float(f"{value:.10g}")  # 0.1*3 -> 0.3, not 0.30000000000000004 (folder names)
+
+
+def _quotient(a: float, b: float) -> float:
+    """`${nb_div:a,b}`."""
+    return float(f"{float(a) / float(b):.10g}")
+
+
+def _floor_quotient(a: int, b: int) -> int:
+    """`${nb_idiv:a,b}`: integer a // b, at least 1 (e.g. log every N samples, not steps).
+
+    b <= 0 gives 1, so that a bad batch_size is reported by the config checks by name."""
+    return max(1, int(a) // int(b)) if int(b) > 0 else 1
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("nb_stamp"):
         OmegaConf.register_new_resolver("nb_stamp", _stamp)
+    if not OmegaConf.has_resolver("nb_mul"):
+        OmegaConf.register_new_resolver("nb_mul", _product)
+    if not OmegaConf.has_resolver("nb_div"):
+        OmegaConf.register_new_resolver("nb_div", _quotient)
+    if not OmegaConf.has_resolver("nb_idiv"):
+        OmegaConf.register_new_resolver("nb_idiv", _floor_quotient)
 
 
 register_resolvers()
@@ -73,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             return train_command(rest)
         if command == "list":
             return list_command(rest)
+        if command == "report":
+            from normbench.report import report_command
+
+            return report_command(rest)
     except UserError as e:
         return fail(e.line())
     close = difflib.get_close_matches(command, SUBCOMMANDS, n=1)
@@ -93,6 +124,8 @@ def print_usage() -> None:
     console.print(table)
     console.print("\nExamples:\n  normbench train norm=group\n"
                   "  normbench train -m norm=batch,group batch_size=2,8,32\n"
+                  "  normbench train -m experiment=batch_size_sweep hydra/launcher=joblib\n"
+                  "  normbench report runs/sweeps/<stamp>\n"
                   "  normbench train --help      (config groups and every key)")
 
 
@@ -187,6 +220,8 @@ def _task(cfg) -> None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     config = OmegaConf.to_container(cfg, resolve=True)
+    if config.get("threads") is None and multirun:
+        config["threads"] = threads_per_job(hydra_cfg.launcher)
     try:
         check_config(config)
         from normbench.train import run_experiment
@@ -213,6 +248,22 @@ def _task(cfg) -> None:
         raise SystemExit(EXIT_SIGNAL_BASE + signal.Signals[summary["signal"]].value)
     if summary["status"] == "diverged" and not multirun:  # a sweep goes on; it reports at the end
         raise SystemExit(EXIT_RUN_FAILED)
+
+
+def threads_per_job(launcher) -> int | None:
+    """Torch CPU threads for one job of a local parallel sweep: the cores shared out among
+    the launcher's concurrent jobs, so that n_jobs x threads does not oversubscribe them.
+
+    None (torch's default) for launchers that run one job at a time or on other machines.
+    """
+    if "joblib" not in str(launcher.get("_target_", "")).lower():
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    n_jobs = int(launcher.get("n_jobs") or -1)
+    if n_jobs < 0:  # joblib's convention: -1 all cores, -2 all but one, ...
+        n_jobs = max(1, cores + 1 + n_jobs)
+    return max(1, cores // n_jobs)
 
 
 def report_sweep(sweep_dir: Path) -> int:
@@ -245,6 +296,7 @@ def preflight(overrides: list[str], multirun: bool) -> Path | None:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException, OverrideParseException
+    from omegaconf.errors import InterpolationResolutionError
 
     from normbench.checks import check_config, check_run_dir, check_sweep_dir
 
@@ -280,6 +332,12 @@ def preflight(overrides: list[str], multirun: bool) -> Path | None:
                 check_sweep_dir(sweep_dir, base.get("resume"))
         except HydraException as e:
             raise UserError(*explain_hydra_error(e, overrides)) from None
+        except InterpolationResolutionError as e:  # e.g. a preset's ${nb_div:...} by zero
+            cause = e
+            while (inner := cause.__cause__ or cause.__context__) is not None:
+                cause = inner  # nested interpolations wrap the real error
+            raise UserError(f"cannot compute {e.full_key}: {type(cause).__name__}: {cause}",
+                            "check the values it is computed from") from None
     GlobalHydra.instance().clear()
     return sweep_dir
 

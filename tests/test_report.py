@@ -1,0 +1,174 @@
+"""`normbench report`: grouping, statistics, marks, outputs, and a joblib sweep end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from normbench.errors import UserError
+from normbench.report import build_report, find_runs, report_command
+from tests.conftest import TINY, read_scalars
+
+
+def fake_run(root: Path, name: str, status: str = "completed", val_acc: float | None = 0.5,
+             **keys) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    summary = {"status": status, "dataset": "shapes", "model": "resnet", "norm": "batch",
+               "batch_size": 32, "lr": 0.1, "seed": 0, "steps": 10, "final": {}, **keys}
+    if val_acc is not None:
+        summary["final"]["val_acc"] = val_acc
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_cells_are_mean_and_sample_std_over_seeds_of_completed_runs(tmp_path):
+    accs = {("batch", 2): [0.5, 0.6, 0.7], ("batch", 8): [0.8, 0.9], ("group", 2): [0.75]}
+    for (norm, bs), values in accs.items():
+        for seed, acc in enumerate(values):
+            fake_run(tmp_path, f"{norm}{bs}s{seed}", norm=norm, batch_size=bs, seed=seed,
+                     val_acc=acc)
+    fake_run(tmp_path, "group8s0", "diverged", None, norm="group", batch_size=8, seed=0)
+    fake_run(tmp_path, "group8s1", norm="group", batch_size=8, seed=1, val_acc=0.7)
+    fake_run(tmp_path, "group8s2", "failed", None, norm="group", batch_size=8, seed=2)
+
+    report = build_report(find_runs([tmp_path]))
+    assert report.x == "batch_size" and report.metric == "val_err"
+    assert report.rows == [("batch",), ("group",)] and report.columns == [2, 8]
+    errs = [100 * (1 - a) for a in accs[("batch", 2)]]
+    cell = report.cells[(("batch",), 2)]
+    assert cell.mean == pytest.approx(statistics.fmean(errs))
+    assert cell.std == pytest.approx(statistics.stdev(errs))  # ddof=1: 10.0 here
+    assert cell.std == pytest.approx(10.0)
+    assert report.cells[(("group",), 2)].std is None  # one seed: no spread
+    mixed = report.cells[(("group",), 8)]
+    assert mixed.values == pytest.approx([30.0]) and mixed.statuses == {"diverged": 1, "failed": 1}
+    assert mixed.text() == "30.00, 1 diverged, 1 failed"
+    assert report.best_lr == {}  # lr not swept
+
+
+def test_all_diverged_cell_and_best_lr_when_lr_is_swept(tmp_path):
+    for norm, lr, acc in [("batch", 0.1, 0.6), ("batch", 0.4, 0.8), ("batch", 1.6, None),
+                          ("none", 0.1, 0.7), ("none", 0.4, 0.5), ("none", 1.6, None)]:
+        for seed in (0, 1):
+            fake_run(tmp_path, f"{norm}_{lr}_{seed}", "completed" if acc else "diverged", acc,
+                     norm=norm, lr=lr, seed=seed)
+    report = build_report(find_runs([tmp_path]))
+    assert report.x == "lr"  # auto: the only key that varies
+    assert report.best_lr == {("batch",): (0.4, pytest.approx(20.0)),
+                              ("none",): (0.1, pytest.approx(30.0))}
+    assert report.cells[(("none",), 1.6)].text() == "2 diverged"
+    # With a metric where higher is better, the best lr is the argmax.
+    by_acc = build_report(find_runs([tmp_path]), metric="val_acc")
+    assert by_acc.best_lr[("none",)][0] == 0.1 and by_acc.higher_is_better
+
+
+def test_lr_crossed_with_batch_size_becomes_part_of_the_row(tmp_path):
+    for bs in (2, 8):
+        for lr in (0.1, 0.2):
+            fake_run(tmp_path, f"b{bs}_{lr}", batch_size=bs, lr=lr, val_acc=lr + bs / 100)
+    report = build_report(find_runs([tmp_path]), x="batch_size")
+    assert report.row_keys == ["norm", "lr"]
+    assert report.rows == [("batch", 0.1), ("batch", 0.2)]
+    assert report.best_lr[("batch",)][0] == 0.2
+
+
+def test_setups_that_differ_in_lr_are_rows_not_a_sweep(tmp_path):
+    # stat_gap-like: each model has its own lr; nothing is swept within a model.
+    fake_run(tmp_path, "a", model="resnet", lr=0.1)
+    fake_run(tmp_path, "b", model="transformer", dataset="synthetic_text", lr=0.001)
+    report = build_report(find_runs([tmp_path]))
+    assert report.x == "batch_size" and report.row_keys == ["model", "dataset", "norm"]
+    assert len(report.rows) == 2 and report.columns == [32]
+
+
+def test_x_from_the_config_and_unknown_keys(tmp_path):
+    for sb in (4, 16):
+        run = fake_run(tmp_path, f"sb{sb}", val_acc=0.5)
+        (run / ".hydra").mkdir()
+        (run / ".hydra" / "config.yaml").write_text(
+            f"base: 8\nnorm:\n  name: batch\n  stats_batch: {sb}\nlr: ${{nb_mul:${{base}},2}}\n")
+    runs = find_runs([tmp_path])
+    assert build_report(runs, x="stats_batch").columns == [4, 16]
+    assert build_report(runs).x == "stats_batch"  # auto finds it in the config
+    run4 = next(r for r in runs if r.path.name == "sb4")
+    assert run4.get("norm.stats_batch") == 4 and run4.get("stats_batch") == 4
+    assert run4.config["lr"] == 16.0  # Hydra saves configs unresolved; nb_mul resolves here
+    with pytest.raises(UserError, match="did you mean --x batch_size"):
+        build_report(runs, x="batch_sise")
+    with pytest.raises(UserError, match="use --metric with one of: val_acc, val_err"):
+        build_report(runs, metric="bleu")
+
+
+def test_report_command_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no runs in"):
+        report_command([str(tmp_path / "empty")])
+    with pytest.raises(UserError, match="does not exist"):
+        report_command([str(tmp_path / "nowhere")])
+
+
+def test_report_cli_on_a_folder_without_runs_is_one_line_exit_2(cli, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = cli("report", "empty")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("normbench: error: no runs in 'empty'")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_several_dirs_and_out(tmp_path):
+    fake_run(tmp_path / "one", "r", batch_size=2)
+    fake_run(tmp_path / "two", "r", batch_size=4)
+    out = tmp_path / "out"
+    assert report_command([str(tmp_path / "one"), str(tmp_path / "two" / "r"), "--out",
+                           str(out)]) == 0
+    rows = read_csv(out / "report.csv")
+    assert [r["batch_size"] for r in rows] == ["2", "4"]
+    assert (out / "val_err_vs_batch_size.png").is_file() and (out / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_joblib_sweep_2x2_end_to_end_with_report(cli, tmp_path):
+    result = cli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                 "norm=batch,group", "batch_size=8,16", *[o for o in TINY if "batch_size" not in o])
+    assert result.returncode == 0, result.stderr[-2000:]
+    (sweep,) = (tmp_path / "runs" / "sweeps").iterdir()
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [j.name for j in jobs] == [
+        "0_shapes-resnet-batch-bs8_lr0.1_s0", "1_shapes-resnet-batch-bs16_lr0.1_s0",
+        "2_shapes-resnet-group-bs8_lr0.1_s0", "3_shapes-resnet-group-bs16_lr0.1_s0"]
+    for job, (norm, bs) in zip(jobs, [("batch", 8), ("batch", 16), ("group", 8), ("group", 16)],
+                               strict=True):
+        summary = json.loads((job / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["steps"] == 6
+        assert (summary["norm"], summary["batch_size"]) == (norm, bs)
+        assert 0.0 <= summary["final"]["val_acc"] <= 1.0
+        assert (job / ".hydra" / "config.yaml").is_file()
+        assert ("bn_gap/dmu/stem.1" in read_scalars(job)) == (norm == "batch")
+
+    result = cli("report", str(sweep.relative_to(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    assert "norm \\ batch_size" in result.stdout
+    rows = read_csv(sweep / "report.csv")
+    assert [(r["norm"], r["batch_size"], r["n_completed"]) for r in rows] == [
+        ("batch", "8", "1"), ("batch", "16", "1"), ("group", "8", "1"), ("group", "16", "1")]
+    for r in rows:
+        acc = json.loads(next(sweep.glob(f"*-{r['norm']}-bs{r['batch_size']}_*/summary.json"))
+                         .read_text())["final"]["val_acc"]
+        assert float(r["mean"]) == pytest.approx(100 * (1 - acc), abs=1e-3)
+    for png in ("val_err_vs_batch_size.png", "curves.png", "bn_gap.png"):
+        image = matplotlib.image.imread(sweep / png)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+        assert image.std() > 0.01  # not blank
+    md = (sweep / "report.md").read_text()
+    assert "| batch |" in md and "![curves](curves.png)" in md

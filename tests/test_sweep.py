@@ -1,0 +1,132 @@
+"""Sweeps: presets compose, local parallel jobs get their share of the cores, and a failing
+or diverging job is isolated and reported only after every job is done."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from normbench.cli import conf_dir, preflight, threads_per_job
+from normbench.errors import UserError
+from normbench.report import report_command
+from tests.conftest import TINY, compose_config
+
+
+def summaries(sweep_root: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text())
+            for p in sorted(sweep_root.glob("runs/sweeps/*/*/summary.json"))}
+
+
+def sweeper_params(experiment: str) -> dict:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    return OmegaConf.to_container(cfg.hydra.sweeper.params)
+
+
+@pytest.mark.parametrize("batch_size, lr", [(2, 0.0125), (4, 0.025), (8, 0.05), (16, 0.1),
+                                            (32, 0.2)])
+def test_batch_size_sweep_scales_lr_linearly_and_keeps_epochs(batch_size, lr):
+    cfg = compose_config(["experiment=batch_size_sweep", f"batch_size={batch_size}"])
+    assert cfg["lr"] == pytest.approx(cfg["base_lr"] * batch_size / cfg["base_batch_size"])
+    assert cfg["lr"] == pytest.approx(lr)
+    assert cfg["epochs"] == 18  # same epochs at every batch size: more steps when small
+    assert cfg["log_every"] * batch_size == 256  # a log point every 256 samples
+    assert (cfg["dataset"]["name"], cfg["model"]["name"]) == ("shapes", "resnet")
+
+
+def test_batch_size_sweep_grid_is_norms_by_batch_sizes_by_seeds():
+    params = sweeper_params("batch_size_sweep")
+    assert params["norm"].split(",") == ["batch", "group", "layer", "none"]
+    assert [int(b) for b in params["batch_size"].split(",")] == [2, 4, 8, 16, 32]
+    assert len(params["seed"].split(",")) >= 2
+
+
+def test_lr_sweep_grid():
+    params = sweeper_params("lr_sweep")
+    assert params["norm"].split(",") == ["batch", "group", "layer", "none"]
+    lrs = [float(v) for v in params["lr"].split(",")]
+    assert len(lrs) >= 5 and lrs == sorted(lrs)
+
+
+def test_preflight_expands_preset_params_and_checks_every_job():
+    # A command-line value replaces the preset's sweep of the same key (as in Hydra's
+    # sweeper), and every job is composed and checked before any runs.
+    assert preflight(["experiment=lr_sweep", "norm=group", "seed=0", "lr=0.1"], True) is not None
+    with pytest.raises(UserError, match="lr=-1.0 must be a positive number"):
+        preflight(["experiment=lr_sweep", "lr=0.1,-1.0"], True)
+    with pytest.raises(UserError, match="batch_size=0 must be a positive integer"):
+        preflight(["experiment=batch_size_sweep", "batch_size=2,0"], True)
+    with pytest.raises(UserError, match="cannot compute lr: ZeroDivisionError"):
+        preflight(["experiment=batch_size_sweep", "base_batch_size=0"], True)
+
+
+def test_threads_per_job_shares_the_cores(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    assert threads_per_job({"_target_": joblib, "n_jobs": 2}) == 4
+    assert threads_per_job({"_target_": joblib, "n_jobs": 3}) == 2
+    assert threads_per_job({"_target_": joblib, "n_jobs": -1}) == 1  # one job per core
+    assert threads_per_job({"_target_": joblib, "n_jobs": -3}) == 1  # 6 jobs on 8 cores
+    assert threads_per_job({"_target_": joblib, "n_jobs": 16}) == 1
+    basic = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+    assert threads_per_job({"_target_": basic}) is None  # one job at a time: torch's default
+
+
+@pytest.mark.slow
+def test_joblib_sweep_with_a_diverging_job_finishes_the_others(cli, tmp_path, capsys):
+    # lr=1e6 without normalization: the loss is non-finite within the first log steps.
+    result = cli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                 "norm=none", "lr=1e6,0.05", "seed=0,1", *TINY)
+    assert result.returncode == 1, result.stderr[-2000:]
+    runs = summaries(tmp_path)
+    assert len(runs) == 4
+    by_lr = {}
+    for name, summary in runs.items():
+        by_lr.setdefault(summary["lr"], []).append(summary["status"])
+        assert len(list((tmp_path / "runs" / "sweeps").glob(f"*/{name}/.hydra/config.yaml"))) == 1
+    assert by_lr == {1e6: ["diverged", "diverged"], 0.05: ["completed", "completed"]}
+    assert all(s["steps"] == 6 for s in runs.values() if s["status"] == "completed")
+    # The sweep's verdict comes once, at the end, naming each job that did not complete.
+    last_lines = result.stderr.strip().splitlines()[-3:]
+    assert "4 jobs, 2 completed, 2 not completed" in last_lines[0]
+    assert all(line.endswith(": diverged") and "lr1000000.0" in line for line in last_lines[1:])
+    # Job folders: numbered, readable, distinct.
+    names = sorted(runs)
+    assert [n.split("_")[0] for n in names] == ["0", "1", "2", "3"]
+    assert names[0] == "0_shapes-resnet-none-bs32_lr1000000.0_s0"
+
+    # The report marks the diverged cell and keeps it out of the mean.
+    # (In-process: the 2x2 test in test_report.py runs the report through the CLI.)
+    (sweep,) = (tmp_path / "runs" / "sweeps").iterdir()
+    assert report_command([str(sweep), "--no-plots"]) == 0
+    assert "2 diverged" in capsys.readouterr().out
+    with open(sweep / "report.csv", newline="") as f:
+        rows = {float(r["lr"]): r for r in csv.DictReader(f)}
+    assert (rows[1e6]["n_diverged"], rows[1e6]["n_completed"], rows[1e6]["mean"]) == ("2", "0", "")
+    assert (rows[0.05]["n_diverged"], rows[0.05]["n_completed"]) == ("0", "2")
+    assert "**diverged** (at step" in (sweep / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_failing_job_is_recorded_and_isolated(cli, tmp_path):
+    # The image folder is missing: the pre-flight cannot know (it loads no data), so the job
+    # fails at run time; the sweep records it as failed and the shapes job still completes.
+    tiny = [f"++{o}" if o.startswith("dataset.") else o for o in TINY]
+    result = cli("train", "-m", "dataset=imagefolder,shapes", f"++dataset.root={tmp_path}/nope",
+                 "norm=none", *tiny)
+    assert result.returncode == 1, result.stderr[-2000:]
+    runs = summaries(tmp_path)
+    statuses = {s["dataset"]: s["status"] for s in runs.values()}
+    assert statuses == {"imagefolder": "failed", "shapes": "completed"}
+    failed = next(s for s in runs.values() if s["status"] == "failed")
+    assert "dataset.root" in failed["error"] or "nope" in failed["error"]
+    assert "2 jobs, 1 completed, 1 not completed" in result.stderr
+    assert result.stderr.strip().endswith(": failed")
