@@ -86,7 +86,7 @@ def encode_rows(sentences: list[str], seq_len: int) -> tuple[torch.Tensor, torch
     return rows, lengths
 
 
-def synthetic_text_dataset(n_train: int = 4000, n_val: int = 500, seq_len: int = 64,
+def synthetic_text_dataset(n_train: int = 4000, n_val: int = 500, seq_len: int = 48,
                            max_depth: int = 2, seed: int = 0, **_ignored) -> TextDataset:
     """Deterministic in `seed`, independent of the training seed."""
     if seq_len < 24:

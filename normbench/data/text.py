@@ -205,7 +205,8 @@ def read_text_file(path: Path) -> str:
         raise UserError(f"text file {path} does not exist", "set dataset.path to a UTF-8 text file")
     raw = path.read_bytes()
     if not raw:
-        raise UserError(f"text file {path} is empty", "point dataset.path at a file with text in it")
+        raise UserError(f"text file {path} is empty",
+                        "point dataset.path at a file with text in it")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -223,7 +224,8 @@ def stream_dataset(text: str, seq_len: int, val_fraction: float, name: str,
         raise UserError(f"dataset.val_fraction={val_fraction} must lie between 0 and 1",
                         "use e.g. dataset.val_fraction=0.1")
     if seq_len < 1:
-        raise UserError(f"dataset.seq_len={seq_len} must be at least 1", "use e.g. dataset.seq_len=128")
+        raise UserError(f"dataset.seq_len={seq_len} must be at least 1",
+                        "use e.g. dataset.seq_len=128")
     n_val = max(2, int(round(len(text) * val_fraction)))
     n_train = len(text) - n_val
     if n_train < seq_len + 1:

@@ -49,24 +49,28 @@ class StepBatchNorm(TokenBatchNorm):
 
 
 class TimeBatchNorm(nn.Module):
-    """Per-time-step BatchNorm statistics (`t00`, `t01`, ... up to T_max) with one shared
-    affine transform. Each step is its own BatchNorm module, so probes see them as layers
-    named `<path>.tNN`."""
+    """Per-time-step BatchNorm statistics with one affine transform shared across time.
+
+    Step t < T_max has its own BatchNorm child named `tNN` (zero-padded, so that names sort
+    in time order); probes find them by type, and TensorBoard shows e.g.
+    `bn_gap/dmu/layers.0.norm_h.t07`. Steps t >= T_max use the child of step T_max - 1.
+    """
 
     def __init__(self, num_features: int, t_max: int, spec: NormSpec, init_scale: float = 0.1):
         super().__init__()
         width = len(str(t_max - 1))
         self.keys = [f"t{t:0{width}d}" for t in range(t_max)]
-        self.steps = nn.ModuleDict({k: StepBatchNorm(
-            num_features, eps=spec.eps, momentum=spec.momentum, affine=False,
-            track_running_stats=spec.track_running_stats) for k in self.keys})
+        for key in self.keys:
+            self.add_module(key, StepBatchNorm(
+                num_features, eps=spec.eps, momentum=spec.momentum, affine=False,
+                track_running_stats=spec.track_running_stats))
         self.weight = self.bias = None
         if spec.affine:
             self.weight = nn.Parameter(torch.full((num_features,), init_scale))
             self.bias = nn.Parameter(torch.zeros(num_features))
 
     def step(self, t: int) -> StepBatchNorm:
-        return self.steps[self.keys[min(t, len(self.keys) - 1)]]
+        return getattr(self, self.keys[min(t, len(self.keys) - 1)])
 
     def forward(self, x: torch.Tensor, t: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         bn = self.step(t)
@@ -132,13 +136,14 @@ class LSTM(nn.Module):
     """`task="text"`: (N,T) tokens -> (N,T,V) logits; `task="image"`: rows -> (N,K)."""
 
     def __init__(self, norm: NormSpec, *, task: str, num_classes: int, t_max: int = 0,
-                 depth: int = 1, hidden: int = 128, embed: int = 64, in_channels: int = 3,
+                 depth: int = 1, hidden: int = 64, embed: int = 64, in_channels: int = 3,
                  image_size: int = 32):
         super().__init__()
         if depth < 1:
             raise UserError(f"model.depth={depth} must be at least 1", "use model.depth=1 or more")
         if hidden < 1:
-            raise UserError(f"model.hidden={hidden} must be at least 1", "use e.g. model.hidden=128")
+            raise UserError(f"model.hidden={hidden} must be at least 1",
+                            "use e.g. model.hidden=128")
         self.task = task
         if task == "text":
             if t_max < 1:

@@ -102,8 +102,8 @@ class Transformer(nn.Module):
         # GPT-2: N(0, 0.02), residual projections scaled down by sqrt(2 * depth).
         for name, p in self.named_parameters():
             if p.dim() >= 2 and "norm" not in name:
-                std = 0.02 / math.sqrt(2 * depth) if name.endswith(("proj.weight", "mlp.2.weight")) else 0.02
-                nn.init.normal_(p, std=std)
+                residual = name.endswith(("proj.weight", "mlp.2.weight"))
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * depth) if residual else 0.02)
             elif name.endswith("bias") and "norm" not in name:
                 nn.init.zeros_(p)
         nn.init.normal_(self.pos, std=0.02)
