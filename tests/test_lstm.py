@@ -234,3 +234,12 @@ def test_padding_gradient_is_zero_and_losses_stay_finite():
     loss.backward()
     assert torch.isfinite(logits).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_lstm_trains_on_shapes_images_row_by_row(tmp_path):
+    config = compose_config(["model=lstm", "norm=batch", "dataset=shapes", "dataset.n_train=64",
+                             "dataset.n_val=32", "dataset.image_size=16", "batch_size=16",
+                             "steps=3", "log_every=1", "eval_every=0", "model.hidden=16"])
+    summary = run_experiment(config, tmp_path, live=False)
+    assert summary["status"] == "completed" and 0 <= summary["final"]["val_acc"] <= 1
+    assert "bn_gap/dmu/layers.0.norm_x.t15" in read_scalars(tmp_path)  # T_max = 16 rows

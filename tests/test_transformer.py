@@ -191,3 +191,13 @@ def test_trains_on_a_real_text_file(tmp_path):
     losses = [v for _, v in read_scalars(tmp_path)["train/loss"]]
     assert losses[-1] < losses[0] - 0.5, losses
     assert summary["final"]["val_bpc"] < 4.5  # below 6.0 bits, the uniform guess over 65
+
+
+def test_vit_trains_on_shapes_images(tmp_path):
+    config = compose_config(["model=transformer", "norm=batch", "dataset=shapes",
+                             "dataset.n_train=64", "dataset.n_val=32", "dataset.image_size=16",
+                             "batch_size=16", "steps=3", "log_every=1", "eval_every=0",
+                             "model.width=16", "model.depth=1"])
+    summary = run_experiment(config, tmp_path, live=False)
+    assert summary["status"] == "completed" and 0 <= summary["final"]["val_acc"] <= 1
+    assert "bn_gap/dmu/blocks.0.norm1" in read_scalars(tmp_path)
