@@ -37,7 +37,8 @@ class DataInfo:
 
 
 IMAGE_DATASETS = ("shapes", "cifar10", "cifar100", "imagefolder")
-DATASETS = IMAGE_DATASETS
+TEXT_DATASETS = ("synthetic_text", "tinyshakespeare", "text")
+DATASETS = IMAGE_DATASETS + TEXT_DATASETS
 
 
 def build_dataset(name: str, **options):
@@ -55,4 +56,16 @@ def build_dataset(name: str, **options):
         from normbench.data.images import imagefolder_dataset
 
         return imagefolder_dataset(**options)
+    if name == "synthetic_text":
+        from normbench.data.synthetic_text import synthetic_text_dataset
+
+        return synthetic_text_dataset(**options)
+    if name == "tinyshakespeare":
+        from normbench.data.text import tinyshakespeare_dataset
+
+        return tinyshakespeare_dataset(**options)
+    if name == "text":
+        from normbench.data.text import text_dataset
+
+        return text_dataset(**options)
     raise UserError(f"unknown dataset '{name}'", f"use one of: {', '.join(DATASETS)}")

@@ -8,13 +8,25 @@ from normbench.data import DataInfo
 from normbench.errors import UserError
 from normbench.norms import NormSpec, check_norms, norm_factory
 
-MODELS = ("resnet",)
+MODELS = ("resnet", "transformer", "lstm")
 # Which data kinds each model can read; anything else is an impossible pair.
-COMPATIBLE = {"resnet": ("image",)}
+COMPATIBLE = {"resnet": ("image",), "transformer": ("text", "image"), "lstm": ("text", "image")}
 
 
 def compatible_pairs_text() -> str:
     return "; ".join(f"model={m} with {'/'.join(kinds)} datasets" for m, kinds in COMPATIBLE.items())
+
+
+def _length(value, info: DataInfo, key: str) -> int:
+    """A sequence model's maximum length: `value` if set, else the dataset's context."""
+    if info.kind != "text":
+        return value or 0
+    if value is None:
+        return info.seq_len
+    if value < info.seq_len:
+        raise UserError(f"{key}={value} is shorter than dataset.seq_len={info.seq_len}",
+                        f"leave {key} unset (null) or make it at least {info.seq_len}")
+    return value
 
 
 def build_model(options: dict, norm: NormSpec, info: DataInfo) -> nn.Module:
@@ -33,5 +45,18 @@ def build_model(options: dict, norm: NormSpec, info: DataInfo) -> nn.Module:
         model = CifarResNet(norm_factory(norm, "image"), num_classes=info.num_classes,
                             in_channels=info.in_channels, conv_bias=not norm.recentres,
                             **options)
+    elif name == "transformer":
+        from normbench.models.transformer import Transformer
+
+        context = _length(options.pop("context", None), info, "model.context")
+        model = Transformer(norm_factory(norm, "tokens"), task=info.kind,
+                            num_classes=info.num_classes, context=context,
+                            in_channels=info.in_channels, image_size=info.image_size, **options)
+    elif name == "lstm":
+        from normbench.models.lstm import LSTM
+
+        t_max = _length(options.pop("t_max", None), info, "model.t_max")
+        model = LSTM(norm, task=info.kind, num_classes=info.num_classes, t_max=t_max,
+                     in_channels=info.in_channels, image_size=info.image_size, **options)
     check_norms(model)
     return model

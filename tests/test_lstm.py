@@ -1,0 +1,245 @@
+"""The normalized LSTM: each norm against a direct computation, per-time-step BatchNorm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normbench.data import DataInfo
+from normbench.errors import UserError
+from normbench.models import build_model
+from normbench.models.lstm import LSTM, StepBatchNorm, TimeBatchNorm
+from normbench.norms import NORMS, NormSpec
+from normbench.probes import Probes
+from normbench.train import run_experiment
+from tests.conftest import compose_config, read_scalars
+
+TEXT = DataInfo(kind="text", num_classes=7, seq_len=6)
+H = 8
+
+
+def lstm(norm: str, info: DataInfo = TEXT, **kw) -> LSTM:
+    torch.manual_seed(0)
+    options = {"name": "lstm", "hidden": H, "embed": 5, "depth": 1, **kw}
+    return build_model(options, NormSpec(name=norm, num_groups=2), info)
+
+
+def randomize_norm_params(model: nn.Module) -> None:
+    """Norm gains and shifts away from their init, so the references must apply them."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if "weight" in name else 0))
+
+
+def layer_norm(v, w, b, eps=1e-5):
+    mean = v.mean(-1, keepdim=True)
+    var = ((v - mean) ** 2).mean(-1, keepdim=True)
+    return (v - mean) / torch.sqrt(var + eps) * w + b
+
+
+def group_norm(v, groups, w, b, eps=1e-5):
+    n, d = v.shape
+    g = v.reshape(n, groups, d // groups)
+    mean = g.mean(-1, keepdim=True)
+    var = ((g - mean) ** 2).mean(-1, keepdim=True)
+    return ((g - mean) / torch.sqrt(var + eps)).reshape(n, d) * w + b
+
+
+def reference_lstm(layer, x, norm_fn):
+    """Step by step, from the equations of Ba et al. 2016 with the norm `norm_fn(v, module)`."""
+    n, steps, _ = x.shape
+    h = torch.zeros(n, H)
+    c = torch.zeros(n, H)
+    out = []
+    for t in range(steps):
+        z = (norm_fn(x[:, t] @ layer.w_x.weight.T, layer.norm_x)
+             + norm_fn(h @ layer.w_h.weight.T, layer.norm_h) + layer.bias)
+        i, f, o = torch.sigmoid(z[:, :3 * H]).split(H, dim=1)
+        g = torch.tanh(z[:, 3 * H:])
+        c = f * c + i * g
+        h = o * torch.tanh(norm_fn(c, layer.norm_c))
+        out.append(h)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("norm", ["layer", "group"])
+def test_layer_and_group_lstm_match_a_step_by_step_computation(norm):
+    model = lstm(norm)
+    randomize_norm_params(model)
+    layer = model.layers[0]
+    x = torch.randn(3, 6, 5)
+    if norm == "layer":
+        fn = lambda v, m: layer_norm(v, m.weight, m.bias)  # noqa: E731
+    else:
+        fn = lambda v, m: group_norm(v, 2, m.weight, m.bias)  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference_lstm(layer, x, fn), atol=1e-5, rtol=1e-5)
+    # The normalized quantities: W_x x and W_h h over all 4H gate units, c_t over H units.
+    assert layer.norm_x.weight.shape == (4 * H,) and layer.norm_c.weight.shape == (H,)
+
+
+def test_plain_lstm_matches_torch_lstm():
+    model = lstm("none")
+    layer = model.layers[0]
+    ref = nn.LSTM(5, H, batch_first=True)
+    order = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H),
+                       torch.arange(2 * H, 3 * H)])  # ours [i,f,o,g] -> torch's [i,f,g,o]
+    with torch.no_grad():
+        ref.weight_ih_l0.copy_(layer.w_x.weight[order])
+        ref.weight_hh_l0.copy_(layer.w_h.weight[order])
+        ref.bias_ih_l0.copy_(layer.bias[order])
+        ref.bias_hh_l0.zero_()
+        x = torch.randn(4, 6, 5)
+        torch.testing.assert_close(layer(x), ref(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_lstm_linears_have_no_bias_and_the_forget_gate_starts_open():
+    layer = lstm("layer").layers[0]
+    assert layer.w_x.bias is None and layer.w_h.bias is None
+    assert torch.equal(layer.bias[H:2 * H], torch.ones(H))
+    assert torch.equal(layer.bias[:H], torch.zeros(H))
+
+
+# ----------------------------------------------------------------------------- batch (Cooijmans)
+
+
+def test_batch_lstm_has_per_step_statistics_with_scale_point_one():
+    model = lstm("batch")
+    layer = model.layers[0]
+    assert isinstance(layer.norm_h, TimeBatchNorm)
+    assert layer.norm_h.keys == [f"t{t}" for t in range(6)]  # T_max = dataset.seq_len
+    assert torch.equal(layer.norm_h.weight, torch.full((4 * H,), 0.1))
+    names = sorted(Probes(model).bn_layers)
+    assert len(names) == 3 * 6
+    assert "layers.0.norm_h.t3" in names and "layers.0.norm_c.t5" in names
+
+
+def test_step_names_are_zero_padded_to_sort_in_time_order():
+    bn = TimeBatchNorm(4, 12, NormSpec("batch"))
+    assert bn.keys[:3] == ["t00", "t01", "t02"] and bn.keys[-1] == "t11"
+
+
+def test_per_step_running_statistics_are_separate_and_t_max_is_reused():
+    spec = NormSpec("batch", momentum=0.5)
+    bn = TimeBatchNorm(3, t_max=3, spec=spec).train()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(5, 3, generator=g) * (t + 1) + 10 * t for t in range(6)]
+    for t, x in enumerate(batches):
+        bn(x, t)
+    for t in range(2):  # one update each, from the zero/one init
+        torch.testing.assert_close(bn.step(t).running_mean, 0.5 * batches[t].mean(0))
+        torch.testing.assert_close(bn.step(t).running_var, 0.5 + 0.5 * batches[t].var(0))
+    # Steps 2..5 all update the statistics of step T_max - 1 = 2, in order.
+    mean, var = torch.zeros(3), torch.ones(3)
+    for x in batches[2:]:
+        mean, var = 0.5 * mean + 0.5 * x.mean(0), 0.5 * var + 0.5 * x.var(0)
+    last = bn.step(2)
+    torch.testing.assert_close(last.running_mean, mean)
+    torch.testing.assert_close(last.running_var, var)
+    assert bn.step(7) is last and int(last.num_batches_tracked) == 4
+    # In eval mode a step beyond T_max normalizes with T_max's running statistics.
+    bn.eval()
+    x = torch.randn(4, 3)
+    expected = (x - mean) / torch.sqrt(var + spec.eps) * bn.weight + bn.bias
+    torch.testing.assert_close(bn(x, 9), expected)
+
+
+def test_step_statistics_come_from_the_real_rows_only():
+    bn = StepBatchNorm(4, affine=False).train()
+    ref = nn.BatchNorm1d(4, affine=False).train()
+    x = torch.randn(6, 4)
+    mask = torch.tensor([True, False, True, True, False, True])
+    x[~mask] = 1e3
+    y = bn(x, mask=mask)
+    torch.testing.assert_close(y[mask], ref(x[mask]))
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    mean, var, count = bn.moments(x, mask)
+    assert count == 4 and torch.allclose(mean, x[mask].mean(0))
+
+
+def test_padding_changes_no_real_output_of_the_batch_lstm_in_training():
+    model = lstm("batch").train()
+    x = torch.randint(0, 7, (4, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.arange(6) < torch.tensor([6, 2, 4, 3])[:, None]
+    other = x.clone()
+    other[~mask] = (other[~mask] + 3) % 7
+    torch.testing.assert_close(model(x, mask=mask)[mask], model(other, mask=mask)[mask])
+    assert not torch.allclose(model(x)[mask], model(other)[mask])
+
+
+# ----------------------------------------------------------------------------- images, errors
+
+
+def test_lstm_reads_images_row_by_row():
+    info = DataInfo(kind="image", num_classes=4, in_channels=3, image_size=8)
+    model = lstm("batch", info).eval()
+    assert model.t_max == 8 and model.layers[0].w_x.in_features == 3 * 8
+    x = torch.randn(2, 3, 8, 8)
+    assert model(x).shape == (2, 4)
+    changed = x.clone()
+    changed[:, :, 0] += 1  # the first row: reaches the last step through the recurrence
+    assert not torch.allclose(model(changed), model(x))
+
+
+def test_group_count_that_does_not_divide_the_hidden_units_names_the_layer():
+    with pytest.raises(UserError, match=r"divide the 6 channels of layer 'layers.0.norm_c'"):
+        build_model({"name": "lstm", "hidden": 6}, NormSpec("group", num_groups=4), TEXT)
+    with pytest.raises(UserError, match="model.t_max=3 is shorter than dataset.seq_len=6"):
+        lstm("batch", t_max=3)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+TINY_TEXT = ["dataset=synthetic_text", "dataset.n_train=256", "dataset.n_val=64",
+             "batch_size=16", "steps=30", "log_every=5", "eval_every=0", "eval_batch_size=64",
+             "optim=adamw", "lr=1e-2", "model.hidden=32"]
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_every_norm_trains_on_synthetic_text(tmp_path, norm):
+    config = compose_config(["model=lstm", f"norm={norm}", *TINY_TEXT])
+    summary = run_experiment(config, tmp_path, live=False)
+    scalars = read_scalars(tmp_path)
+    losses = [v for _, v in scalars["train/loss"]]
+    assert summary["status"] == "completed"
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert 0 < summary["final"]["val_bpc"] < 5
+    if norm == "batch":  # one TensorBoard tag per time step and normalized quantity
+        assert "bn_gap/dmu/layers.0.norm_h.t00" in scalars
+        assert "bn_gap/dvar/layers.0.norm_c.t47" in scalars
+
+
+def test_cli_trains_a_batch_lstm_end_to_end(cli, tmp_path):
+    result = cli("train", "model=lstm", "norm=batch", *TINY_TEXT, "steps=4", "log_every=2",
+                 "hydra.run.dir=run")
+    assert result.returncode == 0, result.stderr
+    assert "val/bpc" in read_scalars(tmp_path / "run")
+
+
+def test_padding_gradient_is_zero_and_losses_stay_finite():
+    """A sequence shorter than its batch must not leak NaN or gradient from its padding."""
+    model = lstm("batch").train()
+    x = torch.randint(0, 7, (3, 6))
+    mask = torch.arange(6) < torch.tensor([6, 1, 3])[:, None]
+    logits = model(x, mask=mask)
+    y = torch.randint(0, 7, (3, 6))
+    loss = (F.cross_entropy(logits.reshape(-1, 7), y.reshape(-1), reduction="none")
+            * mask.reshape(-1)).sum() / mask.sum()
+    loss.backward()
+    assert torch.isfinite(logits).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_lstm_trains_on_shapes_images_row_by_row(tmp_path):
+    config = compose_config(["model=lstm", "norm=batch", "dataset=shapes", "dataset.n_train=64",
+                             "dataset.n_val=32", "dataset.image_size=16", "batch_size=16",
+                             "steps=3", "log_every=1", "eval_every=0", "model.hidden=16"])
+    summary = run_experiment(config, tmp_path, live=False)
+    assert summary["status"] == "completed" and 0 <= summary["final"]["val_acc"] <= 1
+    assert "bn_gap/dmu/layers.0.norm_x.t15" in read_scalars(tmp_path)  # T_max = 16 rows
