@@ -50,6 +50,8 @@ def check_config(config: dict) -> None:
         raise UserError("norm=batch with batch_size=1: BatchNorm needs at least 2 samples per "
                         "device to compute training statistics",
                         "use batch_size=2 or more, or a per-sample norm (norm=group or norm=layer)")
+    if norm.get("name") == "batch" and norm.get("stats_batch") is not None:
+        check_stats_batch(norm["stats_batch"], config["batch_size"])
     if norm.get("name") == "group":
         _positive_int(norm, "num_groups")
     _positive_int(config, "keep_checkpoints")
@@ -137,6 +139,18 @@ def check_run_dir(run_dir: Path, resume) -> None:
     """The single run's folder is writable, and resume= matches what is in it."""
     check_output_dir(run_dir)
     check_resume(run_dir, resume)
+
+
+def check_stats_batch(k, batch_size: int) -> None:
+    """Ghost BatchNorm's statistics batch: at least 2 samples, and a divisor of the batch."""
+    if isinstance(k, bool) or not isinstance(k, Integral) or k < 2:
+        raise UserError(f"norm.stats_batch={k} must be an integer >= 2 (BatchNorm needs two "
+                        "samples per statistics batch)", "use norm.stats_batch=2 or more, or "
+                        "null for the whole batch")
+    if batch_size % k:
+        divisors = [d for d in range(2, batch_size + 1) if batch_size % d == 0]
+        raise UserError(f"norm.stats_batch={k} does not divide batch_size={batch_size}",
+                        f"choose norm.stats_batch from {divisors}")
 
 
 def placeholder_info(dataset: dict) -> DataInfo:

@@ -35,7 +35,7 @@ CHARTS = [
     ("throughput", [r"^perf/"], "always"),
 ]
 
-HPARAMS = ("dataset", "model", "norm", "batch_size", "lr", "seed", "optim")
+HPARAMS = ("dataset", "model", "norm", "batch_size", "stats_batch", "lr", "seed", "optim")
 # The same metric list for every run: TensorBoard takes the list from one run of the
 # folder it is opened on, so it must not depend on the run (absent tags stay blank).
 METRICS = ("val/acc", "val/loss", "val/bpc", "train/loss", "train/acc",

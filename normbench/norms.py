@@ -25,10 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from normbench.batchnorm import GhostBatchNorm2d, TokenBatchNorm
 from normbench.errors import UserError
 
 NORMS = ("batch", "layer", "group", "none")
@@ -49,6 +49,7 @@ class NormSpec:
     affine: bool = True
     num_groups: int = 32
     track_running_stats: bool = True
+    stats_batch: int | None = None  # ghost BatchNorm: statistics from groups of k samples
 
     @property
     def recentres(self) -> bool:
@@ -56,54 +57,6 @@ class NormSpec:
 
 
 # ----------------------------------------------------------------------------- token layout
-
-
-class TokenBatchNorm(nn.BatchNorm1d):
-    """BatchNorm over (N,T,D) tokens whose statistics come from the real tokens only.
-
-    ``mask`` is (N,T), True where the token is real. Padding positions are normalized with
-    the same statistics (so the output is defined everywhere) but never contribute to them.
-    Statistics are computed with masked sums rather than boolean indexing, so nothing waits
-    on the host.
-    """
-
-    def moments(self, x: torch.Tensor, mask: torch.Tensor | None):
-        """Biased mean and variance per feature over the real tokens, and their count."""
-        if mask is None:
-            flat = x.reshape(-1, x.shape[-1])
-            var, mean = torch.var_mean(flat, dim=0, correction=0)
-            return mean, var, torch.tensor(float(flat.shape[0]), device=x.device)
-        m = mask.to(x.dtype).unsqueeze(-1)  # (N, T, 1)
-        count = m.sum()
-        mean = (x * m).sum(dim=(0, 1)) / count
-        var = ((x - mean).square() * m).sum(dim=(0, 1)) / count
-        return mean, var, count
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        use_batch_stats = self.training or not self.track_running_stats
-        if mask is None or not use_batch_stats:
-            # Fast path: PyTorch's own kernel over all N*T tokens as a (N*T, D) batch.
-            shape = x.shape
-            y = super().forward(x.reshape(-1, shape[-1]))
-            return y.reshape(shape)
-        mean, var, count = self.moments(x, mask)
-        if self.training and self.track_running_stats:
-            self._update_running(mean, var, count)
-        y = (x - mean) * torch.rsqrt(var + self.eps)
-        if self.affine:
-            y = y * self.weight + self.bias
-        return y
-
-    @torch.no_grad()
-    def _update_running(self, mean, var, count):
-        self.num_batches_tracked.add_(1)
-        if self.momentum is None:  # cumulative moving average, as in PyTorch
-            factor = 1.0 / self.num_batches_tracked.float()
-        else:
-            factor = self.momentum
-        unbiased = var * count / (count - 1).clamp(min=1)
-        self.running_mean.lerp_(mean, factor)
-        self.running_var.lerp_(unbiased, factor)
 
 
 class TokenLayerNorm(nn.LayerNorm):
@@ -186,6 +139,8 @@ def norm_factory(spec: NormSpec, layout: str) -> NormFactory:
 
     if layout == "image":
         if name == "batch":
+            if spec.stats_batch:
+                return lambda c: GhostBatchNorm2d(c, stats_batch=spec.stats_batch, **bn_kwargs)
             return lambda c: nn.BatchNorm2d(c, **bn_kwargs)
         if name == "layer":
             # LN on images as in the GN paper: one group holding all of C,H,W, affine per channel.
@@ -194,13 +149,15 @@ def norm_factory(spec: NormSpec, layout: str) -> NormFactory:
 
     if layout == "tokens":
         if name == "batch":
-            return lambda d: TokenBatchNorm(d, **bn_kwargs)
+            return lambda d: TokenBatchNorm(d, stats_batch=spec.stats_batch, **bn_kwargs)
         if name == "layer":
             return lambda d: TokenLayerNorm(d, eps=spec.eps, elementwise_affine=spec.affine)
         return lambda d: _group_or_invalid(TokenGroupNorm, spec.num_groups, d, spec)
 
     # features: (N, D), as inside a recurrent cell
     if name == "batch":
+        if spec.stats_batch:
+            return lambda d: TokenBatchNorm(d, stats_batch=spec.stats_batch, **bn_kwargs)
         return lambda d: nn.BatchNorm1d(d, **bn_kwargs)
     if name == "layer":
         return lambda d: nn.LayerNorm(d, eps=spec.eps, elementwise_affine=spec.affine)
@@ -220,7 +177,7 @@ def batch_moments(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None 
 
     Reduces over every axis but the feature axis, exactly as the layer does in training.
     """
-    if isinstance(module, TokenBatchNorm):
+    if hasattr(module, "moments"):  # masked or ghost variants know their own statistics
         return module.moments(x, mask)
     x = x.detach()
     dims = [0] + list(range(2, x.dim()))

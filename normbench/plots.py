@@ -54,7 +54,7 @@ def read_scalars(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def _x_positions(report: Report):
     """Numeric x positions and the axis scale: log2 for batch-size-like integers, log10 for
     learning rates and other positive floats that span a decade, categories otherwise."""
-    cols = report.columns
+    cols = [c for c in report.columns if c is not None]  # None: runs the variable does not apply to
     numeric = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in cols)
     if not numeric:
         return {c: i for i, c in enumerate(cols)}, "category"
@@ -79,9 +79,18 @@ def plot_metric_vs_x(report: Report, path: Path) -> Path:
     failed_marks = []
     for row, color in zip(report.rows, _colors(len(report.rows)), strict=True):
         xs, means, stds = [], [], []
+        reference = report.cells.get((row, None))
+        if reference is not None and reference.mean is not None:
+            # A norm the swept variable does not apply to (GroupNorm vs the statistics
+            # batch): one horizontal line, its seed spread as a band.
+            ax.axhline(reference.mean, color=color, ls="--", lw=1.4,
+                       label=f"{report.row_label(row)} (no {report.x.replace('_', ' ')})")
+            if reference.std:
+                ax.axhspan(reference.mean - reference.std, reference.mean + reference.std,
+                           color=color, alpha=0.12)
         for col in report.columns:
             cell = report.cells.get((row, col))
-            if cell is None:
+            if cell is None or col is None:
                 continue
             if cell.mean is not None:
                 xs.append(pos[col])
@@ -89,6 +98,8 @@ def plot_metric_vs_x(report: Report, path: Path) -> Path:
                 stds.append(cell.std or 0.0)
             elif cell.statuses:
                 failed_marks.append((pos[col], color))
+        if not xs:
+            continue
         ax.errorbar(xs, means, yerr=stds, marker="o", ms=4, capsize=3, lw=1.6, color=color,
                     label=report.row_label(row))
     if failed_marks:  # cells where no run completed: a cross at the top edge
@@ -103,7 +114,7 @@ def plot_metric_vs_x(report: Report, path: Path) -> Path:
     if report.x in SHRINKING_X:  # as in the GN paper: smaller batches to the right
         ax.invert_xaxis()
     ax.set_xticks(list(pos.values()))
-    ax.set_xticklabels([fmt_value(c) for c in report.columns])
+    ax.set_xticklabels([fmt_value(c) for c in pos])
     ax.minorticks_off()
     ax.set_xlabel(report.x.replace("_", " "))
     ax.set_ylabel(METRIC_LABELS.get(report.metric, report.metric))

@@ -75,7 +75,7 @@ def bn_tid(module: nn.Module, mean_b: torch.Tensor, var_b: torch.Tensor, count: 
 def token_mask(x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The (N,T) padding mask a token layer was called with, if any."""
     mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
-    if mask is None or x.dim() != 3:
+    if not isinstance(mask, torch.Tensor) or mask.shape != x.shape[:-1]:
         return None
     return mask
 

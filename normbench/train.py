@@ -133,6 +133,8 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
         "run_name": config.get("run_name", Path(run_dir).name),
         "dataset": config["dataset"]["name"], "model": config["model"]["name"],
         "norm": norm.name, "batch_size": config["batch_size"], "lr": config["lr"],
+        # Samples whose statistics BatchNorm shares (None: the norm uses no batch statistics).
+        "stats_batch": (norm.stats_batch or config["batch_size"]) if norm.name == "batch" else None,
         "seed": config["seed"], "steps": 0, "total_steps": steps, "device": str(device),
         "n_params": sum(p.numel() for p in model.parameters()), "status": "running",
         "final": {},

@@ -31,21 +31,7 @@ from normbench.norms import NormSpec, TokenBatchNorm, norm_factory
 
 
 class StepBatchNorm(TokenBatchNorm):
-    """BatchNorm over (N, D) for one time step; `mask` (N,) marks the real rows.
-
-    A TokenBatchNorm whose statistics reduce over every axis but the last, so a probe's
-    `batch_moments` sees exactly the (masked) statistics this layer uses.
-    """
-
-    def moments(self, x: torch.Tensor, mask: torch.Tensor | None):
-        if mask is None or x.dim() == 3:
-            return super().moments(x, mask)
-        m = mask.to(x.dtype).unsqueeze(-1)  # (N, 1)
-        # A step with no real row (only when called without trimming) must not give NaN.
-        count = m.sum().clamp(min=1)
-        mean = (x * m).sum(dim=0) / count
-        var = ((x - mean).square() * m).sum(dim=0) / count
-        return mean, var, count
+    """BatchNorm over the (N, D) rows of one time step; `mask` (N,) marks the real rows."""
 
 
 class TimeBatchNorm(nn.Module):
@@ -63,7 +49,7 @@ class TimeBatchNorm(nn.Module):
         for key in self.keys:
             self.add_module(key, StepBatchNorm(
                 num_features, eps=spec.eps, momentum=spec.momentum, affine=False,
-                track_running_stats=spec.track_running_stats))
+                track_running_stats=spec.track_running_stats, stats_batch=spec.stats_batch))
         self.weight = self.bias = None
         if spec.affine:
             self.weight = nn.Parameter(torch.full((num_features,), init_scale))
