@@ -8,8 +8,14 @@ import tempfile
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 SUMMARY_FILE = "summary.json"
@@ -70,7 +76,7 @@ class Tracker:
         write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
 
     def print_summary(self, summary: dict) -> None:
-        table = Table(title=f"normbench: {summary.get('run_name', self.run_dir.name)}",
+        table = Table(title=str(summary.get("run_name") or self.run_dir.name),
                       show_header=True, header_style="bold")
         table.add_column("metric")
         table.add_column("value", justify="right")
@@ -85,9 +91,11 @@ class Tracker:
         if "elapsed_s" in summary:
             table.add_row("elapsed", f"{summary['elapsed_s']:.1f} s")
         self.console.print(table)
-        self.console.print(f"Run folder: {self.run_dir}")
+        # soft_wrap: paths and commands stay whole, for copying out of the terminal.
+        self.console.print(f"Run folder: {self.run_dir}", soft_wrap=True)
         self.console.print(f"TensorBoard: tensorboard --logdir {self.run_dir.parent}  "
-                           "(probe charts: Custom Scalars > normbench; sweeps: HParams)")
+                           "(probe charts: Custom Scalars > normbench; sweeps: HParams)",
+                           soft_wrap=True)
 
     def close(self) -> None:
         self.writer.flush()

@@ -5,8 +5,14 @@ import torch
 from torch import nn
 
 from normbench.errors import UserError
-from normbench.norms import (NORMS, NormSpec, TokenBatchNorm, batch_moments, check_norms,
-                             norm_factory)
+from normbench.norms import (
+    NORMS,
+    NormSpec,
+    TokenBatchNorm,
+    batch_moments,
+    check_norms,
+    norm_factory,
+)
 
 torch.manual_seed(0)
 

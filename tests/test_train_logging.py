@@ -26,7 +26,7 @@ def test_run_logs_the_required_tags(batch_run):
     run_dir, summary = batch_run
     tags = read_scalars(run_dir)
     for tag in ("train/loss", "train/acc", "train/lr", "val/loss", "val/acc", "grad/global_norm",
-                "grad/stem.0.weight", "grad/head.weight", "bn_gap/dmu/stem.1",
+                "grad/norm/stem.0.weight", "grad/norm/head.weight", "bn_gap/dmu/stem.1",
                 "bn_gap/dvar/blocks.0.norm2"):
         assert tag in tags, tag
     assert [step for step, _ in tags["train/loss"]] == [2, 4, 6]
@@ -99,4 +99,4 @@ def test_grad_norms_match_torch(tiny_config):
     grads = [p.grad for p in model.parameters()]
     expected = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
     assert values["grad/global_norm"] == pytest.approx(expected, rel=1e-5)
-    assert values["grad/head.weight"] == pytest.approx(model.head.weight.grad.norm().item(), rel=1e-5)
+    assert values["grad/norm/head.weight"] == pytest.approx(model.head.weight.grad.norm().item(), rel=1e-5)

@@ -184,8 +184,8 @@ def imagefolder_dataset(root: str | None = None, image_size: int = 32, augment: 
     for split in ("train", "val"):
         if not (base / split).is_dir():
             raise UserError(f"{base / split} is not a folder",
-                            f"point dataset.root at a folder holding train/ and val/, each "
-                            f"with one subfolder per class")
+                            "point dataset.root at a folder holding train/ and val/, each "
+                            "with one subfolder per class")
 
     def load(split: str, class_to_idx=None):
         try:

@@ -54,7 +54,7 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     def __init__(self, make_norm: NormFactory, *, depth: int = 20, width: int = 1,
                  num_classes: int = 10, in_channels: int = 3, conv_bias: bool = False,
-                 shortcut: str = "pad"):
+                 shortcut: str = "pad", zero_init_residual: bool = False):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise UserError(f"model.depth={depth} is not of the form 6n+2",
@@ -75,14 +75,20 @@ class CifarResNet(nn.Module):
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Linear(cin, num_classes)
-        self._init_weights()
+        self._init_weights(zero_init_residual)
 
-    def _init_weights(self):
+    def _init_weights(self, zero_init_residual: bool):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            # Each residual branch starts as zero, so the network starts shallow (Goyal et
+            # al. 2017; the GroupNorm paper does the same for BN and GN alike).
+            for block in self.blocks:
+                if getattr(block.norm2, "weight", None) is not None:
+                    nn.init.zeros_(block.norm2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, classes)
         x = self.blocks(self.stem(x))
