@@ -79,46 +79,21 @@ def _probe_options(config: dict) -> None:
 
 
 def text_context(config: dict) -> int:
-    """The context length (tokens per training sequence) a text config asks for."""
-    for section, key in (("dataset", "seq_len"), ("model", "seq_len"), ("model", "context"),
-                         ("model", "block_size")):
-        value = (config.get(section) or {}).get(key)
-        if isinstance(value, Integral) and value > 0:
-            return int(value)
-    return 1
+    """The context length (characters per training sequence) a text config asks for."""
+    value = (config.get("dataset") or {}).get("seq_len")
+    return int(value) if isinstance(value, Integral) and value > 0 else 1
 
 
 def check_text_file(path: str | Path, context: int) -> None:
     """A text corpus must exist, be UTF-8 text, and hold at least context+1 characters (one
     input sequence and its next-character targets)."""
+    from normbench.data.text import read_text_file
+
     path = Path(path).expanduser()
-    fix = "set dataset.path to a UTF-8 text file"
-    if not path.is_file():
-        raise UserError(f"the text file {path} does not exist", fix)
-    size = path.stat().st_size
-    if size == 0:
-        raise UserError(f"the text file {path} is empty", fix)
-    # Enough bytes to count context+1 characters (UTF-8: at most 4 bytes each), 1 MB at least.
-    with path.open("rb") as f:
-        head = f.read(max(1 << 20, 4 * (context + 1)))
-    if b"\x00" in head:
-        raise UserError(f"{path} is a binary file, not text", fix)
-    try:
-        text = head.decode("utf-8", errors="strict") if len(head) == size else \
-            _decode_prefix(head)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded)",
-                        fix) from None
+    text = read_text_file(path)
     if len(text) < context + 1:
         raise UserError(f"{path} holds {len(text)} characters, fewer than the context of "
-                        f"{context} + 1", "use a longer file or a shorter context")
-
-
-def _decode_prefix(head: bytes) -> str:
-    """Decode the start of a longer file, which may end inside a multi-byte character."""
-    import codecs
-
-    return codecs.getincrementaldecoder("utf-8")("strict").decode(head, final=False)
+                        f"{context} + 1", "use a longer file or a shorter dataset.seq_len")
 
 
 def check_output_dir(folder: Path) -> None:

@@ -140,7 +140,7 @@ def test_val_batches_in_random_order_hold_the_same_rows(tmp_path):
 
 @pytest.mark.parametrize("content, words", [
     (b"", "empty"),
-    (b"\xff\xfe\x00\x01binary\x80\x81", "not UTF-8"),
+    (b"\xff\xfe\x01latin\x80\x81", "not UTF-8"),
     (b"text\x00with\x00nul bytes " * 20, "binary"),
     (b"too short", "shorter than one context"),
 ])

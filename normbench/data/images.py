@@ -7,13 +7,13 @@ loop over images.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from normbench.data import Batch, DataInfo
+from normbench.data.sampling import ShuffledEpochs
 from normbench.errors import UserError
 
 
@@ -88,51 +88,23 @@ class ImageDataset:
             yield Batch(self.normalize(self.val_x[idx]), self.val_y[idx])
 
 
-class ImageTrainLoader:
-    """Endless stream of shuffled, augmented training batches; resumable via state_dict.
-
-    Each epoch is a fresh permutation; the last incomplete batch is dropped, so every step
-    sees exactly `batch_size` samples (BatchNorm statistics are never from a tiny tail).
-    """
+class ImageTrainLoader(ShuffledEpochs):
+    """Endless stream of shuffled, augmented training batches; resumable via state_dict."""
 
     def __init__(self, ds: ImageDataset, batch_size: int, seed: int):
-        if batch_size > ds.n_train:
-            raise UserError(f"batch_size={batch_size} is larger than the {ds.n_train} "
-                            f"training images of {ds.name}", "use a smaller batch_size")
+        super().__init__(ds.n_train, batch_size, seed, f"training images of {ds.name}")
         self.ds = ds
-        self.batch_size = batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.epoch = 0
-        self.pos = 0
-        self.perm: torch.Tensor | None = None
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.ds.n_train // self.batch_size
 
     def __iter__(self):
         return self
 
     def __next__(self) -> Batch:
-        if self.perm is None or self.pos + self.batch_size > self.perm.numel():
-            if self.perm is not None:
-                self.epoch += 1
-            self.perm = torch.randperm(self.ds.n_train, generator=self.generator)
-            self.pos = 0
-        idx = self.perm[self.pos:self.pos + self.batch_size].to(self.ds.train_x.device)
-        self.pos += self.batch_size
+        idx, _ = self.next_indices()
+        idx = idx.to(self.ds.train_x.device)
         x = self.ds.train_x[idx]
         if self.ds.augment:
             x = random_crop_flip(x, self.ds.crop_pad, self.generator)
         return Batch(self.ds.normalize(x).contiguous(), self.ds.train_y[idx])
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "perm": self.perm,
-                "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos, self.perm = state["epoch"], state["pos"], state["perm"]
-        self.generator.set_state(state["generator"])
 
 
 # ----------------------------------------------------------------------------- CIFAR
@@ -204,7 +176,3 @@ def imagefolder_dataset(root: str | None = None, image_size: int = 32, augment: 
     tx, ty, classes = load("train")
     vx, vy, _ = load("val", classes)
     return ImageDataset(tx, ty, vx, vy, len(classes), augment=augment, name=f"imagefolder:{base}")
-
-
-def steps_for_epochs(epochs: float, n_train: int, batch_size: int) -> int:
-    return max(1, math.ceil(epochs * (n_train // batch_size)))

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from normbench.data import Batch, DataInfo
+from normbench.data.sampling import ShuffledEpochs
 from normbench.errors import UserError
 
 TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/"
@@ -138,7 +139,7 @@ class TextDataset:
                                   idx, idx.to(self.val_rows.device))
 
 
-class TextTrainLoader:
+class TextTrainLoader(ShuffledEpochs):
     """Endless stream of shuffled training batches; resumable via state_dict.
 
     As for images, each epoch is a fresh permutation and the incomplete last batch is
@@ -147,36 +148,19 @@ class TextTrainLoader:
     """
 
     def __init__(self, ds: TextDataset, batch_size: int, seed: int):
-        if batch_size > ds.n_train:
-            unit = "windows of seq_len" if ds.train_stream is not None else "sentences"
-            raise UserError(f"batch_size={batch_size} is larger than the {ds.n_train} training "
-                            f"{unit} of {ds.name}", "use a smaller batch_size")
+        unit = "windows of seq_len" if ds.train_stream is not None else "sentences"
+        super().__init__(ds.n_train, batch_size, seed, f"training {unit} of {ds.name}")
         self.ds = ds
-        self.batch_size = batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.epoch = 0
-        self.pos = 0
         self.offset = 0
-        self.perm: torch.Tensor | None = None
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.ds.n_train // self.batch_size
 
     def __iter__(self):
         return self
 
     def __next__(self) -> Batch:
         ds = self.ds
-        if self.perm is None or self.pos + self.batch_size > self.perm.numel():
-            if self.perm is not None:
-                self.epoch += 1
-            self.perm = torch.randperm(ds.n_train, generator=self.generator)
-            if ds.train_stream is not None:
-                self.offset = int(torch.randint(0, ds.max_offset + 1, (), generator=self.generator))
-            self.pos = 0
-        idx = self.perm[self.pos:self.pos + self.batch_size]
-        self.pos += self.batch_size
+        idx, new_epoch = self.next_indices()
+        if new_epoch and ds.train_stream is not None:
+            self.offset = int(torch.randint(0, ds.max_offset + 1, (), generator=self.generator))
         if ds.train_stream is None:
             return ds.rows_batch(ds.train_rows, ds.train_lengths, ds.train_lengths_dev,
                                  idx, idx.to(ds.train_rows.device))
@@ -186,13 +170,11 @@ class TextTrainLoader:
         return Batch(window[:, :-1], window[:, 1:])
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "offset": self.offset, "perm": self.perm,
-                "generator": self.generator.get_state()}
+        return {**super().state_dict(), "offset": self.offset}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos, self.perm = state["epoch"], state["pos"], state["perm"]
+        super().load_state_dict(state)
         self.offset = state["offset"]
-        self.generator.set_state(state["generator"])
 
 
 # ----------------------------------------------------------------------------- files
@@ -207,13 +189,14 @@ def read_text_file(path: Path) -> str:
     if not raw:
         raise UserError(f"text file {path} is empty",
                         "point dataset.path at a file with text in it")
+    if b"\x00" in raw:  # text never holds NUL bytes; binary files nearly always do
+        raise UserError(f"{path} is a binary file, not text (it contains NUL bytes)",
+                        "give a UTF-8 text file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (undecodable byte at offset {e.start})",
                         "give a UTF-8 text file, or convert it (e.g. iconv -t UTF-8)") from None
-    if "\x00" in text:  # decodes as UTF-8, but NUL bytes mean a binary file
-        raise UserError(f"{path} looks binary (it contains NUL bytes)", "give a UTF-8 text file")
     return text
 
 
