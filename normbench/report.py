@@ -131,6 +131,8 @@ def _sort_key(value):
 
 
 def fmt_value(value) -> str:
+    if value is None:  # runs the swept variable does not apply to (GroupNorm vs stats_batch)
+        return "n/a"
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)

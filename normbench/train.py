@@ -31,7 +31,6 @@ from normbench.optim import build_optimizer, build_scheduler
 from normbench.probes import Probes
 from normbench.tracking import Tracker
 
-HPARAM_KEYS = ("batch_size", "lr", "seed", "steps")
 
 
 def select_device(name: str = "auto") -> torch.device:
