@@ -1,0 +1,30 @@
+"""The CUDA path: the same numbers as on the CPU. Skipped where there is no GPU (CI)."""
+
+import pytest
+import torch
+
+from normbench.batchnorm import GhostBatchNorm2d, TokenBatchNorm
+from normbench.data import build_dataset
+from normbench.train import run_experiment
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def test_masked_and_ghost_batchnorm_match_the_cpu():
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 6)
+    mask = torch.arange(5)[None, :] < torch.tensor([5, 3, 1, 4, 5, 2, 2, 5])[:, None]
+    for layer, args in ((TokenBatchNorm(6, stats_batch=4), (x, mask)),
+                        (GhostBatchNorm2d(5, stats_batch=2), (x.reshape(8, 5, 2, 3),))):
+        cpu = layer(*args)
+        gpu = layer.cuda()(*(a.cuda() for a in args))
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
+
+
+def test_data_lives_on_the_gpu_and_training_completes(tmp_path, tiny_config):
+    data = build_dataset("shapes", n_train=64, n_val=32).to("cuda")
+    assert data.train_x.is_cuda and next(data.train_loader(16, seed=0)).x.is_cuda
+    summary = run_experiment(tiny_config("device=cuda"), tmp_path, live=False)
+    assert summary["status"] == "completed" and summary["device"].startswith("cuda")
+    assert torch.isfinite(torch.tensor(summary["final"]["train_loss"]))
