@@ -32,7 +32,6 @@ from normbench.probes import Probes
 from normbench.tracking import Tracker
 
 
-
 def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
