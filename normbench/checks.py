@@ -7,7 +7,9 @@ of each job.
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable, Iterable
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -34,8 +36,15 @@ def _positive_number(config: dict, key: str, allow_none: bool = False) -> None:
         raise UserError(f"{key}={value} must be a positive number", f"set {key} above 0, e.g. {key}=0.1")
 
 
-def check_config(config: dict) -> None:
-    """Raise UserError on the first problem found in a resolved config dict."""
+def check_config(config: dict, origin: Callable[[str], str] | None = None,
+                 top_level: Iterable[str] | None = None) -> None:
+    """Raise UserError on the first problem found in a resolved config dict.
+
+    `origin` names where a dotted key was set (for the error line); `top_level` lists the
+    top-level keys that are settings (the CLI passes conf/train.yaml's and the ones a preset
+    computes others from); without it, top-level keys are not checked.
+    """
+    check_keys_are_read(config, origin or (lambda key: "the config"), top_level)
     _positive_int(config, "batch_size")
     _positive_number(config, "lr")
     if config.get("epochs") is None:
@@ -44,7 +53,11 @@ def check_config(config: dict) -> None:
         _positive_number(config, "epochs")
     _positive_int(config, "log_every")
     _positive_int(config, "eval_batch_size")
+    _positive_int(config, "threads", allow_none=True)
+    _count(config, "eval_every", "eval_every", "0 (only at the end)")
     _probe_options(config)
+    check_ranges(config)
+    _batch_fits_training_set(config)
     norm = config["norm"]
     if norm.get("name") == "batch" and config["batch_size"] == 1:
         raise UserError("norm=batch with batch_size=1: BatchNorm needs at least 2 samples per "
@@ -65,6 +78,24 @@ def check_config(config: dict) -> None:
     if dataset.get("kind") == "text" and dataset.get("path"):
         check_text_file(dataset["path"], text_context(config))
     check_model_builds(config)
+
+
+def _batch_fits_training_set(config: dict) -> None:
+    """Every step takes a full batch: a batch larger than an explicit training-set size fails
+    at the first step (a size left null is checked once the data is loaded)."""
+    n_train = (config.get("dataset") or {}).get("n_train")
+    if isinstance(n_train, Integral) and config["batch_size"] > n_train:
+        raise UserError(f"batch_size={config['batch_size']} is larger than dataset.n_train={n_train} "
+                        "(every step takes a full batch of training samples)",
+                        f"use batch_size={n_train} or less, or a larger dataset.n_train")
+
+
+def _count(section: dict, key: str, label: str, example: str) -> None:
+    """A whole number >= 0, when present."""
+    value = section.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+        raise UserError(f"{label}={_show(value)} must be a whole number >= 0",
+                        f"use e.g. {label}={example}")
 
 
 def _probe_options(config: dict) -> None:
@@ -156,3 +187,202 @@ def check_sweep_dir(sweep_dir: Path, resume) -> None:
         if any(list_checkpoints(job) for job in Path(sweep_dir).iterdir() if job.is_dir()):
             raise UserError(f"the sweep folder {sweep_dir} already holds runs with checkpoints",
                             "add resume=auto to continue them, or choose another hydra.sweep.dir")
+
+
+# ----------------------------------------------------------------------------- unread keys
+
+SECTIONS = ("dataset", "model", "norm", "optim", "sched")
+# Keys any section may hold: what the section is, not an option of its builder.
+META_KEYS = frozenset({"name", "kind"})
+# Model constructor parameters that build_model fills in from the data and the norm.
+MODEL_DERIVED = frozenset({"task", "num_classes", "in_channels", "image_size", "conv_bias"})
+# What each norm reads of the norm config (normbench.norms.norm_factory and the LSTM's
+# per-step BatchNorm): the factories take a whole NormSpec, so there is no signature to read.
+NORM_OPTIONS = {
+    "batch": frozenset({"eps", "momentum", "affine", "track_running_stats", "stats_batch"}),
+    "group": frozenset({"num_groups", "eps", "affine"}),
+    "layer": frozenset({"eps", "affine"}),
+    "none": frozenset(),
+}
+
+
+def keyword_options(function) -> frozenset[str]:
+    """The options a builder reads: its parameters that have a default."""
+    params = inspect.signature(function).parameters.values()
+    return frozenset(p.name for p in params if p.default is not inspect.Parameter.empty)
+
+
+def _model_class(name: str):
+    from normbench.models import MODELS
+
+    if name == "resnet":
+        from normbench.models.resnet import CifarResNet as cls
+    elif name == "transformer":
+        from normbench.models.transformer import Transformer as cls
+    elif name == "lstm":
+        from normbench.models.lstm import LSTM as cls
+    else:
+        raise UserError(f"unknown model '{name}'", f"use one of: {', '.join(MODELS)}")
+    return cls
+
+
+def section_options(section: str, name: str) -> frozenset[str]:
+    """The keys a config section `section` with `name: <name>` may hold."""
+    from normbench import optim
+    from normbench.data import dataset_builder
+
+    if section == "dataset":
+        options = keyword_options(dataset_builder(name))
+    elif section == "optim":
+        options = (keyword_options(optim.build_optimizer)
+                   | keyword_options(optim.optimizer_function(name)))
+    elif section == "sched":
+        options = keyword_options(optim.schedule_function(name))
+    elif section == "model":
+        options = keyword_options(_model_class(name)) - MODEL_DERIVED
+    else:
+        if name not in NORM_OPTIONS:
+            raise UserError(f"unknown norm '{name}'", f"use one of: {', '.join(NORM_OPTIONS)}")
+        options = NORM_OPTIONS[name]
+    return options | META_KEYS
+
+
+def section_names(section: str) -> tuple[str, ...]:
+    from normbench import optim
+    from normbench.data import DATASETS
+    from normbench.models import MODELS
+
+    return {"dataset": DATASETS, "model": MODELS, "norm": tuple(NORM_OPTIONS),
+            "optim": tuple(optim.OPTIMIZERS), "sched": tuple(optim.SCHEDULES)}[section]
+
+
+def _show(value) -> str:
+    """A value as it is written in an override."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def _dropping(key: str, where: str) -> str:
+    if where == "the command line":
+        return f"take {key} off the command line"
+    return f"drop it with ~{key}"
+
+
+def check_keys_are_read(config: dict, origin: Callable[[str], str],
+                        top_level: Iterable[str] | None = None) -> None:
+    """Every key of a section is read by its builder, and every top-level key by the loop:
+    a key that nothing reads would leave a config that describes a run that did not happen."""
+    for section in SECTIONS:
+        options = config.get(section) or {}
+        name = options.get("name")
+        readers = section_options(section, name)
+        for key, value in options.items():
+            if key in readers:
+                continue
+            dotted = f"{section}.{key}"
+            where = origin(dotted)
+            others = [n for n in section_names(section)
+                      if n != name and key in section_options(section, n)]
+            also = f"; it is an option of {', '.join(f'{section}={n}' for n in others)}" if others else ""
+            raise UserError(f"{dotted}={_show(value)} (from {where}) is not read by "
+                            f"{section}={name}: the run would ignore it",
+                            f"{_dropping(dotted, where)}{also}")
+    if top_level is None:
+        return
+    known = set(top_level) | set(SECTIONS)
+    for key, value in config.items():
+        if key not in known:
+            where = origin(key)
+            raise UserError(f"{key}={_show(value)} (from {where}) is not a normbench setting: "
+                            "nothing reads it",
+                            f"{_dropping(key, where)}; 'normbench train --cfg job' lists every key")
+
+
+# ----------------------------------------------------------------------------- ranges
+
+_NUMBER = "number"
+_INTEGER = "integer"
+
+
+def _in_range(section: dict, key: str, label: str, *, low: float, high: float = float("inf"),
+              low_open: bool = False, high_open: bool = False, kind: str = _NUMBER,
+              allow_none: bool = False, example: str, why: str = "") -> None:
+    """`section[key]` (when present) is a number in the interval; one UserError line if not."""
+    if key not in section or (section[key] is None and allow_none):
+        return
+    value = section[key]
+    wanted = Integral if kind == _INTEGER else Real
+    inside = (not isinstance(value, bool) and isinstance(value, wanted)
+              and (value > low if low_open else value >= low)
+              and (value < high if high_open else value <= high))
+    if inside:
+        return
+    if high == float("inf"):
+        bound = f"above {low:g}" if low_open else f"{low:g} or more"
+    elif not (low_open or high_open):
+        bound = f"between {low:g} and {high:g}"
+    else:
+        bound = (f"{'above' if low_open else 'at least'} {low:g} and "
+                 f"{'below' if high_open else 'at most'} {high:g}")
+    null = " (or null)" if allow_none else ""
+    what = "an integer" if kind == _INTEGER else "a number"
+    # optim.betas[1] is not an override; the example then is the whole list
+    fix_key = label.split("[")[0]
+    raise UserError(f"{label}={_show(value)} must be {what}, {bound}{null}{why}",
+                    f"use e.g. {fix_key}={example}")
+
+
+def check_ranges(config: dict) -> None:
+    """Numeric options whose values outside a range would crash a run or mean nothing."""
+    _norm_ranges(config.get("norm") or {})
+    _optim_ranges(config.get("optim") or {}, config.get("sched") or {})
+    _dataset_ranges(config.get("dataset") or {})
+
+
+def _norm_ranges(norm: dict) -> None:
+    _in_range(norm, "eps", "norm.eps", low=0, low_open=True, example="1e-5",
+              why=" (it keeps the division by the standard deviation finite)")
+    _in_range(norm, "momentum", "norm.momentum", low=0, high=1, allow_none=True, example="0.1",
+              why="; running = (1 - momentum) * running + momentum * batch, and null is "
+                  "a cumulative average")
+    _in_range(norm, "num_groups", "norm.num_groups", low=1, kind=_INTEGER, example="8")
+
+
+def _optim_ranges(optim: dict, sched: dict) -> None:
+    _in_range(optim, "weight_decay", "optim.weight_decay", low=0, example="5e-4")
+    _in_range(optim, "momentum", "optim.momentum", low=0, high=1, high_open=True, example="0.9")
+    if "betas" in optim:
+        betas = optim["betas"]
+        if not isinstance(betas, list | tuple) or len(betas) != 2:
+            raise UserError(f"optim.betas={_show(betas)} must be two numbers",
+                            "use e.g. optim.betas=[0.9,0.999]")
+        for i, beta in enumerate(betas):
+            _in_range({"beta": beta}, "beta", f"optim.betas[{i}]", low=0, high=1,
+                      high_open=True, example="[0.9,0.999]")
+    for key in ("warmup_frac", "final_lr_frac"):
+        _in_range(sched, key, f"sched.{key}", low=0, high=1, example="0.05")
+
+
+def _dataset_ranges(dataset: dict) -> None:
+    from normbench.data import dataset_builder
+
+    try:
+        defaults = inspect.signature(dataset_builder(dataset.get("name"))).parameters
+    except UserError:
+        return  # an unknown dataset is reported by name elsewhere
+    for key in ("n_train", "n_val"):
+        # null (all of them) where the builder allows it, i.e. where its own default is None
+        nullable = key in defaults and defaults[key].default is None
+        _in_range(dataset, key, f"dataset.{key}", low=1, kind=_INTEGER, allow_none=nullable,
+                  example="1000")
+    _in_range(dataset, "image_size", "dataset.image_size", low=1, kind=_INTEGER, example="32")
+    _in_range(dataset, "seq_len", "dataset.seq_len", low=2, kind=_INTEGER, example="128")
+    _in_range(dataset, "val_fraction", "dataset.val_fraction", low=0, high=1, low_open=True,
+              high_open=True, example="0.1")
+    _in_range(dataset, "noise", "dataset.noise", low=0, example="0.05")
+    _in_range(dataset, "max_depth", "dataset.max_depth", low=0, kind=_INTEGER, example="2")

@@ -223,7 +223,9 @@ def _task(cfg) -> None:
     if config.get("threads") is None and multirun:
         config["threads"] = threads_per_job(hydra_cfg.launcher)
     try:
-        check_config(config)
+        check_config(config, key_origin(list(hydra_cfg.overrides.task),
+                                         OmegaConf.to_container(hydra_cfg.runtime.choices)),
+                     top_level_settings(cfg))
         from normbench.train import run_experiment
 
         summary = run_experiment(config, run_dir, live=not multirun)
@@ -298,7 +300,7 @@ def preflight(overrides: list[str], multirun: bool) -> Path | None:
     from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import InterpolationResolutionError
 
-    from normbench.checks import check_config, check_run_dir, check_sweep_dir
+    from normbench.checks import check_run_dir, check_sweep_dir
 
     parser = OverridesParser.create()
     try:
@@ -323,8 +325,8 @@ def preflight(overrides: list[str], multirun: bool) -> Path | None:
                 batches = BasicSweeper.split_arguments(parser.parse_overrides(combined), None)
                 jobs = batches[0] if batches else [combined]
             for job in jobs:
-                cfg = compose("train", overrides=list(job))
-                check_config(OmegaConf.to_container(cfg, resolve=True))
+                cfg = check_job(compose("train", overrides=list(job), return_hydra_config=True),
+                                list(job))
             if not multirun:
                 full = compose("train", overrides=overrides, return_hydra_config=True)
                 check_run_dir(Path(str(full.hydra.run.dir)), cfg.get("resume"))
@@ -340,6 +342,64 @@ def preflight(overrides: list[str], multirun: bool) -> Path | None:
                             "check the values it is computed from") from None
     GlobalHydra.instance().clear()
     return sweep_dir
+
+
+def check_job(full_cfg, overrides: list[str]):
+    """Check one job's config, composed with its `hydra` node (for the config choices), as
+    the job itself will receive it; returns the job's config."""
+    from normbench.checks import check_config
+
+    choices = OmegaConf.to_container(full_cfg.hydra.runtime.choices)
+    cfg = OmegaConf.masked_copy(full_cfg, [k for k in full_cfg if k != "hydra"])
+    check_config(OmegaConf.to_container(cfg, resolve=True), key_origin(overrides, choices),
+                 top_level_settings(cfg))
+    return cfg
+
+
+def top_level_settings(cfg) -> set[str]:
+    """The top-level keys that are settings: those conf/train.yaml declares, and those that
+    other values are computed from (a preset's base_lr in `lr: ${nb_mul:${base_lr},...}`)."""
+    declared = OmegaConf.to_container(OmegaConf.load(conf_dir() / "train.yaml"), resolve=False)
+    written = OmegaConf.to_yaml(cfg)  # unresolved: interpolations appear as written
+    referenced = {ref.split(".")[0] for ref in re.findall(r"\$\{([A-Za-z_][\w.]*)\}", written)}
+    return (set(declared) - {"defaults", "hydra"}) | referenced
+
+
+def key_origin(overrides: list[str], choices: dict):
+    """A function naming where a dotted config key was set: the command line, a preset
+    (experiment=...), or the chosen file of its group (conf/<group>/<option>.yaml)."""
+
+    def origin(key: str) -> str:
+        if any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides):
+            return "the command line"
+        # Presets (all `@package _global_`) are merged after the group files and win.
+        for group, option in choices.items():
+            if group.startswith("experiment") and option and _declares(group, option, key):
+                preset = f"the preset experiment={choices.get('experiment')}"
+                return preset if group == "experiment" else f"{preset} (conf/{_folder(group)}/{option}.yaml)"
+        section, _, rest = key.partition(".")
+        if rest and choices.get(section) and _declares(section, choices[section], rest):
+            return f"conf/{section}/{choices[section]}.yaml"
+        return "the composed config"
+
+    return origin
+
+
+def _folder(group: str) -> str:
+    return group.split("@")[0]  # experiment/gap_setup@_global_ -> experiment/gap_setup
+
+
+def _declares(group: str, option: str, key: str) -> bool:
+    """Whether conf/<group>/<option>.yaml sets the dotted `key` (read as written)."""
+    path = conf_dir() / _folder(group) / f"{option}.yaml"
+    if not path.is_file():
+        return False
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def explain_hydra_error(error: Exception, overrides: list[str]) -> tuple[str, str]:

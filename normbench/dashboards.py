@@ -1,6 +1,7 @@
 """TensorBoard dashboards written into every run folder: the ``normbench`` custom-scalars
 layout (one chart per probe family, all layers in it, by regex) and the HParams entry
-(dataset, model, norm, batch size, lr, seed, optimizer -> final metrics)."""
+(dataset and its training-set size, model, norm, batch size, lr, seed, optimizer -> final
+metrics)."""
 
 from __future__ import annotations
 
@@ -35,10 +36,11 @@ CHARTS = [
     ("throughput", [r"^perf/"], "always"),
 ]
 
-HPARAMS = ("dataset", "model", "norm", "batch_size", "stats_batch", "lr", "seed", "optim")
+HPARAMS = ("dataset", "n_train", "model", "norm", "batch_size", "stats_batch", "lr", "seed",
+           "optim")
 # The same metric list for every run: TensorBoard takes the list from one run of the
 # folder it is opened on, so it must not depend on the run (absent tags stay blank).
-METRICS = ("val/acc", "val/loss", "val/bpc", "train/loss", "train/acc",
+METRICS = ("val/acc", "val/loss", "val/bpc", "train/loss", "train/acc", "train/bpc",
            "val_batchstats/acc", "val_precise/acc", "val_gap/acc")
 
 

@@ -1,16 +1,19 @@
-"""Optimizers and learning-rate schedules from plain options."""
+"""Optimizers and learning-rate schedules from plain options.
+
+Each optimizer and each schedule is one function whose keyword parameters are exactly the
+options it reads: the config checks compare a config's `optim:` and `sched:` keys with
+these signatures, so a key that nothing would read is refused before a run starts.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from normbench.errors import UserError
-
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "constant")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -27,31 +30,61 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def sgd(groups: list[dict], lr: float, momentum: float = 0.9,
+        nesterov: bool = False) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+def adamw(groups: list[dict], lr: float,
+          betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": sgd, "adamw": adamw}
+
+
+def optimizer_function(name: str) -> Callable[..., torch.optim.Optimizer]:
+    if name not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer '{name}'", f"use one of: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name]
+
+
 def build_optimizer(model: nn.Module, lr: float, name: str = "sgd", weight_decay: float = 0.0,
-                    momentum: float = 0.9, nesterov: bool = False,
-                    betas: tuple[float, float] = (0.9, 0.999), **_ignored) -> torch.optim.Optimizer:
-    groups = param_groups(model, weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
-    raise UserError(f"unknown optimizer '{name}'", f"use one of: {', '.join(OPTIMIZERS)}")
+                    **options) -> torch.optim.Optimizer:
+    """`options` are the named optimizer's own (e.g. sgd: momentum, nesterov)."""
+    return optimizer_function(name)(param_groups(model, weight_decay), lr, **options)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, name: str = "cosine",
-                    warmup_frac: float = 0.0, final_lr_frac: float = 0.0,
-                    **_ignored) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over `warmup_frac` of the steps, then cosine decay or a constant rate."""
-    if name not in SCHEDULES:
-        raise UserError(f"unknown schedule '{name}'", f"use one of: {', '.join(SCHEDULES)}")
+def constant(total_steps: int, warmup_frac: float = 0.0) -> Callable[[int], float]:
+    warmup = int(round(warmup_frac * total_steps))
+    return lambda step: (step + 1) / warmup if step < warmup else 1.0
+
+
+def cosine(total_steps: int, warmup_frac: float = 0.0,
+           final_lr_frac: float = 0.0) -> Callable[[int], float]:
     warmup = int(round(warmup_frac * total_steps))
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        if name == "constant":
-            return 1.0
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return final_lr_frac + (1 - final_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
+
+
+SCHEDULES: dict[str, Callable[..., Callable[[int], float]]] = {"cosine": cosine,
+                                                               "constant": constant}
+
+
+def schedule_function(name: str) -> Callable[..., Callable[[int], float]]:
+    if name not in SCHEDULES:
+        raise UserError(f"unknown schedule '{name}'", f"use one of: {', '.join(SCHEDULES)}")
+    return SCHEDULES[name]
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, name: str = "cosine",
+                    **options) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup_frac` of the steps, then cosine decay or a constant rate."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                             schedule_function(name)(total_steps, **options))

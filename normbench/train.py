@@ -134,6 +134,8 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
         # Samples whose statistics BatchNorm shares (None: the norm uses no batch statistics).
         "stats_batch": (norm.stats_batch or config["batch_size"]) if norm.name == "batch" else None,
         "seed": config["seed"], "steps": 0, "total_steps": steps, "device": str(device),
+        # The sizes actually used: images, or text rows (training windows for a text stream).
+        "n_train": data.n_train, "n_val": data.n_val,
         "n_params": sum(p.numel() for p in model.parameters()), "status": "running",
         "final": {},
     }
@@ -184,6 +186,7 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
                 probes.record_grads()
             with probes.watch_step(log_now):
                 optimizer.step()
+            step_lr = optimizer.param_groups[0]["lr"]  # this step's rate, before the schedule moves on
             scheduler.step()
             running_loss += loss.detach() * count
             running_correct += correct
@@ -202,7 +205,9 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
                 probes.add("train/acc", running_correct / running_count)
                 values = probes.flush()  # the one host sync of this logging step
                 now = time.time()
-                values["train/lr"] = optimizer.param_groups[0]["lr"]
+                values["train/lr"] = step_lr
+                if data.info.kind == "text":  # bits per character, from the same running mean
+                    values["train/bpc"] = values["train/loss"] / math.log(2)
                 values["perf/samples_per_sec"] = (step - last_log_step) * batch.size / (now - last_log_time)
                 last_log_time, last_log_step = now, step
                 running_loss.zero_(), running_correct.zero_(), running_count.zero_()

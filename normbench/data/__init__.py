@@ -7,6 +7,8 @@ validation set in fixed order.
 
 from __future__ import annotations
 
+import functools
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -41,31 +43,29 @@ TEXT_DATASETS = ("synthetic_text", "tinyshakespeare", "text")
 DATASETS = IMAGE_DATASETS + TEXT_DATASETS
 
 
+# name -> (module, builder). A builder's keyword parameters are exactly the options it reads;
+# the config checks compare a `dataset:` config with them, so unread keys are refused.
+BUILDERS = {
+    "shapes": ("normbench.data.synthetic", "shapes_dataset"),
+    "cifar10": ("normbench.data.images", "cifar_dataset"),
+    "cifar100": ("normbench.data.images", "cifar_dataset"),
+    "imagefolder": ("normbench.data.images", "imagefolder_dataset"),
+    "synthetic_text": ("normbench.data.synthetic_text", "synthetic_text_dataset"),
+    "tinyshakespeare": ("normbench.data.text", "tinyshakespeare_dataset"),
+    "text": ("normbench.data.text", "text_dataset"),
+}
+
+
+def dataset_builder(name: str):
+    """The function that builds dataset `name` from its options (CIFAR's is told which one)."""
+    if name not in BUILDERS:
+        raise UserError(f"unknown dataset '{name}'", f"use one of: {', '.join(DATASETS)}")
+    module, function = BUILDERS[name]
+    builder = getattr(importlib.import_module(module), function)
+    return functools.partial(builder, name) if name.startswith("cifar") else builder
+
+
 def build_dataset(name: str, **options):
     """Construct a dataset by name from plain keyword options (the `dataset:` config)."""
-    options = {k: v for k, v in options.items() if k != "name"}
-    if name == "shapes":
-        from normbench.data.synthetic import shapes_dataset
-
-        return shapes_dataset(**options)
-    if name in ("cifar10", "cifar100"):
-        from normbench.data.images import cifar_dataset
-
-        return cifar_dataset(name, **options)
-    if name == "imagefolder":
-        from normbench.data.images import imagefolder_dataset
-
-        return imagefolder_dataset(**options)
-    if name == "synthetic_text":
-        from normbench.data.synthetic_text import synthetic_text_dataset
-
-        return synthetic_text_dataset(**options)
-    if name == "tinyshakespeare":
-        from normbench.data.text import tinyshakespeare_dataset
-
-        return tinyshakespeare_dataset(**options)
-    if name == "text":
-        from normbench.data.text import text_dataset
-
-        return text_dataset(**options)
-    raise UserError(f"unknown dataset '{name}'", f"use one of: {', '.join(DATASETS)}")
+    options.pop("kind", None)  # what the dataset is, for the checks; not a loading option
+    return dataset_builder(name)(**options)

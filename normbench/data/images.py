@@ -107,12 +107,55 @@ class ImageTrainLoader(ShuffledEpochs):
         return Batch(self.ds.normalize(x).contiguous(), self.ds.train_y[idx])
 
 
+# ----------------------------------------------------------------------------- subsets
+
+
+def stratified_subset(labels: torch.Tensor, n: int | None, seed: int, key: str,
+                      what: str) -> torch.Tensor:
+    """Indices (ascending) of `n` samples spread over the classes as evenly as possible.
+
+    Samples are visited in a permutation drawn from `seed`, and taken round by round: the
+    first sample of every class, then the second of every class, and so on; so each class
+    gets n // K or one more (a class with too few samples leaves its share to the others).
+    `n` None keeps every sample. `key` and `what` name the option and the samples in errors.
+    """
+    total = labels.numel()
+    if n is None or n == total:
+        return torch.arange(total)
+    if n > total:
+        raise UserError(f"{key}={n} is more than the {total} {what}",
+                        f"use {key}={total} or fewer (null: all of them)")
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    by_class = torch.argsort(labels[perm], stable=True)  # positions in perm, class by class
+    sorted_labels = labels[perm][by_class]
+    class_start = torch.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank = torch.empty(total, dtype=torch.long)
+    rank[by_class] = torch.arange(total) - class_start  # rank of each sample within its class
+    # Round first, then the order in the permutation: ties between classes drawn at random.
+    order = torch.argsort(rank * total + torch.arange(total))
+    return perm[order[:n]].sort().values
+
+
+def resize_images(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(N,C,H,W) uint8 images resized to image_size x image_size, antialiased."""
+    from torchvision.transforms.v2.functional import resize
+
+    if x.shape[-2:] == (image_size, image_size):
+        return x
+    return resize(x, [image_size, image_size], antialias=True)
+
+
 # ----------------------------------------------------------------------------- CIFAR
 
 
 def cifar_dataset(name: str, root: str = "data_cache", download: bool = True,
-                  augment: bool = True, limit: int | None = None, **_ignored) -> ImageDataset:
-    """CIFAR-10/100 through torchvision, downloaded into `root` on first use."""
+                  augment: bool = True, n_train: int | None = None, n_val: int | None = None,
+                  image_size: int = 32, seed: int = 0) -> ImageDataset:
+    """CIFAR-10/100 through torchvision, downloaded into `root` on first use.
+
+    n_train / n_val keep a class-stratified subset of each split, drawn from the data seed;
+    image_size other than 32 resizes every image (antialiased).
+    """
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
@@ -128,14 +171,15 @@ def cifar_dataset(name: str, root: str = "data_cache", download: bool = True,
             f"connect to the network, or put {cls.filename} from {cls.url} at {archive} "
             f"(or set dataset.root to where it is)") from None
 
-    def tensors(ds):
-        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N,32,32,3) -> NCHW
+    def tensors(ds, n, key, what, split_seed):
         y = torch.tensor(ds.targets, dtype=torch.long)
-        if limit:
-            x, y = x[:limit], y[:limit]
-        return x, y
+        keep = stratified_subset(y, n, split_seed, key, f"{what} images of {name}")
+        data = ds.data if len(keep) == len(y) else ds.data[keep.numpy()]  # no copy of all 50k
+        x = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()  # (N,32,32,3) -> NCHW
+        return resize_images(x, image_size), y[keep]
 
-    (tx, ty), (vx, vy) = tensors(train), tensors(val)
+    tx, ty = tensors(train, n_train, "dataset.n_train", "training", 2 * seed)
+    vx, vy = tensors(val, n_val, "dataset.n_val", "validation", 2 * seed + 1)
     return ImageDataset(tx, ty, vx, vy, len(train.classes), augment=augment, name=name)
 
 
@@ -143,11 +187,14 @@ def cifar_dataset(name: str, root: str = "data_cache", download: bool = True,
 
 
 def imagefolder_dataset(root: str | None = None, image_size: int = 32, augment: bool = True,
-                        **_ignored) -> ImageDataset:
-    """Any folder with train/ and val/ split into class subfolders, resized to a square."""
+                        n_train: int | None = None, n_val: int | None = None,
+                        seed: int = 0) -> ImageDataset:
+    """Any folder with train/ and val/ split into class subfolders, resized to a square.
+
+    n_train / n_val keep a class-stratified subset of each split (only those files are read).
+    """
     import torchvision
     from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2.functional import resize
 
     if not root:
         raise UserError("dataset=imagefolder needs a folder",
@@ -159,7 +206,7 @@ def imagefolder_dataset(root: str | None = None, image_size: int = 32, augment: 
                             "point dataset.root at a folder holding train/ and val/, each "
                             "with one subfolder per class")
 
-    def load(split: str, class_to_idx=None):
+    def load(split: str, n: int | None, split_seed: int, class_to_idx=None):
         try:
             folder = torchvision.datasets.ImageFolder(str(base / split), loader=lambda p: p)
         except (FileNotFoundError, RuntimeError) as e:
@@ -167,12 +214,15 @@ def imagefolder_dataset(root: str | None = None, image_size: int = 32, augment: 
         if class_to_idx is not None and folder.class_to_idx != class_to_idx:
             raise UserError(f"the classes of {base / 'val'} differ from those of {base / 'train'}",
                             "give val/ the same class subfolders as train/")
-        images = torch.empty(len(folder.samples), 3, image_size, image_size, dtype=torch.uint8)
-        for i, (path, _) in enumerate(folder.samples):
-            img = decode_image(path, mode=ImageReadMode.RGB)
-            images[i] = resize(img, [image_size, image_size], antialias=True)
-        return images, torch.tensor(folder.targets), folder.class_to_idx
+        labels = torch.tensor(folder.targets)
+        key = "dataset.n_train" if split == "train" else "dataset.n_val"
+        keep = stratified_subset(labels, n, split_seed, key, f"images in {base / split}")
+        images = torch.empty(len(keep), 3, image_size, image_size, dtype=torch.uint8)
+        for i, index in enumerate(keep.tolist()):
+            img = decode_image(folder.samples[index][0], mode=ImageReadMode.RGB)
+            images[i] = resize_images(img[None], image_size)[0]
+        return images, labels[keep], folder.class_to_idx
 
-    tx, ty, classes = load("train")
-    vx, vy, _ = load("val", classes)
+    tx, ty, classes = load("train", n_train, 2 * seed)
+    vx, vy, _ = load("val", n_val, 2 * seed + 1, classes)
     return ImageDataset(tx, ty, vx, vy, len(classes), augment=augment, name=f"imagefolder:{base}")

@@ -96,8 +96,7 @@ def render_shapes(n: int, seed: int, size: int = 32, noise: float = 0.05):
 
 
 def shapes_dataset(n_train: int = 5000, n_val: int = 1000, image_size: int = 32,
-                   noise: float = 0.05, seed: int = 0, augment: bool = True,
-                   **_ignored) -> ImageDataset:
+                   noise: float = 0.05, seed: int = 0, augment: bool = True) -> ImageDataset:
     """The default image dataset: deterministic in `seed`, independent of the training seed."""
     tx, ty = render_shapes(n_train, seed=2 * seed, size=image_size, noise=noise)
     vx, vy = render_shapes(n_val, seed=2 * seed + 1, size=image_size, noise=noise)

@@ -87,7 +87,7 @@ def encode_rows(sentences: list[str], seq_len: int) -> tuple[torch.Tensor, torch
 
 
 def synthetic_text_dataset(n_train: int = 4000, n_val: int = 500, seq_len: int = 48,
-                           max_depth: int = 2, seed: int = 0, **_ignored) -> TextDataset:
+                           max_depth: int = 2, seed: int = 0) -> TextDataset:
     """Deterministic in `seed`, independent of the training seed."""
     if seq_len < 24:
         raise UserError(f"dataset.seq_len={seq_len} is too short for synthetic_text sentences",

@@ -223,8 +223,7 @@ def stream_dataset(text: str, seq_len: int, val_fraction: float, name: str,
                        name=name)
 
 
-def text_dataset(path: str | None = None, seq_len: int = 128, val_fraction: float = 0.1,
-                 **_ignored) -> TextDataset:
+def text_dataset(path: str | None = None, seq_len: int = 128, val_fraction: float = 0.1) -> TextDataset:
     """Any local UTF-8 file: the first (1 - val_fraction) for training, the rest for validation."""
     if not path:
         raise UserError("dataset=text needs a file", "add dataset.path=/path/to/file.txt")
@@ -282,7 +281,7 @@ def fetch_tinyshakespeare(root: str | Path, download: bool = True) -> Path:
 
 
 def tinyshakespeare_dataset(root: str = "data_cache", download: bool = True, seq_len: int = 128,
-                            val_fraction: float = 0.1, **_ignored) -> TextDataset:
+                            val_fraction: float = 0.1) -> TextDataset:
     path = fetch_tinyshakespeare(root, download)
     return stream_dataset(read_text_file(path), seq_len, val_fraction, name="tinyshakespeare",
                           source=str(path))
