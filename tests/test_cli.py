@@ -109,12 +109,16 @@ def test_variants_train(tmp_path, tiny_config, overrides):
 
 
 def test_imagefolder_through_the_cli(tmp_path, cli):
-    write_imagefolder(tmp_path / "folder", per_class=12)
+    write_imagefolder(tmp_path / "folder", classes=("cat", "dog", "owl", "fox"), per_class=30)
     result = cli("train", "dataset=imagefolder", f"dataset.root={tmp_path / 'folder'}",
-                 "batch_size=8", "steps=4", "log_every=2", "model.depth=8")
+                 "dataset.n_train=64", "dataset.n_val=64", "batch_size=8", "steps=2",
+                 "log_every=2", "model.depth=8")
     assert result.returncode == 0, result.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert json.loads((run_dir / "summary.json").read_text())["dataset"] == "imagefolder"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["dataset"] == "imagefolder"
+    assert (summary["n_train"], summary["n_val"]) == (64, 64)  # of 120 in each split
+    assert "n_train: 64" in (run_dir / ".hydra" / "config.yaml").read_text()
 
 
 def test_imagefolder_without_root_is_a_user_error(cli):

@@ -8,11 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from normbench.checks import check_output_dir, check_text_file
+from normbench.checks import SECTIONS, check_keys_are_read, check_output_dir, check_text_file, section_options
 from normbench.cli import conf_dir
 from normbench.errors import UserError
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, compose_config, run_cli
+from tests.test_data_images import write_imagefolder
 
 # Where the download of a dataset would go: a closed local port, i.e. no network.
 OFFLINE = {key: "http://127.0.0.1:9" for key in
@@ -37,6 +39,8 @@ def make_files(root: Path) -> dict[str, Path]:
     files["short"].write_text("To be, or not to be.\n")
     files["a_file"].write_text("a plain file, where a folder would have to be")
     (root / "no_cifar_here").mkdir()
+    files["images"] = root / "images"
+    write_imagefolder(files["images"])  # 3 classes x 4 images in train/ and in val/
     return files
 
 
@@ -67,6 +71,56 @@ CASES = [
     ("sweep-folder-with-checkpoints", ["-m", "norm=batch,group", "hydra.sweep.dir=old_sweep"],
      ["the sweep folder old_sweep already holds runs with checkpoints", "resume=auto"]),
     ("impossible-pair", ["dataset.kind=text"], ["model=resnet cannot read text data"]),
+    # Keys that nothing would read: refused, naming where they came from.
+    ("unread-key-command-line", ["optim=adamw", "+optim.nesterov=true"],
+     ["optim.nesterov=true (from the command line) is not read by optim=adamw",
+      "it is an option of optim=sgd"]),
+    ("unread-key-image-folder", ["experiment=batch_size_sweep", "dataset=imagefolder",
+                                 "dataset.root={images}", "++dataset.noise=0.1"],
+     ["dataset.noise=0.1 (from the command line) is not read by dataset=imagefolder",
+      "dataset=shapes"]),
+    ("unread-key-from-a-preset", ["experiment=batch_size_sweep", "dataset=synthetic_text",
+                                  "model=transformer"],
+     ["dataset.image_size=16 (from the preset experiment=batch_size_sweep) is not read by "
+      "dataset=synthetic_text", "drop it with ~dataset.image_size"]),
+    ("unread-key-schedule", ["sched=constant", "+sched.final_lr_frac=0.1"],
+     ["sched.final_lr_frac=0.1 (from the command line) is not read by sched=constant"]),
+    ("unread-key-norm", ["norm=layer", "+norm.momentum=0.5"],
+     ["norm.momentum=0.5 (from the command line) is not read by norm=layer", "norm=batch"]),
+    ("unread-top-level-key", ["+lr_warmup=5"],
+     ["lr_warmup=5 (from the command line) is not a normbench setting"]),
+    ("unread-key-in-a-sweep", ["-m", "norm=batch,layer", "+norm.num_groups=4"],
+     ["norm.num_groups=4 (from the command line) is not read by norm=batch", "norm=group"]),
+    # Numbers out of range.
+    ("eps-negative", ["norm.eps=-1"], ["norm.eps=-1 must be a number, above 0"]),
+    ("momentum-above-1", ["norm.momentum=1.5"],
+     ["norm.momentum=1.5 must be a number, between 0 and 1 (or null)"]),
+    ("num-groups-zero", ["norm=group", "norm.num_groups=0"],
+     ["norm.num_groups=0 must be an integer, 1 or more"]),
+    ("weight-decay-negative", ["optim.weight_decay=-0.1"],
+     ["optim.weight_decay=-0.1 must be a number, 0 or more"]),
+    ("sgd-momentum-1", ["optim.momentum=1.0"],
+     ["optim.momentum=1.0 must be a number, at least 0 and below 1"]),
+    ("adamw-beta-1", ["optim=adamw", "optim.betas=[0.9,1.0]"],
+     ["optim.betas[1]=1.0 must be a number, at least 0 and below 1", "optim.betas=[0.9,0.999]"]),
+    ("warmup-above-1", ["sched.warmup_frac=1.5"],
+     ["sched.warmup_frac=1.5 must be a number, between 0 and 1"]),
+    ("final-lr-negative", ["sched.final_lr_frac=-0.1"], ["sched.final_lr_frac=-0.1 must be"]),
+    ("n-train-zero", ["dataset.n_train=0"], ["dataset.n_train=0 must be an integer, 1 or more"]),
+    ("n-val-not-a-number", ["dataset=cifar10", "dataset.n_val=lots"],
+     ["dataset.n_val=lots must be an integer, 1 or more (or null)"]),
+    ("noise-negative", ["dataset.noise=-0.1"], ["dataset.noise=-0.1 must be a number, 0 or more"]),
+    ("seq-len-1", ["dataset=synthetic_text", "model=transformer", "dataset.seq_len=1"],
+     ["dataset.seq_len=1 must be an integer, 2 or more"]),
+    ("val-fraction-1", ["TEXT:{short}", "dataset.val_fraction=1.0"],
+     ["dataset.val_fraction=1.0 must be a number, above 0 and below 1"]),
+    ("eval-every-negative", ["eval_every=-5"], ["eval_every=-5 must be a whole number >= 0"]),
+    ("batch-larger-than-n-train", ["dataset.n_train=16"],
+     ["batch_size=32 is larger than dataset.n_train=16"]),
+    # Sizes checked once the data is there (inside the job, still one line and exit 2).
+    ("n-train-above-available", ["dataset=imagefolder", "dataset.root={images}",
+                                 "dataset.n_train=13", "batch_size=4"],
+     ["dataset.n_train=13 is more than the 12 images in", "dataset.n_train=12 or fewer"]),
 ]
 
 
@@ -153,3 +207,28 @@ def test_a_long_file_may_be_cut_inside_a_multibyte_character(tmp_path):
     path.write_text("\u00e9" * (1 << 20))  # 2 MB of 2-byte characters, split at 1 MB + odd
     path.write_bytes(b"x" + path.read_bytes())
     check_text_file(path, context=1000)
+
+
+def test_every_shipped_config_file_holds_only_keys_its_builder_reads():
+    # The rule the checks enforce holds for the config tree itself (presets aside, which
+    # compose across groups: test_sweep checks every preset's jobs).
+    for section in SECTIONS:
+        for path in sorted((conf_dir() / section).glob("*.yaml")):
+            keys = set(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+            unread = keys - section_options(section, path.stem)
+            assert not unread, (path, unread)
+
+
+def test_every_section_option_is_refused_where_its_builder_does_not_read_it():
+    # The options come from the builders' signatures: sgd's, not adamw's.
+    assert {"momentum", "nesterov", "weight_decay"} <= section_options("optim", "sgd")
+    assert "nesterov" not in section_options("optim", "adamw")
+    assert "betas" in section_options("optim", "adamw")
+    assert "final_lr_frac" not in section_options("sched", "constant")
+    assert {"n_train", "n_val", "image_size", "seed"} <= section_options("dataset", "cifar10")
+    assert "noise" not in section_options("dataset", "imagefolder")
+    # Filled in by build_model from the data: not model options.
+    assert "num_classes" not in section_options("model", "resnet")
+    with pytest.raises(UserError, match=r"dataset.n_train=5 \(from conf/dataset/x.yaml\) is not read"):
+        config = compose_config(["dataset=text", "+dataset.n_train=5"])
+        check_keys_are_read(config, origin=lambda key: "conf/dataset/x.yaml")

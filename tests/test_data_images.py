@@ -10,7 +10,13 @@ import torch
 import torchvision
 
 from normbench.data import build_dataset
-from normbench.data.images import cifar_dataset, imagefolder_dataset, random_crop_flip
+from normbench.data.images import (
+    cifar_dataset,
+    imagefolder_dataset,
+    random_crop_flip,
+    resize_images,
+    stratified_subset,
+)
 from normbench.data.synthetic import SHAPE_CLASSES, render_shapes
 from normbench.errors import UserError
 
@@ -69,6 +75,22 @@ def test_loader_state_resumes_the_same_stream():
         assert torch.equal(next(a).x, next(b).x)
 
 
+def test_stratified_subset_is_balanced_deterministic_and_seeded():
+    labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 7)
+    keep = stratified_subset(labels, 9, seed=0, key="dataset.n_train", what="images")
+    assert torch.bincount(labels[keep]).tolist() == [3, 3, 3]
+    assert keep.unique().numel() == 9 and torch.equal(keep, keep.sort().values)
+    # 10 = 3 x 3 + 1: one class gets one more; class 1 has only 3, the others fill in.
+    assert sorted(torch.bincount(labels[stratified_subset(labels, 10, 0, "k", "x")]).tolist()) == [3, 3, 4]
+    assert torch.bincount(labels[stratified_subset(labels, 15, 0, "k", "x")]).tolist() == [6, 3, 6]
+    assert torch.equal(keep, stratified_subset(labels, 9, 0, "k", "x"))
+    assert not torch.equal(keep, stratified_subset(labels, 9, 1, "k", "x"))
+    assert stratified_subset(labels, None, 0, "k", "x").tolist() == list(range(20))
+    with pytest.raises(UserError, match=r"dataset.n_train=21 is more than the 20 images.*"
+                                        r"dataset.n_train=20 or fewer"):
+        stratified_subset(labels, 21, 0, "dataset.n_train", "images")
+
+
 # ----------------------------------------------------------------------------- CIFAR fixture
 
 
@@ -115,6 +137,45 @@ def test_cifar_loads_from_its_on_disk_format(cifar_fixture):
     assert torch.equal(ds.train_x[0], torch.from_numpy(data[0].reshape(3, 32, 32)))
     assert ds.train_y[:20].tolist() == labels
     assert ds.info.num_classes == 10
+
+
+def test_cifar_keeps_a_stratified_subset_of_real_rows_and_resizes(cifar_fixture):
+    root, files = cifar_fixture
+    full = cifar_dataset("cifar10", root=str(root), download=False)
+    ds = cifar_dataset("cifar10", root=str(root), download=False, n_train=30, n_val=10)
+    assert (ds.n_train, ds.n_val) == (30, 10)
+    # Each kept image is a row of the split, with its own label.
+    source = {full.train_x[i].numpy().tobytes(): full.train_y[i].item() for i in range(100)}
+    assert all(source[x.numpy().tobytes()] == y for x, y in zip(ds.train_x, ds.train_y.tolist(), strict=True))
+    available = torch.bincount(full.train_y, minlength=10)
+    counts = torch.bincount(ds.train_y, minlength=10)
+    assert available.min() >= 3  # the fixture holds at least 3 images of each class
+    assert counts.tolist() == [3] * 10
+    small = cifar_dataset("cifar10", root=str(root), download=False, n_train=30, n_val=10,
+                          image_size=16)
+    assert small.train_x.shape == (30, 3, 16, 16) and small.info.image_size == 16
+    assert torch.equal(small.train_x, resize_images(ds.train_x, 16))  # same images, antialiased
+    assert torch.equal(small.train_y, ds.train_y)
+    with pytest.raises(UserError, match="dataset.n_val=21 is more than the 20 validation images"):
+        cifar_dataset("cifar10", root=str(root), download=False, n_val=21)
+
+
+def test_a_run_on_cifar_records_the_sizes_it_used(cifar_fixture, tmp_path):
+    import json
+
+    from normbench.checks import check_config
+    from normbench.train import run_experiment
+    from tests.conftest import compose_config
+
+    root, _ = cifar_fixture
+    config = compose_config(["dataset=cifar10", f"dataset.root={root}", "dataset.download=false",
+                             "dataset.n_train=40", "dataset.n_val=10", "dataset.image_size=16",
+                             "batch_size=8", "steps=2", "log_every=1", "model.depth=8",
+                             "probes=false"])
+    check_config(config)
+    run_experiment(config, tmp_path / "run", live=False)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["n_train"], summary["n_val"], summary["status"]) == (40, 10, "completed")
 
 
 def test_cifar_downloads_through_torchvision(tmp_path, monkeypatch, http_server):
@@ -165,3 +226,17 @@ def test_imagefolder_reads_classes_and_resizes(tmp_path):
 def test_imagefolder_without_splits_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="train"):
         imagefolder_dataset(root=str(tmp_path))
+
+
+def test_imagefolder_keeps_a_stratified_subset(tmp_path):
+    write_imagefolder(tmp_path)  # 3 classes x 4 images per split
+    ds = imagefolder_dataset(root=str(tmp_path), image_size=16, n_train=7, n_val=3)
+    assert (ds.n_train, ds.n_val) == (7, 3)
+    assert sorted(torch.bincount(ds.train_y).tolist()) == [2, 2, 3]
+    assert torch.bincount(ds.val_y).tolist() == [1, 1, 1]
+    # The image of class k, file i, is filled with 40k + i: the labels match the pixels.
+    assert all(abs(x.float().mean().item() - 40 * y) < 4 for x, y in zip(ds.train_x, ds.train_y, strict=True))
+    again = imagefolder_dataset(root=str(tmp_path), image_size=16, n_train=7, n_val=3)
+    assert torch.equal(ds.train_x, again.train_x)
+    with pytest.raises(UserError, match="dataset.n_train=13 is more than the 12 images"):
+        imagefolder_dataset(root=str(tmp_path), n_train=13)

@@ -16,6 +16,7 @@ from normbench.cli import conf_dir, preflight, threads_per_job
 from normbench.errors import UserError
 from normbench.report import report_command
 from tests.conftest import TINY, compose_config
+from tests.test_data_images import write_imagefolder
 
 
 def summaries(sweep_root: Path) -> dict[str, dict]:
@@ -68,6 +69,28 @@ def test_preflight_expands_preset_params_and_checks_every_job():
         preflight(["experiment=batch_size_sweep", "base_batch_size=0"], True)
 
 
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml")))
+def test_every_job_of_every_preset_passes_the_key_checks(preset):
+    # Each preset's own sweep is expanded and every job composed and checked: a preset key
+    # that some job's builder would not read fails here, not in the middle of a sweep.
+    assert preflight([f"experiment={preset}"], True) is not None
+
+
+def test_a_preset_on_another_dataset_keeps_its_sizes_or_is_refused():
+    # Image datasets read the preset's n_train / n_val / image_size (honoured, not dropped);
+    # a text dataset reads no image_size, and the line names the preset it came from.
+    assert preflight(["experiment=batch_size_sweep", "dataset=cifar10", "seed=0"], True)
+    cfg = compose_config(["experiment=batch_size_sweep", "dataset=cifar10"])
+    assert (cfg["dataset"]["n_train"], cfg["dataset"]["image_size"]) == (2000, 16)
+    with pytest.raises(UserError, match=r"dataset.image_size=16 \(from the preset "
+                                         r"experiment=batch_size_sweep\) is not read by "
+                                         r"dataset=synthetic_text"):
+        preflight(["experiment=batch_size_sweep", "dataset=synthetic_text", "model=transformer"],
+                  True)
+    with pytest.raises(UserError, match=r"\(from the command line\) is not read by norm=group"):
+        preflight(["experiment=lr_sweep", "++norm.stats_batch=4"], True)
+
+
 def test_threads_per_job_shares_the_cores(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
     joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
@@ -117,16 +140,17 @@ def test_joblib_sweep_with_a_diverging_job_finishes_the_others(cli, tmp_path, ca
 
 @pytest.mark.slow
 def test_failing_job_is_recorded_and_isolated(cli, tmp_path):
-    # The image folder is missing: the pre-flight cannot know (it loads no data), so the job
-    # fails at run time; the sweep records it as failed and the shapes job still completes.
-    tiny = [f"++{o}" if o.startswith("dataset.") else o for o in TINY]
-    result = cli("train", "-m", "dataset=imagefolder,shapes", f"++dataset.root={tmp_path}/nope",
-                 "norm=none", *tiny)
+    # One image folder is missing: the pre-flight cannot know (it loads no data), so that job
+    # fails at run time; the sweep records it as failed and the other job still completes.
+    write_imagefolder(tmp_path / "good", per_class=12)
+    tiny = [o for o in TINY if not o.startswith(("dataset.", "batch_size="))]
+    result = cli("train", "-m", "dataset=imagefolder",
+                 f"dataset.root={tmp_path}/good,{tmp_path}/nope", "norm=none", "batch_size=8",
+                 *tiny)
     assert result.returncode == 1, result.stderr[-2000:]
-    runs = summaries(tmp_path)
-    statuses = {s["dataset"]: s["status"] for s in runs.values()}
-    assert statuses == {"imagefolder": "failed", "shapes": "completed"}
-    failed = next(s for s in runs.values() if s["status"] == "failed")
-    assert "dataset.root" in failed["error"] or "nope" in failed["error"]
+    runs = sorted(summaries(tmp_path).values(), key=lambda s: s["status"])
+    assert [s["status"] for s in runs] == ["completed", "failed"]
+    assert runs[0]["n_train"] == 36  # every image of the good folder
+    assert "nope" in runs[1]["error"]
     assert "2 jobs, 1 completed, 1 not completed" in result.stderr
     assert result.stderr.strip().endswith(": failed")
