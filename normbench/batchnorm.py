@@ -46,9 +46,8 @@ from normbench.bn_stats import (
     GroupStats,
     UpdateTarget,
     collapsed_channels,
-    expand_groups,
     group_stats,
-    per_sample_view,
+    per_channel,
     pooled_moments,
     update_target,
 )
@@ -73,7 +72,8 @@ class _GhostStats:
         """Population moments of all real entries of the batch, whatever the grouping:
         mean, biased variance (per channel) and the number of real entries N (0-d)."""
         with torch.no_grad():
-            return pooled_moments(group_stats(x.detach(), mask, x.shape[0], self.channel_dim))
+            gs = group_stats(x.detach(), mask, x.shape[0], self.channel_dim)
+            return per_channel(*pooled_moments(gs))
 
     def training_stats(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> UpdateTarget:
         """What this batch's running update moves towards (its valid groups, by counts)."""
@@ -82,17 +82,20 @@ class _GhostStats:
             return update_target(gs)
 
     def _running_fallback(self, pool_mean, pool_var):
-        """Mean, variance and a per-channel 'zero x_hat' flag for a batch with < 2 real
+        """Mean, variance and a per-channel 'x_hat = 0' flag for a batch with < 2 real
         entries: the running statistics as eval uses them, or the pool without them."""
         if not self.track_running_stats or self.running_mean is None:
             return pool_mean, pool_var, torch.zeros_like(pool_mean, dtype=torch.bool)
+        shape = pool_mean.shape
         collapsed = getattr(self, "collapsed", None)
         if collapsed is None:
             collapsed = torch.zeros_like(self.running_mean, dtype=torch.bool)
-        return self.running_mean.to(pool_mean.dtype), self.running_var.to(pool_var.dtype), collapsed
+        return (self.running_mean.to(pool_mean.dtype).reshape(shape),
+                self.running_var.to(pool_var.dtype).reshape(shape), collapsed.reshape(shape))
 
     def _group_normalizers(self, gs: GroupStats):
-        """(G, C) mean and 1/sigma per group: its own, else the batch pool, else running."""
+        """Mean and 1/sigma per group (keepdim shapes): its own, else the batch's pool, else
+        the running statistics."""
         pool_mean, pool_var, total = pooled_moments(gs)
         run_mean, run_var, run_collapsed = self._running_fallback(pool_mean, pool_var)
         pool_ok = total >= 2
@@ -101,8 +104,8 @@ class _GhostStats:
         var = torch.where(valid, gs.var, torch.where(pool_ok, pool_var, run_var))
         inv_std = torch.rsqrt(var + self.eps)
         # As in eval: a collapsed channel normalized with running statistics gives x_hat = 0.
-        uses_running = ~valid & ~pool_ok
-        return mean, torch.where(uses_running & run_collapsed, 0.0, inv_std)
+        zero = ~pool_ok & run_collapsed & ~valid
+        return mean, torch.where(zero, torch.zeros_like(inv_std), inv_std)
 
     def _normalize(self, x: torch.Tensor, mask: torch.Tensor | None, k: int,
                    update: bool) -> torch.Tensor:
@@ -111,10 +114,7 @@ class _GhostStats:
             with torch.no_grad():
                 self._update_running(update_target(gs))
         mean, inv_std = self._group_normalizers(gs)
-        n = x.shape[0]
-        mean = per_sample_view(expand_groups(mean, k, n), x, self.channel_dim)
-        inv_std = per_sample_view(expand_groups(inv_std, k, n), x, self.channel_dim)
-        return self._affine(((x - mean) * inv_std).to(x.dtype))
+        return self._affine(gs.ungroup((gs.xg - mean) * inv_std).to(x.dtype))
 
     def _affine(self, y: torch.Tensor) -> torch.Tensor:
         if not self.affine:
@@ -129,12 +129,11 @@ class _GhostStats:
         of 0 leaves the buffers bit for bit as they were)."""
         valid = target.valid
         self.num_batches_tracked.add_(valid.to(self.num_batches_tracked.dtype))
+        weight = valid.to(self.running_mean.dtype)
         if self.momentum is None:  # cumulative moving average, as in PyTorch
-            factor = 1.0 / self.num_batches_tracked.clamp(min=1).to(self.running_mean.dtype)
+            weight = weight / self.num_batches_tracked.clamp(min=1)
         else:
-            factor = torch.tensor(self.momentum, dtype=self.running_mean.dtype,
-                                  device=self.running_mean.device)
-        weight = torch.where(valid, factor, torch.zeros_like(factor))
+            weight = weight * self.momentum
         self.running_mean.lerp_(target.mean.to(self.running_mean.dtype), weight)
         self.running_var.lerp_(target.unbiased_var.to(self.running_var.dtype), weight)
         collapsed = getattr(self, "collapsed", None)

@@ -37,13 +37,15 @@ COLLAPSE_RATIO = 1e-4
 
 @dataclass
 class GroupStats:
-    """Per-group statistics; `count` and `updates` are (G, 1), `mean` and `ss` (G, C)."""
+    """Per-group statistics in the grouped view (G, k, ...) of the batch, with keepdim shapes:
+    `count` and `updates` (G, 1, ..., 1), `mean` and `ss` (G, 1, .., C, .., 1)."""
 
+    xg: torch.Tensor  # the batch as (G, k, ...), zero-padded to G * k samples
     count: torch.Tensor  # real entries per group (the same for every channel)
     mean: torch.Tensor  # biased mean (0 for a group without real entries)
     ss: torch.Tensor  # sum of squared deviations from the group's mean
     updates: torch.Tensor  # bool: a full group with >= 2 real entries (enters the update)
-    k: int  # samples per group (the last group may be shorter)
+    n: int  # samples in the batch (before padding)
 
     @property
     def valid(self) -> torch.Tensor:
@@ -54,10 +56,14 @@ class GroupStats:
         """Biased variance SS_g / n_g (0 for a group without real entries)."""
         return self.ss / self.count.clamp(min=1)
 
+    def ungroup(self, y: torch.Tensor) -> torch.Tensor:
+        """(G, k, ...) back to the batch's (N, ...), padding dropped."""
+        return y.reshape(-1, *y.shape[2:])[:self.n]
+
 
 @dataclass
 class UpdateTarget:
-    """What one training batch's running update moves towards (all 0-d or (C,) tensors)."""
+    """What one training batch's running update moves towards ((C,) or 0-d tensors)."""
 
     mean: torch.Tensor  # sum n_g mu_g / sum n_g over the updating groups
     var: torch.Tensor  # biased scale: sum SS_g / sum n_g
@@ -66,42 +72,26 @@ class UpdateTarget:
     valid: torch.Tensor  # bool: at least one group updates
 
 
-def reduced_dims(x: torch.Tensor, channel_dim: int) -> tuple[int, ...]:
-    """The axes a BatchNorm reduces over besides the batch axis."""
-    cdim = channel_dim % x.dim()
-    return tuple(d for d in range(1, x.dim()) if d != cdim)
-
-
-def per_sample_view(t: torch.Tensor, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """(N, C) values reshaped to broadcast against x (channel axis at `channel_dim`)."""
-    shape = [1] * x.dim()
-    shape[0] = t.shape[0]
-    shape[channel_dim % x.dim()] = t.shape[1]
-    return t.reshape(shape)
-
-
-def group_sum(s: torch.Tensor, k: int) -> torch.Tensor:
-    """(N, C) per-sample sums -> (G, C) per-group sums; a tail of N mod k is one group."""
-    n = s.shape[0]
-    full = n - n % k
-    head = s[:full].reshape(full // k, k, s.shape[1]).sum(1)
-    if full == n:
-        return head
-    return torch.cat([head, s[full:].sum(0, keepdim=True)])
-
-
-def expand_groups(g: torch.Tensor, k: int, n: int) -> torch.Tensor:
-    """(G, C) per-group values -> (N, C): each sample gets its group's value."""
-    full = n - n % k
-    head = g[:full // k].repeat_interleave(k, dim=0)
-    if full == n:
-        return head
-    return torch.cat([head, g[full // k:].expand(n - full, g.shape[1])])
-
-
 def stats_dtype(x: torch.Tensor) -> torch.dtype:
     """At least float32 for sums over many entries."""
     return torch.promote_types(x.dtype, torch.float32)
+
+
+def _real_weights(x: torch.Tensor, mask: torch.Tensor | None, pad: int, dtype,
+                  channel_dim: int):
+    """Entry weights (1 real, 0 padding) of x's shape with a channel axis of 1, followed by
+    `pad` padded samples; None when every entry is real and nothing is padded."""
+    if mask is not None:  # channels-last: (N, ..., 1)
+        m = mask.to(dtype).unsqueeze(-1)
+    elif pad:
+        shape = list(x.shape)
+        shape[channel_dim % x.dim()] = 1
+        m = torch.ones(shape, dtype=dtype, device=x.device)
+    else:
+        return None
+    if pad:
+        m = torch.cat([m, m.new_zeros((pad,) + m.shape[1:])])
+    return m
 
 
 def group_stats(x: torch.Tensor, mask: torch.Tensor | None, k: int,
@@ -109,42 +99,54 @@ def group_stats(x: torch.Tensor, mask: torch.Tensor | None, k: int,
     """Statistics of groups of k samples of `x` over their real entries (two passes).
 
     `mask` (x.shape without the channel axis; channels-last layouts only) marks real entries;
-    None: every entry is real.
+    None: every entry is real. A last, shorter group is zero-padded to k samples whose
+    weights are 0, so that every group is a slice of one (G, k, ...) view.
     """
     n = x.shape[0]
-    dims = reduced_dims(x, channel_dim)
+    groups = -(-n // k)
+    pad = groups * k - n
     dtype = stats_dtype(x)
     xs = x.to(dtype)
-    if mask is None:
-        m = None
-        per_sample = xs[0].numel() / xs.shape[channel_dim % x.dim()]
-        count_s = torch.full((n, 1), per_sample, dtype=dtype, device=x.device)
-        sum_s = xs.sum(dims) if dims else xs
+    m = _real_weights(x, mask, pad, dtype, channel_dim)
+    if pad:
+        xs = torch.cat([xs, xs.new_zeros((pad,) + xs.shape[1:])])
+    xg = xs.reshape(groups, k, *xs.shape[1:])
+    cdim = channel_dim % x.dim() + 1
+    dims = tuple(d for d in range(1, xg.dim()) if d != cdim)
+    if m is None:
+        per_group = xg[0].numel() / xg.shape[cdim]
+        count = torch.full((groups,) + (1,) * (xg.dim() - 1), per_group, dtype=dtype,
+                           device=x.device)
+        mean = xg.mean(dims, keepdim=True)
+        ss = (xg - mean).square().sum(dims, keepdim=True)
     else:
-        m = mask.to(dtype).unsqueeze(-1)
-        count_s = m.sum(dims) if dims else m
-        sum_s = (xs * m).sum(dims) if dims else xs * m
-    count = group_sum(count_s, k)
-    mean = group_sum(sum_s, k) / count.clamp(min=1)
-    dev = (xs - per_sample_view(expand_groups(mean, k, n), x, channel_dim)).square()
-    if m is not None:
-        dev = dev * m
-    ss = group_sum(dev.sum(dims) if dims else dev, k)
-    full = torch.arange(count.shape[0], device=x.device).unsqueeze(1) < n // k
-    return GroupStats(count, mean, ss, (count >= 2) & full, k)
+        mg = m.reshape(groups, k, *m.shape[1:])
+        count = mg.sum(dims, keepdim=True)
+        mean = (xg * mg).sum(dims, keepdim=True) / count.clamp(min=1)
+        ss = ((xg - mean).square() * mg).sum(dims, keepdim=True)
+    full = torch.arange(groups, device=x.device).reshape(count.shape) < n // k
+    return GroupStats(xg, count, mean, ss, (count >= 2) & full, n)
 
 
 def pooled_moments(gs: GroupStats):
-    """Exact population moments of all real entries: mean, biased variance (C,), and N (0-d).
+    """Exact population moments of all real entries: mean, biased variance and N, with
+    keepdim shapes (1, 1, .., C, ..) and (1, .., 1) (`per_channel` flattens them).
 
     var = sum_g (SS_g + n_g (mu_g - mean)^2) / N: within-group plus between-group spread.
     With N = 0 the mean and variance are 0 (and N says so).
     """
-    total = gs.count.sum()
-    mean = (gs.count * gs.mean).sum(0) / total.clamp(min=1)
+    if gs.count.shape[0] == 1:  # one group: it is the pool
+        return gs.mean, gs.var, gs.count
+    total = gs.count.sum(0, keepdim=True)
+    mean = (gs.count * gs.mean).sum(0, keepdim=True) / total.clamp(min=1)
     between = gs.count * (gs.mean - mean).square()
-    var = (gs.ss + between).sum(0) / total.clamp(min=1)
+    var = (gs.ss + between).sum(0, keepdim=True) / total.clamp(min=1)
     return mean, var, total
+
+
+def per_channel(mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor):
+    """Keepdim moments as (C,), (C,) and a 0-d count."""
+    return mean.reshape(-1), var.reshape(-1), count.reshape(())
 
 
 def update_target(gs: GroupStats) -> UpdateTarget:
@@ -160,8 +162,8 @@ def update_target(gs: GroupStats) -> UpdateTarget:
     w = gs.updates.to(gs.count.dtype)
     n = (w * gs.count).sum()
     groups = w.sum()
-    ss = (w * gs.ss).sum(0)
-    mean = (w * gs.count * gs.mean).sum(0) / n.clamp(min=1)
+    ss = (w * gs.ss).sum(0).reshape(-1)
+    mean = ((w * gs.count * gs.mean).sum(0) / n.clamp(min=1)).reshape(-1)
     dof = (w * (gs.count - 1)).sum()
     return UpdateTarget(mean=mean, var=ss / n.clamp(min=1), unbiased_var=ss / dof.clamp(min=1),
                         count=n / groups.clamp(min=1), valid=groups > 0)
