@@ -27,14 +27,18 @@ Running update, one per training forward (PyTorch momentum m), over the full gro
 A batch without such a group leaves the running statistics and num_batches_tracked as they
 are. An uneven tail group (an evaluation batch) never enters the update.
 
-Collapsed channels (`TokenBatchNorm` and its per-step LSTM subclass). A channel whose
-training variance is negligible (<= 1e-4 eps, `bn_stats.COLLAPSE_RATIO`) is normalized
-to x_hat ~ 0 in training: the layer outputs its shift beta whatever the value. Its
-running variance decays towards 0 while its running mean lags the drifting constant, so
-eval would multiply that lag by 1/sqrt(eps). The layer keeps a boolean buffer `collapsed`,
-set by each training batch with a valid group, and in eval maps a collapsed channel to
-x_hat = 0 (output beta): what training produced for it. `GhostBatchNorm2d` keeps torch's
-eval path unchanged.
+Collapsed channels. A channel whose variance in a group is negligible (<= 1e-4 eps,
+`bn_stats.COLLAPSE_RATIO`) normalizes to |x_hat| < 0.01 anyway: the layer outputs its
+shift beta whatever the value. Such a group-channel is normalized to x_hat = 0 exactly
+(1/sigma taken as 0): the output differs from the textbook formula by < 0.01 gamma, and the
+backward pass no longer multiplies per-row gradients by 1/sqrt(eps), which in a recurrence
+compounds over every step two rows share (groups of 2 rows with a common prefix).
+In eval, the running variance of such a channel has decayed towards 0 while its running
+mean lags the drifting constant, so eval would multiply that lag by 1/sqrt(eps).
+`TokenBatchNorm` (and the per-step LSTM layers) therefore keep a boolean buffer
+`collapsed`, set by each training batch with a valid group from its update target, and
+in eval map a collapsed channel to x_hat = 0 (output beta): what training produced for it.
+`GhostBatchNorm2d` keeps torch's eval path, and plain image BN stays torch's own layer.
 """
 
 from __future__ import annotations
@@ -102,10 +106,11 @@ class _GhostStats:
         valid = gs.valid
         mean = torch.where(valid, gs.mean, torch.where(pool_ok, pool_mean, run_mean))
         var = torch.where(valid, gs.var, torch.where(pool_ok, pool_var, run_var))
-        inv_std = torch.rsqrt(var + self.eps)
-        # As in eval: a collapsed channel normalized with running statistics gives x_hat = 0.
-        zero = ~pool_ok & run_collapsed & ~valid
-        return mean, torch.where(zero, torch.zeros_like(inv_std), inv_std)
+        uses_running = ~valid & ~pool_ok
+        collapsed = torch.where(uses_running, run_collapsed, collapsed_channels(var, self.eps))
+        # A collapsed channel gives x_hat = 0 exactly, without the 1/sqrt(eps) Jacobian that
+        # would otherwise amplify the per-row gradients (module docstring).
+        return mean, torch.where(collapsed, 0.0, torch.rsqrt(var + self.eps))
 
     def _normalize(self, x: torch.Tensor, mask: torch.Tensor | None, k: int,
                    update: bool) -> torch.Tensor:

@@ -252,3 +252,45 @@ def test_lstm_trains_on_shapes_images_row_by_row(tmp_path):
     summary = run_experiment(config, tmp_path, live=False)
     assert summary["status"] == "completed" and 0 <= summary["final"]["val_acc"] <= 1
     assert "bn_gap/dmu/layers.0.norm_x.t15" in read_scalars(tmp_path)  # T_max = 16 rows
+
+
+def test_batch_lstm_activations_are_measured_after_the_shared_gamma():
+    model = lstm("batch").train()
+    x = torch.randint(0, 7, (8, 6), generator=torch.Generator().manual_seed(0))
+    probes = Probes(model)
+    with probes.watch_forward(True):
+        model(x)
+    v = probes.flush()
+    # gamma starts at 0.1 and beta at 0: the output std is 0.1 of the normalized one (1).
+    assert v["act/out_std/layers.0.norm_x.t3"] == pytest.approx(0.1, rel=1e-3)
+    assert v["act/out_std/layers.0.norm_h.t3"] == pytest.approx(0.1, rel=0.03)  # eps: small channels
+    assert "act/out_std/layers.0.norm_h.t0" not in v  # not called: W_h h_{-1} = 0
+
+
+BN_LSTM_SHORT = ["model=lstm", "dataset=synthetic_text", "norm=batch", "optim=adamw", "lr=3e-3",
+                 "dataset.n_train=512", "dataset.n_val=128", "batch_size=32", "model.hidden=32",
+                 "model.embed=16", "log_every=50", "eval_every=0", "precise_bn_batches=5"]
+
+
+def test_batch_lstm_running_statistics_evaluate_like_precise_bn(tmp_path, capsys):
+    """Every row starts with the same character: the t = 0 layers see no batch variance.
+    Eval must not amplify their running mean's lag by 1/sqrt(eps)."""
+    config = compose_config([*BN_LSTM_SHORT, "steps=150"])
+    summary = run_experiment(config, tmp_path, live=False)
+    final = summary["final"]
+    assert summary["status"] == "completed"
+    assert abs(final["val_bpc"] - final["val_precise_bpc"]) < 0.15, final
+    scalars = read_scalars(tmp_path)
+    assert scalars["bn_gap/degenerate/layers.0.norm_x.t00"][-1][1] == 4 * 32  # all channels
+    assert "normbench: warning: BatchNorm channels with no batch variance" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_ghost_batch_lstm_with_padded_groups_does_not_diverge(tmp_path, k):
+    config = compose_config(["model=lstm", "dataset=synthetic_text", "norm=batch",
+                             "batch_size=16", f"norm.stats_batch={k}", "steps=10",
+                             "dataset.n_train=256", "dataset.n_val=64", "log_every=5",
+                             "precise_bn_batches=2"])
+    summary = run_experiment(config, tmp_path, live=False)
+    assert summary["status"] == "completed", summary
+    assert all(math.isfinite(v) for v in summary["final"].values())
