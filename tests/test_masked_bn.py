@@ -185,6 +185,6 @@ def test_a_collapsed_group_channel_gives_beta_and_passes_no_amplified_gradient()
     bn = TokenBatchNorm(2, stats_batch=2).train()
     y = bn(x, torch.ones(4, dtype=torch.bool))
     assert torch.equal(y[:2, 0], bn.bias[0].expand(2))  # group 0, channel 0: constant
-    (y * torch.tensor([[3.0, 1.0], [-5.0, 1.0], [1.0, 1.0], [1.0, 1.0]])).sum().backward()
+    (y * torch.tensor([[3.0, 1.0], [-5.0, 1.0], [2.0, 1.0], [-1.0, 3.0]])).sum().backward()
     assert torch.equal(x.grad[:2, 0], torch.zeros(2))  # not 1/sqrt(eps) * (g - mean g)
     assert torch.isfinite(x.grad).all() and x.grad[2:].abs().sum() > 0
