@@ -66,20 +66,25 @@ def saturating_units(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def bn_tid(module: nn.Module, mean_b: torch.Tensor, var_b: torch.Tensor, count: torch.Tensor):
-    """Training-inference discrepancy (Wang et al. 2022), as 0-d tensors.
+    """Training-inference discrepancy (Wang et al. 2022), as 0-d tensors, and its weight.
 
     ``tid_mu = mean_c |mu - mu_B| / sigma_B`` and ``tid_sigma = mean_c |sigma / sigma_B - 1|``
     with mu, sigma^2 the running statistics (variance on the biased scale, as in
     `bn_stat_gaps`) and mu_B, sigma_B^2 the biased batch statistics. Both sigmas include
     the layer's eps, as the divisors the layer actually uses in eval and training mode.
+    The mean runs over live channels: a collapsed one (counted by ``bn_gap/degenerate``)
+    outputs beta in training and eval alike, and its sigma_B = sqrt(eps) would turn any
+    lag into a ratio of hundreds. The weight is 0 when every channel is collapsed.
     """
     count = count.clamp(min=2)
     running_var = module.running_var * (count - 1) / count
     sigma_b = torch.sqrt(var_b + module.eps)
     sigma = torch.sqrt(running_var + module.eps)
-    tid_mu = ((module.running_mean - mean_b).abs() / sigma_b).mean()
-    tid_sigma = (sigma / sigma_b - 1).abs().mean()
-    return tid_mu, tid_sigma
+    live = (~collapsed_channels(var_b, module.eps)).float()
+    n_live = live.sum().clamp(min=1)
+    tid_mu = ((module.running_mean - mean_b).abs() / sigma_b * live).sum() / n_live
+    tid_sigma = ((sigma / sigma_b - 1).abs() * live).sum() / n_live
+    return tid_mu, tid_sigma, live.sum() > 0
 
 
 def token_mask(x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -260,12 +265,13 @@ class Probes:
                 moments = batch_moments(module, x, mask)
                 mean, var, count, valid = bn_training_stats(module, x, mask)
                 dmu, dvar = bn_stat_gaps(module, mean, var, count)
-                tid_mu, tid_sigma = bn_tid(module, mean, var, count)
+                tid_mu, tid_sigma, any_live = bn_tid(module, mean, var, count)
                 degenerate = collapsed_channels(var, module.eps).sum()
             self._moments[name] = moments
-            for stat, value in (("dmu", dmu), ("dvar", dvar), ("tid_mu", tid_mu),
-                                ("tid_sigma", tid_sigma), ("degenerate", degenerate)):
+            for stat, value in (("dmu", dmu), ("dvar", dvar), ("degenerate", degenerate)):
                 self._accumulate(f"bn_gap/{stat}/{name}", value, valid)
+            for stat, value in (("tid_mu", tid_mu), ("tid_sigma", tid_sigma)):
+                self._accumulate(f"bn_gap/{stat}/{name}", value, valid & any_live)
 
         return hook
 

@@ -3,6 +3,8 @@ running update by real counts, and collapsed channels, against direct computatio
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -154,6 +156,13 @@ def test_a_constant_feature_in_a_batch_of_two_is_counted_and_maps_to_beta_in_eva
     assert torch.isfinite(y).all() and torch.allclose(y[:, 1], torch.tensor(0.2))
     values = probes.flush()
     assert values["bn_gap/degenerate/0"] == 1
+    # TID over the live channels only (0 and 2): the collapsed one has sigma_B = sqrt(eps).
+    var_b, mean_b = torch.var_mean(x, dim=0, correction=0)
+    sigma_b = (var_b + bn.eps).sqrt()
+    sigma = (bn.running_var / 2 + bn.eps).sqrt()  # biased scale, n = 2 (last step's state)
+    assert values["bn_gap/tid_sigma/0"] < 1
+    assert math.isfinite(values["bn_gap/tid_mu/0"])
+    assert (sigma[1] / sigma_b[1] - 1) > 1  # what the average would otherwise include
     assert probes.degenerate_layers() == ["0"]
     assert bn.collapsed.tolist() == [False, True, False]
     assert bn.running_var[1] < 1e-2
