@@ -7,14 +7,38 @@
   N/k devices would do with its own slice of the batch (Hoffer et al. 2017; the "batch size"
   of Wu & He 2018 is k). `GhostBatchNorm2d` for images; `TokenBatchNorm` takes the same option.
 
-Running statistics under ghost BN, one update per training forward (PyTorch momentum m):
+The statistics themselves live in `normbench.bn_stats`. Group g has n_g real entries per
+channel, mean mu_g and biased variance v_g.
 
-    running_mean = (1 - m) * running_mean + m * mean_g(mu_g)
-    running_var  = (1 - m) * running_var  + m * mean_g(var_g * n_g / (n_g - 1))
+Degenerate groups. A group with fewer than 2 real entries has no variance (PyTorch refuses
+such a batch). It is normalized with the moments pooled over all real entries of the whole
+batch (what the other groups jointly see) when that pool has >= 2 entries; when even the
+whole batch has fewer than 2 real entries, with the running statistics, as in eval (such a
+group holds at most one real row; its padding is irrelevant). A degenerate group never
+enters the running update. Nothing branches on tensor values: the choice is `torch.where`.
 
-with mu_g, var_g the biased mean and variance of group g over its n_g entries per channel
-(real tokens only). Each group's variance is unbiased with its own count, as each device
-would; with k equal to the batch size this is exactly torch's update.
+Running update, one per training forward (PyTorch momentum m), over the full groups with
+>= 2 real entries, weighted by their real counts:
+
+    running_mean = (1 - m) * running_mean + m * sum n_g mu_g / sum n_g
+    running_var  = (1 - m) * running_var  + m * sum n_g v_g / sum (n_g - 1)
+
+(the pooled within-group variance; with k equal to the batch and no mask, torch's update).
+A batch without such a group leaves the running statistics and num_batches_tracked as they
+are. An uneven tail group (an evaluation batch) never enters the update.
+
+Collapsed channels. A channel whose variance in a group is negligible (<= 1e-4 eps,
+`bn_stats.COLLAPSE_RATIO`) normalizes to |x_hat| < 0.01 anyway: the layer outputs its
+shift beta whatever the value. Such a group-channel is normalized to x_hat = 0 exactly
+(1/sigma taken as 0): the output differs from the textbook formula by < 0.01 gamma, and the
+backward pass no longer multiplies per-row gradients by 1/sqrt(eps), which in a recurrence
+compounds over every step two rows share (groups of 2 rows with a common prefix).
+In eval, the running variance of such a channel has decayed towards 0 while its running
+mean lags the drifting constant, so eval would multiply that lag by 1/sqrt(eps).
+`TokenBatchNorm` (and the per-step LSTM layers) therefore keep a boolean buffer
+`collapsed`, set by each training batch with a valid group from its update target, and
+in eval map a collapsed channel to x_hat = 0 (output beta): what training produced for it.
+`GhostBatchNorm2d` keeps torch's eval path, and plain image BN stays torch's own layer.
 """
 
 from __future__ import annotations
@@ -22,29 +46,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def grouped_moments(x: torch.Tensor, mask: torch.Tensor | None, k: int, channel_dim: int):
-    """Biased per-group mean/variance of `x` split along dim 0 into groups of k samples.
-
-    Returns the grouped view (G, k, ...) and mean, var, count broadcastable against it.
-    `mask` (x.shape without the channel axis, channels-last layouts only) marks real entries.
-    """
-    groups = x.shape[0] // k
-    xg = x.reshape(groups, k, *x.shape[1:])
-    cdim = channel_dim % x.dim() + 1
-    dims = tuple(d for d in range(1, xg.dim()) if d != cdim)
-    if mask is None:
-        var, mean = torch.var_mean(xg, dim=dims, keepdim=True, correction=0)
-        count = torch.full_like(mean.select(cdim, 0).unsqueeze(cdim),
-                                xg[0].numel() / xg.shape[cdim])
-        return xg, mean, var, count
-    m = mask.reshape(groups, k, *mask.shape[1:]).unsqueeze(-1).to(x.dtype)
-    # A group with no real entry (possible only in a padded step of an LSTM) must not
-    # give NaN: its count is clamped to 1 and its statistics are zero.
-    count = m.sum(dim=dims, keepdim=True).clamp(min=1)
-    mean = (xg * m).sum(dim=dims, keepdim=True) / count
-    var = ((xg - mean).square() * m).sum(dim=dims, keepdim=True) / count
-    return xg, mean, var, count
+from normbench.bn_stats import (
+    GroupStats,
+    UpdateTarget,
+    collapsed_channels,
+    group_stats,
+    per_channel,
+    pooled_moments,
+    update_target,
+)
 
 
 class _GhostStats:
@@ -59,52 +69,82 @@ class _GhostStats:
     def _ghosted(self, n: int) -> bool:
         return bool(self.stats_batch) and n > self.stats_batch and self._uses_batch_stats()
 
+    def _group_size(self, n: int) -> int:
+        return self.stats_batch if self._ghosted(n) else n
+
     def moments(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-        """The statistics this layer normalizes with in training, averaged over its groups:
-        biased mean, biased variance (per channel) and the entries per group."""
-        k = self.stats_batch if self._ghosted(x.shape[0]) else x.shape[0]
-        k = k if x.shape[0] % k == 0 else x.shape[0]
-        _, mean, var, count = grouped_moments(x, mask, k, self.channel_dim)
-        c = mean.shape[self.channel_dim % x.dim() + 1]
-        return (mean.reshape(-1, c).mean(0), var.reshape(-1, c).mean(0),
-                count.reshape(-1).mean())
+        """Population moments of all real entries of the batch, whatever the grouping:
+        mean, biased variance (per channel) and the number of real entries N (0-d)."""
+        with torch.no_grad():
+            gs = group_stats(x.detach(), mask, x.shape[0], self.channel_dim)
+            return per_channel(*pooled_moments(gs))
+
+    def training_stats(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> UpdateTarget:
+        """What this batch's running update moves towards (its valid groups, by counts)."""
+        with torch.no_grad():
+            gs = group_stats(x.detach(), mask, self._group_size(x.shape[0]), self.channel_dim)
+            return update_target(gs)
+
+    def _running_fallback(self, pool_mean, pool_var):
+        """Mean, variance and a per-channel 'x_hat = 0' flag for a batch with < 2 real
+        entries: the running statistics as eval uses them, or the pool without them."""
+        if not self.track_running_stats or self.running_mean is None:
+            return pool_mean, pool_var, torch.zeros_like(pool_mean, dtype=torch.bool)
+        shape = pool_mean.shape
+        collapsed = getattr(self, "collapsed", None)
+        if collapsed is None:
+            collapsed = torch.zeros_like(self.running_mean, dtype=torch.bool)
+        return (self.running_mean.to(pool_mean.dtype).reshape(shape),
+                self.running_var.to(pool_var.dtype).reshape(shape), collapsed.reshape(shape))
+
+    def _group_normalizers(self, gs: GroupStats):
+        """Mean and 1/sigma per group (keepdim shapes): its own, else the batch's pool, else
+        the running statistics."""
+        pool_mean, pool_var, total = pooled_moments(gs)
+        run_mean, run_var, run_collapsed = self._running_fallback(pool_mean, pool_var)
+        pool_ok = total >= 2
+        valid = gs.valid
+        mean = torch.where(valid, gs.mean, torch.where(pool_ok, pool_mean, run_mean))
+        var = torch.where(valid, gs.var, torch.where(pool_ok, pool_var, run_var))
+        uses_running = ~valid & ~pool_ok
+        collapsed = torch.where(uses_running, run_collapsed, collapsed_channels(var, self.eps))
+        # A collapsed channel gives x_hat = 0 exactly, without the 1/sqrt(eps) Jacobian that
+        # would otherwise amplify the per-row gradients (module docstring).
+        return mean, torch.where(collapsed, 0.0, torch.rsqrt(var + self.eps))
 
     def _normalize(self, x: torch.Tensor, mask: torch.Tensor | None, k: int,
                    update: bool) -> torch.Tensor:
-        xg, mean, var, count = grouped_moments(x, mask, k, self.channel_dim)
+        gs = group_stats(x, mask, k, self.channel_dim)
         if update:
-            c = mean.shape[self.channel_dim % x.dim() + 1]
-            unbiased = var * count / (count - 1).clamp(min=1)
-            self._update_running(mean.reshape(-1, c).mean(0), unbiased.reshape(-1, c).mean(0))
-        y = ((xg - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
-        if self.affine:
-            shape = [1] * x.dim()
-            shape[self.channel_dim] = -1
-            y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
-        return y
+            with torch.no_grad():
+                self._update_running(update_target(gs))
+        mean, inv_std = self._group_normalizers(gs)
+        return self._affine(gs.ungroup((gs.xg - mean) * inv_std).to(x.dtype))
 
-    def _ghost_forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        k = self.stats_batch
-        n = x.shape[0]
-        update = self.training and self.track_running_stats
-        full = n - n % k
-        if full == n:
-            return self._normalize(x, mask, k, update)
-        # An uneven tail (an evaluation batch; training batches are multiples of k) is a
-        # group of its own and does not move the running statistics.
-        tail_mask = None if mask is None else mask[full:]
-        head = self._normalize(x[:full], None if mask is None else mask[:full], k, update)
-        return torch.cat([head, self._normalize(x[full:], tail_mask, n - full, False)])
+    def _affine(self, y: torch.Tensor) -> torch.Tensor:
+        if not self.affine:
+            return y
+        shape = [1] * y.dim()
+        shape[self.channel_dim] = -1
+        return y * self.weight.reshape(shape) + self.bias.reshape(shape)
 
     @torch.no_grad()
-    def _update_running(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
-        self.num_batches_tracked.add_(1)
+    def _update_running(self, target: UpdateTarget) -> None:
+        """One EMA step towards `target`, weighted by whether any group was valid (a weight
+        of 0 leaves the buffers bit for bit as they were)."""
+        valid = target.valid
+        self.num_batches_tracked.add_(valid.to(self.num_batches_tracked.dtype))
+        weight = valid.to(self.running_mean.dtype)
         if self.momentum is None:  # cumulative moving average, as in PyTorch
-            factor = 1.0 / self.num_batches_tracked.float()
+            weight = weight / self.num_batches_tracked.clamp(min=1)
         else:
-            factor = self.momentum
-        self.running_mean.lerp_(mean, factor)
-        self.running_var.lerp_(unbiased_var, factor)
+            weight = weight * self.momentum
+        self.running_mean.lerp_(target.mean.to(self.running_mean.dtype), weight)
+        self.running_var.lerp_(target.unbiased_var.to(self.running_var.dtype), weight)
+        collapsed = getattr(self, "collapsed", None)
+        if collapsed is not None:
+            collapsed.copy_(torch.where(valid, collapsed_channels(target.var, self.eps),
+                                        collapsed))
 
 
 class GhostBatchNorm2d(_GhostStats, nn.BatchNorm2d):
@@ -119,7 +159,7 @@ class GhostBatchNorm2d(_GhostStats, nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._ghosted(x.shape[0]):
             return super().forward(x)  # exactly torch's BatchNorm2d
-        return self._ghost_forward(x, None)
+        return self._normalize(x, None, self.stats_batch, self.training and self.track_running_stats)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stats_batch={self.stats_batch}"
@@ -132,7 +172,8 @@ class TokenBatchNorm(_GhostStats, nn.BatchNorm1d):
     (N,) for the rows of one LSTM step. Padding positions are normalized with the same
     statistics (so the output is defined everywhere) but never contribute to them. Masked
     sums rather than boolean indexing: nothing waits on the host. With `stats_batch=k`,
-    groups of k sequences, each over its own real tokens.
+    groups of k sequences, each over its own real tokens. Degenerate groups and collapsed
+    channels as in the module docstring.
     """
 
     channel_dim = -1
@@ -140,15 +181,29 @@ class TokenBatchNorm(_GhostStats, nn.BatchNorm1d):
     def __init__(self, num_features: int, stats_batch: int | None = None, **kwargs):
         super().__init__(num_features, **kwargs)
         self.stats_batch = stats_batch
+        if self.track_running_stats:
+            self.register_buffer("collapsed", torch.zeros(num_features, dtype=torch.bool))
+        else:
+            self.collapsed = None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self._ghosted(x.shape[0]):
-            return self._ghost_forward(x, mask)
-        if mask is None or not self._uses_batch_stats():
-            # Fast path: torch's own kernel over all positions as one (M, D) batch.
-            shape = x.shape
-            return super().forward(x.reshape(-1, shape[-1])).reshape(shape)
-        return self._normalize(x, mask, x.shape[0], self.training and self.track_running_stats)
+        if self._uses_batch_stats():
+            return self._normalize(x, mask, self._group_size(x.shape[0]),
+                                   self.training and self.track_running_stats)
+        return self._eval_normalize(x)
+
+    def _eval_normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Running statistics; a collapsed channel gives x_hat = 0 (its output is beta)."""
+        inv_std = torch.rsqrt(self.running_var + self.eps)
+        inv_std = torch.where(self.collapsed, torch.zeros_like(inv_std), inv_std)
+        return self._affine((x - self.running_mean) * inv_std)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before `collapsed` existed: no channel is known collapsed.
+        key = prefix + "collapsed"
+        if self.collapsed is not None and key not in state_dict:
+            state_dict[key] = torch.zeros_like(self.collapsed)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stats_batch={self.stats_batch}"

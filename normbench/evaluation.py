@@ -128,9 +128,12 @@ def precise_bn_stats(model: nn.Module, batches: Iterable) -> dict[str, Populatio
     Each batch b gives its biased mean m_b and variance v_b over n_b entries per channel;
     the population mean is sum n_b m_b / N and the variance sum n_b (v_b + m_b^2) / N minus
     the mean squared (fvcore's PreciseBN, weighted by batch size so that uneven batches
-    count by their size): exactly the statistics of all the batches' entries pooled. The
-    layers normalize with batch statistics meanwhile, as in training; the model's buffers
-    are untouched afterwards. Accumulates in float64.
+    count by their size): exactly the statistics of all the batches' entries pooled. Under
+    ghost BN, m_b and v_b are the moments of the whole batch (between-group spread
+    included), and padding never counts. The layers normalize with batch statistics
+    meanwhile, as in training; the model's buffers are untouched afterwards. Accumulates in
+    float64. A layer that saw fewer than 2 real entries in all (an LSTM step no sequence
+    reaches) has no population variance and is left out: it keeps its running statistics.
     """
     from normbench.train import forward  # train imports this module
 
@@ -160,6 +163,8 @@ def precise_bn_stats(model: nn.Module, batches: Iterable) -> dict[str, Populatio
                 h.remove()
     out = {}
     for name, (s1, s2, n) in sums.items():
+        if float(n) < 2:  # evaluation only: one host read per layer is fine here
+            continue
         mean = s1 / n
         var = (s2 / n - mean.square()).clamp(min=0)
         dtype = bns[name].running_mean.dtype

@@ -1,8 +1,8 @@
 """The norm registry: a norm *name* and a tensor *layout* resolve to a factory `make(num_features)`.
 
 Models resolve the name once, at their top, and hand the factory down; blocks never see the
-name (as torchvision's `norm_layer`, timm's `create_norm`). The semantics per layout follow
-DESIGN.md §3:
+name (as torchvision's `norm_layer`, timm's `create_norm`). What each norm reduces over,
+per layout:
 
 | name  | image (N,C,H,W)             | tokens (N,T,D)                      | features (N,D)        |
 |-------|-----------------------------|-------------------------------------|-----------------------|
@@ -172,28 +172,49 @@ def is_batchnorm(module: nn.Module) -> bool:
     return isinstance(module, _BatchNorm) and module.track_running_stats
 
 
-def batch_moments(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None):
-    """Biased batch mean/variance a BatchNorm layer computes from input `x`, and the count.
-
-    Reduces over every axis but the feature axis, exactly as the layer does in training.
-    """
-    if hasattr(module, "moments"):  # masked or ghost variants know their own statistics
-        return module.moments(x, mask)
+def _plain_moments(x: torch.Tensor):
+    """Biased mean/variance over every axis but the channel axis (1), and the count."""
     x = x.detach()
     dims = [0] + list(range(2, x.dim()))
     var, mean = torch.var_mean(x, dim=dims, correction=0)
-    count = x.numel() // x.shape[1]
-    return mean, var, torch.tensor(float(count), device=x.device)
+    count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)
+    return mean, var, count
+
+
+def batch_moments(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None):
+    """Population moments of the real entries of a BatchNorm layer's input `x`: biased mean
+    and variance per channel, and the number of entries N (0-d).
+
+    Under ghost BN these are the moments of the whole batch (within- plus between-group
+    variance), not the groups' average: what PreciseBN pools and ``act/in_*`` reports.
+    """
+    if hasattr(module, "moments"):  # masked or ghost variants know their own statistics
+        return module.moments(x, mask)
+    return _plain_moments(x)
+
+
+def bn_training_stats(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None):
+    """What a BatchNorm layer's running update moves towards for batch `x`: mean, biased
+    variance, entries per group and a 0-d bool `valid` (False: the layer skips the update,
+    as for a step whose groups all have fewer than 2 real entries)."""
+    if hasattr(module, "training_stats"):
+        t = module.training_stats(x, mask)
+        return t.mean, t.var, t.count, t.valid
+    mean, var, count = _plain_moments(x)
+    return mean, var, count, count >= 2
 
 
 def bn_stat_gaps(module: _BatchNorm, mean_b, var_b, count):
-    """Gaps between batch and running statistics (DESIGN.md §4), as 0-d tensors.
+    """Gaps between batch and running statistics, as 0-d tensors:
+    ``dmu = ||mu_B - mu_run||_2 / d`` and ``dvar = ||var_B - var_run (n-1)/n||_2 / d``.
 
     `running_var` holds the EMA of *unbiased* batch variances; rescaling it by (n-1)/n
     puts it on the biased scale that BatchNorm normalizes with, so a layer whose batches
-    all have the same statistics shows a gap of zero, whatever n is.
+    all have the same statistics shows a gap of zero, whatever n is. (n is clamped to 2 so
+    that a batch without a valid group, whose gaps the probes discard, stays finite.)
     """
     d = mean_b.numel()
+    count = count.clamp(min=2)
     running_var = module.running_var * (count - 1) / count
     dmu = torch.linalg.vector_norm(mean_b - module.running_mean) / d
     dvar = torch.linalg.vector_norm(var_b - running_var) / d

@@ -2,11 +2,15 @@
 
 Every probe reduces on the device and leaves a small tensor behind; `flush()` moves all of
 them to the host in one transfer. On the steps in between no hook is attached and nothing
-is computed. Tag families (DESIGN.md §4 has the formulas):
+is computed. Tag families:
 
-- ``bn_gap/{dmu,dvar,tid_mu,tid_sigma}/<layer>``: batch vs running statistics of each
+- ``bn_gap/{dmu,dvar,tid_mu,tid_sigma}/<layer>``: this batch's running-update target (its
+  valid groups, by real counts: `bn_stats.update_target`) vs the running statistics of each
   BatchNorm layer, read before this step's update; ``bn_gap/{mean,max}/<stat>`` over layers.
-- ``act/{in,out}_{mean,std}/<layer>``: input and output of every norm layer;
+- ``bn_gap/degenerate/<layer>``: channels whose training batch variance is negligible
+  (<= 1e-4 eps: BN outputs beta there); `Probes.degenerate_layers()` names the layers.
+- ``act/{in,out}_{mean,std}/<layer>``: input and output of every norm layer (the input's
+  moments pooled over all real entries, between groups too under ghost BN);
   ``act/out_p{15,50,85}/<layer>``: percentiles of its output (Ioffe & Szegedy 2015, Fig. 1);
   ``act/saturation/<module>``: share of saturated tanh/sigmoid outputs.
 - ``grad/norm/<param>``, ``grad/global_norm``; ``grad/kurtosis/<weight>`` (excess
@@ -15,7 +19,10 @@ is computed. Tag families (DESIGN.md §4 has the formulas):
 - ``update/<weight>``: log10(std(ΔW) / std(W)), ΔW the optimizer's actual step.
 
 A module that runs several times in one forward (a recurrent cell) reports the mean of its
-per-call values.
+per-call values over the calls that had something to measure: a BatchNorm call without a
+valid group (a time step whose groups all have < 2 real rows) adds nothing to the gaps,
+a call without real entries nothing to ``act/``; a layer with no such call in a logging
+step gets no value at all.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from normbench.norms import batch_moments, bn_stat_gaps, is_batchnorm
+from normbench.bn_stats import collapsed_channels
+from normbench.norms import batch_moments, bn_stat_gaps, bn_training_stats, is_batchnorm
 
 PERCENTILES = (15, 50, 85)
 # Percentiles come from about this many entries of a layer's output: sorting 2^14 values
@@ -38,6 +46,7 @@ PERCENTILE_SAMPLE = 1 << 14
 HIST_BINS = 50
 TANH_SATURATED = 0.97
 SIGMOID_BAND = (0.03, 0.97)
+DEGENERATE = "bn_gap/degenerate/"
 NORM_TYPES = (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 
@@ -57,19 +66,25 @@ def saturating_units(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def bn_tid(module: nn.Module, mean_b: torch.Tensor, var_b: torch.Tensor, count: torch.Tensor):
-    """Training-inference discrepancy (Wang et al. 2022), as 0-d tensors.
+    """Training-inference discrepancy (Wang et al. 2022), as 0-d tensors, and its weight.
 
     ``tid_mu = mean_c |mu - mu_B| / sigma_B`` and ``tid_sigma = mean_c |sigma / sigma_B - 1|``
     with mu, sigma^2 the running statistics (variance on the biased scale, as in
     `bn_stat_gaps`) and mu_B, sigma_B^2 the biased batch statistics. Both sigmas include
     the layer's eps, as the divisors the layer actually uses in eval and training mode.
+    The mean runs over live channels: a collapsed one (counted by ``bn_gap/degenerate``)
+    outputs beta in training and eval alike, and its sigma_B = sqrt(eps) would turn any
+    lag into a ratio of hundreds. The weight is 0 when every channel is collapsed.
     """
+    count = count.clamp(min=2)
     running_var = module.running_var * (count - 1) / count
     sigma_b = torch.sqrt(var_b + module.eps)
     sigma = torch.sqrt(running_var + module.eps)
-    tid_mu = ((module.running_mean - mean_b).abs() / sigma_b).mean()
-    tid_sigma = (sigma / sigma_b - 1).abs().mean()
-    return tid_mu, tid_sigma
+    live = (~collapsed_channels(var_b, module.eps)).float()
+    n_live = live.sum().clamp(min=1)
+    tid_mu = ((module.running_mean - mean_b).abs() / sigma_b * live).sum() / n_live
+    tid_sigma = ((sigma / sigma_b - 1).abs() * live).sum() / n_live
+    return tid_mu, tid_sigma, live.sum() > 0
 
 
 def token_mask(x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -191,7 +206,8 @@ class Probes:
         self.weights = {n: p for n, p in self.params.items() if p.dim() >= 2}
         self._pending: dict[str, torch.Tensor] = {}
         self._sums: dict[str, torch.Tensor] = {}
-        self._calls: dict[str, int] = {}
+        self._weights: dict[str, torch.Tensor] = {}
+        self._degenerate: set[str] = set()
         self._hist_pending: dict[str, torch.Tensor] = {}
         self._histograms: dict[str, Histogram] = {}
         self._log_count = 0
@@ -206,7 +222,8 @@ class Probes:
         and saturation. Hooks exist only inside the block, and only when `active`.
 
         BN pre-hooks run before the layer updates its running statistics, so the gaps
-        compare this batch with the running statistics *before* it (DESIGN.md §4).
+        compare this batch with the running statistics *before* it: the gap a layer
+        would see in eval right now.
         """
         if not (active and self.enabled):
             yield
@@ -223,23 +240,38 @@ class Probes:
             for h in handles:
                 h.remove()
 
-    def _accumulate(self, tag: str, value: torch.Tensor) -> None:
-        self._sums[tag] = value if tag not in self._sums else self._sums[tag] + value
-        self._calls[tag] = self._calls.get(tag, 0) + 1
+    def _accumulate(self, tag: str, value: torch.Tensor,
+                    weight: torch.Tensor | float = 1.0) -> None:
+        """Add one call's value with a weight (0: the call had nothing to measure; its value
+        may be NaN and is dropped on the device, without a host sync)."""
+        if isinstance(weight, torch.Tensor):
+            weight = weight.to(torch.float32)
+        else:  # a fill on the device, not a host-to-device copy
+            weight = torch.full((), float(weight), device=value.device)
+        term = torch.where(weight > 0, value.float() * weight, torch.zeros_like(weight))
+        if tag in self._sums:
+            self._sums[tag] = self._sums[tag] + term
+            self._weights[tag] = self._weights[tag] + weight
+        else:
+            self._sums[tag], self._weights[tag] = term, weight
 
     def _bn_hook(self, name: str):
         def hook(module, args, kwargs):
             if not module.training:
                 return
-            x = args[0]
+            x = args[0].detach()
+            mask = token_mask(x, args, kwargs)
             with torch.no_grad():
-                mean, var, count = batch_moments(module, x.detach(), token_mask(x, args, kwargs))
+                moments = batch_moments(module, x, mask)
+                mean, var, count, valid = bn_training_stats(module, x, mask)
                 dmu, dvar = bn_stat_gaps(module, mean, var, count)
-                tid_mu, tid_sigma = bn_tid(module, mean, var, count)
-            self._moments[name] = (mean, var)
-            for stat, value in (("dmu", dmu), ("dvar", dvar), ("tid_mu", tid_mu),
-                                ("tid_sigma", tid_sigma)):
-                self._accumulate(f"bn_gap/{stat}/{name}", value)
+                tid_mu, tid_sigma, any_live = bn_tid(module, mean, var, count)
+                degenerate = collapsed_channels(var, module.eps).sum()
+            self._moments[name] = moments
+            for stat, value in (("dmu", dmu), ("dvar", dvar), ("degenerate", degenerate)):
+                self._accumulate(f"bn_gap/{stat}/{name}", value, valid)
+            for stat, value in (("tid_mu", tid_mu), ("tid_sigma", tid_sigma)):
+                self._accumulate(f"bn_gap/{stat}/{name}", value, valid & any_live)
 
         return hook
 
@@ -249,13 +281,14 @@ class Probes:
             mask = token_mask(x, args, kwargs)
             moments = self._moments.pop(name, None)
             with torch.no_grad():
-                in_mean, in_std = (pooled_stats(*moments) if moments is not None
+                in_mean, in_std = (pooled_stats(*moments[:2]) if moments is not None
                                    else activation_stats(x, mask))
                 out = activation_stats(output, mask, PERCENTILES)
+                real = 1.0 if mask is None else mask.any()
             values = {"in_mean": in_mean, "in_std": in_std, "out_mean": out[0], "out_std": out[1]}
             values.update({f"out_p{p}": v for p, v in zip(PERCENTILES, out[2:], strict=True)})
             for stat, value in values.items():
-                self._accumulate(f"act/{stat}/{name}", value)
+                self._accumulate(f"act/{stat}/{name}", value, real)
 
         return hook
 
@@ -325,14 +358,17 @@ class Probes:
         with `take_histograms()`. Means and maxima over layers are added host-side.
         """
         self._log_count += 1
-        for tag, total in self._sums.items():
-            self._pending[tag] = total / self._calls[tag]
+        averaged = list(self._sums)
+        for tag in averaged:
+            self._pending[tag] = self._sums[tag] / self._weights[tag].clamp(min=1e-30)
+        weights = [self._weights[t] for t in averaged]
         self._sums.clear()
-        self._calls.clear()
+        self._weights.clear()
         if not self._pending and not self._hist_pending:
             return {}
         tags = list(self._pending)
         parts = [self._pending[t].detach().float().reshape(1) for t in tags]
+        parts += [w.reshape(1) for w in weights]
         hist_tags = list(self._hist_pending)
         parts += [self._hist_pending[t].float() for t in hist_tags]
         host = torch.cat(parts).cpu().tolist()  # the one transfer
@@ -340,11 +376,21 @@ class Probes:
         self._hist_pending.clear()
         values = dict(zip(tags, host[:len(tags)], strict=True))
         offset = len(tags)
+        for tag, weight in zip(averaged, host[offset:offset + len(averaged)], strict=True):
+            if weight == 0:  # no call of this layer had anything to measure
+                del values[tag]
+        offset += len(averaged)
         for tag in hist_tags:
             self._histograms[tag] = _histogram_from(host[offset:offset + 5 + HIST_BINS])
             offset += 5 + HIST_BINS
         values.update(layer_summaries(values))
+        self._degenerate.update(tag[len(DEGENERATE):] for tag, v in values.items()
+                                if tag.startswith(DEGENERATE) and v > 0)
         return values
+
+    def degenerate_layers(self) -> list[str]:
+        """BatchNorm layers seen with collapsed channels on any logging step so far."""
+        return sorted(self._degenerate)
 
     def take_histograms(self) -> dict[str, Histogram]:
         out, self._histograms = self._histograms, {}

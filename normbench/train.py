@@ -252,6 +252,9 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
     tracker.write_summary(summary)
     tracker.close()
     tracker.print_summary(summary)
+    if probes.degenerate_layers():  # BN outputs beta there, in training and (so) in eval
+        warn("BatchNorm channels with no batch variance (normalized to their shift) in "
+             + ", ".join(probes.degenerate_layers()))
     if status == "interrupted":
         stop.forward()  # under submitit, SIGUSR2 now requeues the job
     return summary

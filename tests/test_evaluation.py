@@ -176,3 +176,62 @@ def test_discrepancy_is_empty_without_batchnorm():
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
     assert train_eval_discrepancy(net, tiny_shapes(4), {"val/acc": 0.1}, batch_size=2,
                                   eval_batch_size=2, precise_batches=2, seed=0) == {}
+
+
+# ----------------------------------------------------------------------------- ghost BatchNorm
+
+
+def test_precise_bn_under_ghost_bn_pools_all_images_including_between_groups():
+    from normbench.batchnorm import GhostBatchNorm2d
+
+    torch.manual_seed(2)
+    net = nn.Sequential(GhostBatchNorm2d(3, stats_batch=2))
+    batches = []
+    for n in (4, 6, 5):  # 5: a last group of one image
+        x = torch.randn(n, 3, 4, 4) * 2 + torch.arange(n).reshape(n, 1, 1, 1)  # groups differ
+        batches.append(Batch(x, torch.zeros(n, dtype=torch.long)))
+    stats = precise_bn_stats(net, batches)["0"]
+    pooled = torch.cat([b.x for b in batches]).transpose(0, 1).reshape(3, -1).double()
+    var, mean = torch.var_mean(pooled, dim=1, correction=0)
+    assert stats.count == 15 * 16
+    assert torch.allclose(stats.mean.double(), mean, atol=1e-6)
+    assert torch.allclose(stats.var.double(), var, rtol=1e-5)
+
+
+def test_precise_bn_under_ghost_bn_pools_the_real_tokens_of_uneven_batches():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = TokenBatchNorm(3, stats_batch=2)
+
+        def forward(self, x, mask=None):
+            return self.bn(x, mask=mask)
+
+    torch.manual_seed(3)
+    batches, real = [], []
+    for lengths in ([4, 1, 3, 2], [5, 2, 1, 0, 4, 5]):  # a group with 1 real token, one with 0
+        n, t = len(lengths), max(lengths)
+        x = torch.randn(n, t, 3) * 3 + torch.arange(n).reshape(n, 1, 1)
+        mask = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
+        batches.append(Batch(x, torch.zeros(n, t, dtype=torch.long), mask))
+        real.append(x[mask])
+    stats = precise_bn_stats(Net(), batches)["bn"]
+    pooled = torch.cat(real).double()
+    var, mean = torch.var_mean(pooled, dim=0, correction=0)
+    assert stats.count == pooled.shape[0] == 27
+    assert torch.allclose(stats.mean.double(), mean, atol=1e-6)
+    assert torch.allclose(stats.var.double(), var, rtol=1e-5)
+
+
+def test_precise_bn_leaves_out_a_layer_without_two_real_entries():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = TokenBatchNorm(3)
+
+        def forward(self, x, mask=None):
+            return self.bn(x, mask=mask)
+
+    mask = torch.tensor([[True, False], [False, False]])
+    batch = Batch(torch.randn(2, 2, 3), torch.zeros(2, 2, dtype=torch.long), mask)
+    assert precise_bn_stats(Net(), [batch]) == {}  # its running statistics stay in use

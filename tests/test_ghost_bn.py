@@ -8,7 +8,7 @@ from torch import nn
 
 from normbench.batchnorm import GhostBatchNorm2d, TokenBatchNorm
 from normbench.models.lstm import StepBatchNorm
-from normbench.norms import NormSpec, batch_moments, norm_factory
+from normbench.norms import NormSpec, batch_moments, bn_training_stats, norm_factory
 from normbench.train import run_experiment
 from tests.conftest import compose_config, run_cli
 
@@ -90,14 +90,23 @@ def test_lstm_step_groups_use_their_own_real_rows():
         torch.testing.assert_close(out[rows][mask[rows]], ref(x[rows][mask[rows]]))
 
 
-def test_probe_moments_are_the_group_statistics():
+def test_probe_moments_are_the_pooled_batch_and_the_target_is_the_groups():
+    torch.manual_seed(4)
     x = torch.randn(8, 2, 3, 3)
+    x[:4] += 3.0  # groups with different means: the between-group variance matters
     bn = GhostBatchNorm2d(2, stats_batch=4)
     mean, var, count = batch_moments(bn, x)
+    pooled_var, pooled_mean = torch.var_mean(x.transpose(0, 1).reshape(2, -1), dim=1,
+                                             correction=0)
+    torch.testing.assert_close(mean, pooled_mean)
+    torch.testing.assert_close(var, pooled_var)
+    assert count.item() == 8 * 9
+    # What the running update moves towards: the groups' own statistics.
+    mean_t, var_t, count_t, valid = bn_training_stats(bn, x)
     groups = x.reshape(2, 4, 2, 3, 3)
-    torch.testing.assert_close(mean, groups.mean(dim=(1, 3, 4)).mean(0))
-    torch.testing.assert_close(var, groups.var(dim=(1, 3, 4), correction=0).mean(0))
-    assert count.item() == 4 * 9
+    torch.testing.assert_close(mean_t, groups.mean(dim=(1, 3, 4)).mean(0))
+    torch.testing.assert_close(var_t, groups.var(dim=(1, 3, 4), correction=0).mean(0))
+    assert count_t.item() == 4 * 9 and bool(valid)
 
 
 def test_uneven_evaluation_tail_is_its_own_group():

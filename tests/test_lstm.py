@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,14 +52,16 @@ def group_norm(v, groups, w, b, eps=1e-5):
 
 
 def reference_lstm(layer, x, norm_fn):
-    """Step by step, from the equations of Ba et al. 2016 with the norm `norm_fn(v, module)`."""
+    """Step by step, from the equations of Ba et al. 2016 with the norm `norm_fn(v, module)`;
+    at t = 0 the identically zero W_h h_{-1} is not normalized (no norm_h term)."""
     n, steps, _ = x.shape
     h = torch.zeros(n, H)
     c = torch.zeros(n, H)
     out = []
     for t in range(steps):
-        z = (norm_fn(x[:, t] @ layer.w_x.weight.T, layer.norm_x)
-             + norm_fn(h @ layer.w_h.weight.T, layer.norm_h) + layer.bias)
+        z = norm_fn(x[:, t] @ layer.w_x.weight.T, layer.norm_x) + layer.bias
+        if t > 0:
+            z = z + norm_fn(h @ layer.w_h.weight.T, layer.norm_h)
         i, f, o = torch.sigmoid(z[:, :3 * H]).split(H, dim=1)
         g = torch.tanh(z[:, 3 * H:])
         c = f * c + i * g
@@ -211,8 +215,13 @@ def test_every_norm_trains_on_synthetic_text(tmp_path, norm):
     assert losses[-1] < losses[0] - 0.3, losses
     assert 0 < summary["final"]["val_bpc"] < 5
     if norm == "batch":  # one TensorBoard tag per time step and normalized quantity
-        assert "bn_gap/dmu/layers.0.norm_h.t00" in scalars
-        assert "bn_gap/dvar/layers.0.norm_c.t47" in scalars
+        assert "bn_gap/dmu/layers.0.norm_x.t00" in scalars
+        assert "bn_gap/dmu/layers.0.norm_h.t01" in scalars
+        assert not any(".norm_h.t00" in tag for tag in scalars)  # W_h h_{-1} = 0: skipped
+        assert "bn_gap/dvar/layers.0.norm_c.t10" in scalars
+        # A step no logged batch had 2 real rows for (t47 here) has no gap to report.
+        assert all(math.isfinite(v) for tag, points in scalars.items()
+                   if tag.startswith("bn_gap/") for _, v in points)
 
 
 def test_cli_trains_a_batch_lstm_end_to_end(cli, tmp_path):
@@ -243,3 +252,45 @@ def test_lstm_trains_on_shapes_images_row_by_row(tmp_path):
     summary = run_experiment(config, tmp_path, live=False)
     assert summary["status"] == "completed" and 0 <= summary["final"]["val_acc"] <= 1
     assert "bn_gap/dmu/layers.0.norm_x.t15" in read_scalars(tmp_path)  # T_max = 16 rows
+
+
+def test_batch_lstm_activations_are_measured_after_the_shared_gamma():
+    model = lstm("batch").train()
+    x = torch.randint(0, 7, (8, 6), generator=torch.Generator().manual_seed(0))
+    probes = Probes(model)
+    with probes.watch_forward(True):
+        model(x)
+    v = probes.flush()
+    # gamma starts at 0.1 and beta at 0: the output std is 0.1 of the normalized one (1).
+    assert v["act/out_std/layers.0.norm_x.t3"] == pytest.approx(0.1, rel=1e-3)
+    assert v["act/out_std/layers.0.norm_h.t3"] == pytest.approx(0.1, rel=0.03)  # eps: small channels
+    assert "act/out_std/layers.0.norm_h.t0" not in v  # not called: W_h h_{-1} = 0
+
+
+BN_LSTM_SHORT = ["model=lstm", "dataset=synthetic_text", "norm=batch", "optim=adamw", "lr=3e-3",
+                 "dataset.n_train=512", "dataset.n_val=128", "batch_size=32", "model.hidden=32",
+                 "model.embed=16", "log_every=50", "eval_every=0", "precise_bn_batches=5"]
+
+
+def test_batch_lstm_running_statistics_evaluate_like_precise_bn(tmp_path, capsys):
+    """Every row starts with the same character: the t = 0 layers see no batch variance.
+    Eval must not amplify their running mean's lag by 1/sqrt(eps)."""
+    config = compose_config([*BN_LSTM_SHORT, "steps=150"])
+    summary = run_experiment(config, tmp_path, live=False)
+    final = summary["final"]
+    assert summary["status"] == "completed"
+    assert abs(final["val_bpc"] - final["val_precise_bpc"]) < 0.15, final
+    scalars = read_scalars(tmp_path)
+    assert scalars["bn_gap/degenerate/layers.0.norm_x.t00"][-1][1] == 4 * 32  # all channels
+    assert "normbench: warning: BatchNorm channels with no batch variance" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_ghost_batch_lstm_with_padded_groups_does_not_diverge(tmp_path, k):
+    config = compose_config(["model=lstm", "dataset=synthetic_text", "norm=batch",
+                             "batch_size=16", f"norm.stats_batch={k}", "steps=10",
+                             "dataset.n_train=256", "dataset.n_val=64", "log_every=5",
+                             "precise_bn_batches=2"])
+    summary = run_experiment(config, tmp_path, live=False)
+    assert summary["status"] == "completed", summary
+    assert all(math.isfinite(v) for v in summary["final"].values())

@@ -281,3 +281,71 @@ def test_probes_off_logs_only_the_basics(tiny_config, tmp_path):
     present = families(read_scalars(tmp_path))
     assert present == {"train/loss", "train/acc", "train/lr", "perf/samples_per_sec",
                        "val/loss", "val/acc"}
+
+
+# ----------------------------------------------------------------------------- ghost and masked BN
+
+
+class TokenNet(nn.Module):
+    def __init__(self, bn):
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x, mask=None):
+        return self.bn(x, mask=mask)
+
+
+def test_act_in_under_ghost_bn_is_the_spread_of_all_real_entries():
+    torch.manual_seed(1)
+    net = TokenNet(TokenBatchNorm(3, stats_batch=2))
+    lengths = torch.tensor([4, 2, 3, 1, 4, 4])
+    mask = torch.arange(4)[None, :] < lengths[:, None]
+    x = torch.randn(6, 4, 3) + torch.arange(6).reshape(6, 1, 1)  # groups with different means
+    real = x[mask]
+    probes = Probes(net)
+    with probes.watch_forward(True):
+        net(x, mask=mask)
+    v = probes.flush()
+    assert v["act/in_mean/bn"] == pytest.approx(float(real.mean()), rel=1e-5)
+    assert v["act/in_std/bn"] == pytest.approx(float(real.std(correction=0)), rel=1e-5)
+    # The gaps compare the running statistics with this batch's update target: the groups'
+    # real tokens weighted by count, their pooled within-group variance.
+    groups = [x[g:g + 2][mask[g:g + 2]] for g in range(0, 6, 2)]
+    mean_t = torch.cat(groups).mean(0)
+    assert v["bn_gap/dmu/bn"] == pytest.approx(float(mean_t.norm() / 3), rel=1e-5)
+    ss = sum((r - r.mean(0)).square().sum(0) for r in groups)
+    var_t = ss / sum(r.shape[0] for r in groups)
+    n_t = sum(r.shape[0] for r in groups) / 3
+    assert v["bn_gap/dvar/bn"] == pytest.approx(
+        float((var_t - (n_t - 1) / n_t).norm() / 3), rel=1e-5)
+
+
+def test_a_layer_without_a_valid_call_reports_no_gap_and_others_average_valid_calls():
+    torch.manual_seed(2)
+    a = TokenBatchNorm(2)
+    b = TokenBatchNorm(2)
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = a, b
+
+        def forward(self, x, mask):
+            self.a(x, mask=mask)  # valid
+            self.a(x, mask=mask & False)  # no real row: adds nothing to a's averages
+            return self.b(x, mask=mask & torch.tensor([True, False, False]))  # one real row
+
+    net = Two()
+    x = torch.randn(3, 2) * 2 + 1
+    mask = torch.tensor([True, True, False])
+    running = a.running_mean.clone()
+    probes = Probes(net)
+    with probes.watch_forward(True):
+        net(x, mask)
+    v = probes.flush()
+    assert v["bn_gap/dmu/a"] == pytest.approx(float((x[:2].mean(0) - running).norm() / 2),
+                                              rel=1e-5)
+    assert math.isfinite(v["act/out_std/a"])
+    assert not any(t.startswith("bn_gap/") and t.endswith("/b") for t in v)
+    assert v["bn_gap/max/dmu"] == v["bn_gap/dmu/a"]  # summaries over layers with values only
+    assert all(math.isfinite(val) for val in v.values())

@@ -3,13 +3,20 @@
 Gates z = norm_x(W_x x_t) + norm_h(W_h h_{t-1}) + b, in the order [i, f, o, g];
 c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g);  h_t = sigmoid(o) * tanh(norm_c(c_t)).
 
+At t = 0, h_{-1} = 0 and W_h h_{-1} is identically zero: the cell skips norm_h there for
+every norm (z = norm_x(W_x x_0) + b). Normalizing a zero vector only adds the norm's shift
+(LN/GN) or, for BatchNorm, a channel with no batch variance whose running variance decays
+to 0; there is nothing to normalize.
+
 - layer: Ba et al. 2016. LayerNorm over the 4H gate pre-activations of W_x x and of W_h h
   separately, and over the H units of c_t.
 - group: the same with GroupNorm: groups of hidden units per sample.
 - batch: Cooijmans et al. 2016. Separate statistics for each time step t < T_max (the
   model's `t_max`); steps beyond reuse those of step T_max - 1. The scale gamma is shared
   across time and starts at 0.1 (a unit scale saturates the gates). With padding, the
-  statistics of step t come only from the sequences that have a real token at t.
+  statistics of step t come only from the sequences that have a real token at t (a step
+  with fewer than 2 real rows per group: see `normbench.batchnorm`). The shared gamma/beta
+  are applied inside each step's layer call, so probes on that layer see its real output.
 - none: the plain cell.
 
 W_x and W_h carry no bias: the single gate bias b (forget part initialised to 1) follows
@@ -31,7 +38,17 @@ from normbench.norms import NormSpec, TokenBatchNorm, norm_factory
 
 
 class StepBatchNorm(TokenBatchNorm):
-    """BatchNorm over the (N, D) rows of one time step; `mask` (N,) marks the real rows."""
+    """BatchNorm over the (N, D) rows of one time step; `mask` (N,) marks the real rows.
+
+    `weight`/`bias`, when given, are the affine transform shared across time steps, applied
+    after this step's normalization (the layer's own affine is off).
+    """
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                weight: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = super().forward(x, mask)
+        return y if weight is None else y * weight + bias
 
 
 class TimeBatchNorm(nn.Module):
@@ -59,9 +76,7 @@ class TimeBatchNorm(nn.Module):
         return getattr(self, self.keys[min(t, len(self.keys) - 1)])
 
     def forward(self, x: torch.Tensor, t: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-        bn = self.step(t)
-        y = bn(x) if mask is None else bn(x, mask=mask)
-        return y if self.weight is None else y * self.weight + self.bias
+        return self.step(t)(x, mask=mask, weight=self.weight, bias=self.bias)
 
 
 def apply_per_sample(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +117,9 @@ class NormLSTMLayer(nn.Module):
         for t in range(steps):
             mask_t = None if mask is None else mask[:, t]
             zx_t = self._norm(self.norm_x, zx[:, t], t, mask_t) if self.per_step else zx[:, t]
-            z = zx_t + self._norm(self.norm_h, self.w_h(h), t, mask_t) + self.bias  # (N, 4H)
+            z = zx_t + self.bias  # (N, 4H)
+            if t > 0:  # W_h h_{-1} = 0 at t = 0: nothing to normalize (module docstring)
+                z = z + self._norm(self.norm_h, self.w_h(h), t, mask_t)
             gates = self.gate_act(z[:, :3 * hdim])
             i, f, o = gates.split(hdim, dim=1)
             c = f * c + i * self.cand_act(z[:, 3 * hdim:])
