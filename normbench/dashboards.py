@@ -17,6 +17,7 @@ CHARTS = [
     ("BN dvar per layer", [r"^bn_gap/dvar/"], "bn"),
     ("BN tid_mu per layer", [r"^bn_gap/tid_mu/"], "bn"),
     ("BN tid_sigma per layer", [r"^bn_gap/tid_sigma/"], "bn"),
+    ("BN channels with no batch variance", [r"^bn_gap/degenerate/"], "bn"),
     ("BN running vs PreciseBN mean", [r"^bn_gap/precise_dmu/"], "bn"),
     ("BN running vs PreciseBN var", [r"^bn_gap/precise_dvar/"], "bn"),
     ("BN statistics: mean over layers", [r"^bn_gap/mean/"], "bn"),
