@@ -196,20 +196,13 @@ SECTIONS = ("dataset", "model", "norm", "optim", "sched")
 META_KEYS = frozenset({"name", "kind"})
 # Model constructor parameters that build_model fills in from the data and the norm.
 MODEL_DERIVED = frozenset({"task", "num_classes", "in_channels", "image_size", "conv_bias"})
-# What each norm reads of the norm config (normbench.norms.norm_factory and the LSTM's
-# per-step BatchNorm): the factories take a whole NormSpec, so there is no signature to read.
-NORM_OPTIONS = {
-    "batch": frozenset({"eps", "momentum", "affine", "track_running_stats", "stats_batch"}),
-    "group": frozenset({"num_groups", "eps", "affine"}),
-    "layer": frozenset({"eps", "affine"}),
-    "none": frozenset(),
-}
 
 
 def keyword_options(function) -> frozenset[str]:
-    """The options a builder reads: its parameters that have a default."""
+    """The options a builder reads: its keyword-only parameters and those with a default."""
     params = inspect.signature(function).parameters.values()
-    return frozenset(p.name for p in params if p.default is not inspect.Parameter.empty)
+    return frozenset(p.name for p in params if p.kind is p.KEYWORD_ONLY
+                     or p.default is not inspect.Parameter.empty)
 
 
 def _model_class(name: str):
@@ -241,9 +234,11 @@ def section_options(section: str, name: str) -> frozenset[str]:
     elif section == "model":
         options = keyword_options(_model_class(name)) - MODEL_DERIVED
     else:
-        if name not in NORM_OPTIONS:
-            raise UserError(f"unknown norm '{name}'", f"use one of: {', '.join(NORM_OPTIONS)}")
-        options = NORM_OPTIONS[name]
+        from normbench.norms import norm_names, norm_options
+
+        if name not in norm_names():
+            raise UserError(f"unknown norm '{name}'", f"use one of: {', '.join(norm_names())}")
+        options = norm_options(name)
     return options | META_KEYS
 
 
@@ -251,8 +246,9 @@ def section_names(section: str) -> tuple[str, ...]:
     from normbench import optim
     from normbench.data import DATASETS
     from normbench.models import MODELS
+    from normbench.norms import norm_names
 
-    return {"dataset": DATASETS, "model": MODELS, "norm": tuple(NORM_OPTIONS),
+    return {"dataset": DATASETS, "model": MODELS, "norm": norm_names(),
             "optim": tuple(optim.OPTIMIZERS), "sched": tuple(optim.SCHEDULES)}[section]
 
 

@@ -21,12 +21,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from normbench.norms import batch_moments
+from normbench.norms.stats import Population, batch_moments
 from normbench.probes import batchnorm_layers, layer_summaries, token_mask
 
 # PreciseBN's loader is seeded from the training seed plus this, so it neither shares nor
@@ -105,20 +104,6 @@ def evaluate_batchstats(model: nn.Module, data, batch_size: int, seed: int,
 
     with batch_statistics(model):
         return evaluate(model, _TailMerged(data), batch_size, prefix=prefix, shuffle_seed=seed)
-
-
-@dataclass
-class Population:
-    """PreciseBN statistics of one BN layer: mean, biased variance, number of entries."""
-
-    mean: torch.Tensor
-    var: torch.Tensor
-    count: float
-
-    @property
-    def unbiased_var(self) -> torch.Tensor:
-        """The variance on running_var's (unbiased) scale."""
-        return self.var * self.count / max(self.count - 1, 1)
 
 
 @torch.no_grad()

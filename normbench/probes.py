@@ -5,7 +5,7 @@ them to the host in one transfer. On the steps in between no hook is attached an
 is computed. Tag families:
 
 - ``bn_gap/{dmu,dvar,tid_mu,tid_sigma}/<layer>``: this batch's running-update target (its
-  valid groups, by real counts: `bn_stats.update_target`) vs the running statistics of each
+  valid groups, by real counts: `norms.stats.update_target`) vs the running statistics of each
   BatchNorm layer, read before this step's update; ``bn_gap/{mean,max}/<stat>`` over layers.
 - ``bn_gap/degenerate/<layer>``: channels whose training batch variance is negligible
   (<= 1e-4 eps: BN outputs beta there); `Probes.degenerate_layers()` names the layers.
@@ -35,8 +35,15 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from normbench.bn_stats import collapsed_channels
-from normbench.norms import batch_moments, bn_stat_gaps, bn_training_stats, is_batchnorm
+from normbench.norms.stats import (
+    batch_moments,
+    bn_stat_gaps,
+    bn_tid,
+    bn_training_stats,
+    collapsed_channels,
+    is_batchnorm,
+    pooled_stats,
+)
 
 PERCENTILES = (15, 50, 85)
 # Percentiles come from about this many entries of a layer's output: sorting 2^14 values
@@ -63,28 +70,6 @@ def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def saturating_units(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Tanh, nn.Sigmoid))}
-
-
-def bn_tid(module: nn.Module, mean_b: torch.Tensor, var_b: torch.Tensor, count: torch.Tensor):
-    """Training-inference discrepancy (Wang et al. 2022), as 0-d tensors, and its weight.
-
-    ``tid_mu = mean_c |mu - mu_B| / sigma_B`` and ``tid_sigma = mean_c |sigma / sigma_B - 1|``
-    with mu, sigma^2 the running statistics (variance on the biased scale, as in
-    `bn_stat_gaps`) and mu_B, sigma_B^2 the biased batch statistics. Both sigmas include
-    the layer's eps, as the divisors the layer actually uses in eval and training mode.
-    The mean runs over live channels: a collapsed one (counted by ``bn_gap/degenerate``)
-    outputs beta in training and eval alike, and its sigma_B = sqrt(eps) would turn any
-    lag into a ratio of hundreds. The weight is 0 when every channel is collapsed.
-    """
-    count = count.clamp(min=2)
-    running_var = module.running_var * (count - 1) / count
-    sigma_b = torch.sqrt(var_b + module.eps)
-    sigma = torch.sqrt(running_var + module.eps)
-    live = (~collapsed_channels(var_b, module.eps)).float()
-    n_live = live.sum().clamp(min=1)
-    tid_mu = ((module.running_mean - mean_b).abs() / sigma_b * live).sum() / n_live
-    tid_sigma = ((sigma / sigma_b - 1).abs() * live).sum() / n_live
-    return tid_mu, tid_sigma, live.sum() > 0
 
 
 def token_mask(x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -125,14 +110,6 @@ def activation_stats(x: torch.Tensor, mask: torch.Tensor | None = None,
         quantile = torch.quantile if mask is None else torch.nanquantile
         out.extend(quantile(sample, q).unbind())
     return out
-
-
-def pooled_stats(mean_c: torch.Tensor, var_c: torch.Tensor) -> list[torch.Tensor]:
-    """[mean, std] over all entries from per-channel biased moments of equal counts (what a
-    BN hook has already computed, so a BN layer's input costs nothing more)."""
-    mean = mean_c.mean()
-    var = (var_c + mean_c.square()).mean() - mean.square()
-    return [mean, var.clamp(min=0).sqrt()]
 
 
 def excess_kurtosis(g: torch.Tensor) -> torch.Tensor:

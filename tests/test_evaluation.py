@@ -182,7 +182,7 @@ def test_discrepancy_is_empty_without_batchnorm():
 
 
 def test_precise_bn_under_ghost_bn_pools_all_images_including_between_groups():
-    from normbench.batchnorm import GhostBatchNorm2d
+    from normbench.norms import GhostBatchNorm2d
 
     torch.manual_seed(2)
     net = nn.Sequential(GhostBatchNorm2d(3, stats_batch=2))

@@ -6,10 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from normbench.batchnorm import GhostBatchNorm2d, TokenBatchNorm
-from normbench.models.lstm import StepBatchNorm
-from normbench.norms import NormSpec, batch_moments, bn_training_stats, norm_factory
+from normbench.norms import (
+    GhostBatchNorm2d,
+    StepBatchNorm,
+    TokenBatchNorm,
+    create_norm,
+)
+from normbench.norms.stats import batch_moments, bn_training_stats
 from normbench.train import run_experiment
+from tests.config_defaults import norm_spec
 from tests.conftest import compose_config, run_cli
 
 
@@ -21,8 +26,17 @@ def affine_randomized(bn):
 
 
 def test_unset_is_exactly_torch_batchnorm():
-    layer = norm_factory(NormSpec("batch"), "image")(4)
-    assert type(layer) is nn.BatchNorm2d
+    torch.manual_seed(0)
+    layer = affine_randomized(create_norm(norm_spec("batch", momentum=0.2), "images", 4))
+    ref = nn.BatchNorm2d(4, momentum=0.2)
+    ref.load_state_dict(layer.state_dict())
+    for n in (8, 5):  # torch's own forward, whatever the batch size
+        x = torch.randn(n, 4, 3, 3) * 2 + 1
+        assert torch.equal(layer(x), ref(x)) and torch.equal(layer(x, mask=None), ref(x))
+    for key, value in ref.state_dict().items():
+        assert torch.equal(layer.state_dict()[key], value), key
+    layer.eval(), ref.eval()
+    assert torch.equal(layer(x), ref(x))
 
 
 def test_k_equal_to_the_batch_is_exactly_batchnorm2d():

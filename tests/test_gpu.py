@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from normbench.batchnorm import GhostBatchNorm2d, TokenBatchNorm
 from normbench.data import build_dataset
+from normbench.norms import GhostBatchNorm2d, TokenBatchNorm
 from normbench.train import run_experiment
 
 pytestmark = [pytest.mark.gpu,

@@ -12,10 +12,11 @@ from torch import nn
 from normbench.data import DataInfo
 from normbench.errors import UserError
 from normbench.models import build_model
-from normbench.models.lstm import LSTM, StepBatchNorm, TimeBatchNorm
-from normbench.norms import NORMS, NormSpec
+from normbench.models.lstm import LSTM
+from normbench.norms import StepBatchNorm, TimeBatchNorm, norm_names
 from normbench.probes import Probes
 from normbench.train import run_experiment
+from tests.config_defaults import model_options, norm_spec
 from tests.conftest import compose_config, read_scalars
 
 TEXT = DataInfo(kind="text", num_classes=7, seq_len=6)
@@ -24,8 +25,8 @@ H = 8
 
 def lstm(norm: str, info: DataInfo = TEXT, **kw) -> LSTM:
     torch.manual_seed(0)
-    options = {"name": "lstm", "hidden": H, "embed": 5, "depth": 1, **kw}
-    return build_model(options, NormSpec(name=norm, num_groups=2), info)
+    options = model_options("lstm", hidden=H, embed=5, depth=1, **kw)
+    return build_model(options, norm_spec(norm, num_groups=2), info)
 
 
 def randomize_norm_params(model: nn.Module) -> None:
@@ -123,33 +124,33 @@ def test_batch_lstm_has_per_step_statistics_with_scale_point_one():
 
 
 def test_step_names_are_zero_padded_to_sort_in_time_order():
-    bn = TimeBatchNorm(4, 12, NormSpec("batch"))
+    bn = TimeBatchNorm(4, 12, norm_spec("batch"))
     assert bn.keys[:3] == ["t00", "t01", "t02"] and bn.keys[-1] == "t11"
 
 
 def test_per_step_running_statistics_are_separate_and_t_max_is_reused():
-    spec = NormSpec("batch", momentum=0.5)
+    spec = norm_spec("batch", momentum=0.5)
     bn = TimeBatchNorm(3, t_max=3, spec=spec).train()
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(5, 3, generator=g) * (t + 1) + 10 * t for t in range(6)]
     for t, x in enumerate(batches):
-        bn(x, t)
+        bn.at(t)(x)
     for t in range(2):  # one update each, from the zero/one init
-        torch.testing.assert_close(bn.step(t).running_mean, 0.5 * batches[t].mean(0))
-        torch.testing.assert_close(bn.step(t).running_var, 0.5 + 0.5 * batches[t].var(0))
+        torch.testing.assert_close(bn.at(t).running_mean, 0.5 * batches[t].mean(0))
+        torch.testing.assert_close(bn.at(t).running_var, 0.5 + 0.5 * batches[t].var(0))
     # Steps 2..5 all update the statistics of step T_max - 1 = 2, in order.
     mean, var = torch.zeros(3), torch.ones(3)
     for x in batches[2:]:
         mean, var = 0.5 * mean + 0.5 * x.mean(0), 0.5 * var + 0.5 * x.var(0)
-    last = bn.step(2)
+    last = bn.at(2)
     torch.testing.assert_close(last.running_mean, mean)
     torch.testing.assert_close(last.running_var, var)
-    assert bn.step(7) is last and int(last.num_batches_tracked) == 4
+    assert bn.at(7) is last and int(last.num_batches_tracked) == 4
     # In eval mode a step beyond T_max normalizes with T_max's running statistics.
     bn.eval()
     x = torch.randn(4, 3)
     expected = (x - mean) / torch.sqrt(var + spec.eps) * bn.weight + bn.bias
-    torch.testing.assert_close(bn(x, 9), expected)
+    torch.testing.assert_close(bn.at(9)(x), expected)
 
 
 def test_step_statistics_come_from_the_real_rows_only():
@@ -192,7 +193,7 @@ def test_lstm_reads_images_row_by_row():
 
 def test_group_count_that_does_not_divide_the_hidden_units_names_the_layer():
     with pytest.raises(UserError, match=r"divide the 6 channels of layer 'layers.0.norm_c'"):
-        build_model({"name": "lstm", "hidden": 6}, NormSpec("group", num_groups=4), TEXT)
+        build_model(model_options("lstm", hidden=6), norm_spec("group", num_groups=4), TEXT)
     with pytest.raises(UserError, match="model.t_max=3 is shorter than dataset.seq_len=6"):
         lstm("batch", t_max=3)
 
@@ -205,7 +206,7 @@ TINY_TEXT = ["dataset=synthetic_text", "dataset.n_train=256", "dataset.n_val=64"
              "optim=adamw", "lr=1e-2", "model.hidden=32"]
 
 
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("norm", norm_names())
 def test_every_norm_trains_on_synthetic_text(tmp_path, norm):
     config = compose_config(["model=lstm", f"norm={norm}", *TINY_TEXT])
     summary = run_experiment(config, tmp_path, live=False)

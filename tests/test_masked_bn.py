@@ -9,11 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from normbench.batchnorm import TokenBatchNorm
 from normbench.data import build_dataset
-from normbench.models.lstm import TimeBatchNorm
-from normbench.norms import NormSpec
+from normbench.norms import TimeBatchNorm, TokenBatchNorm
 from normbench.probes import Probes
+from tests.config_defaults import norm_spec
 
 D = 3
 
@@ -49,31 +48,31 @@ def test_iid_inputs_through_real_padding_keep_every_step_at_the_true_statistics(
     """N(3, 1) inputs, 300 batches of real synthetic_text masks, per-step BN as in the LSTM."""
     masks = real_masks(300)  # each batch as wide as its longest sentence, as the loop gets it
     steps, group = 48, k or 16
-    bn = TimeBatchNorm(D, steps, NormSpec("batch", stats_batch=k, momentum=None)).train()
-    ema = TimeBatchNorm(D, steps, NormSpec("batch", stats_batch=k, momentum=0.1)).train()
+    bn = TimeBatchNorm(D, steps, norm_spec("batch", stats_batch=k, momentum=None)).train()
+    ema = TimeBatchNorm(D, steps, norm_spec("batch", stats_batch=k, momentum=0.1)).train()
     g = torch.Generator().manual_seed(0)
     ref_mean, ref_var = torch.zeros(steps, D), torch.ones(steps, D)
     updates, dof = torch.zeros(steps, dtype=torch.long), torch.zeros(steps)
     for mask in masks:
         for t in range(mask.shape[1]):
             x = torch.randn(16, D, generator=g) + 3.0
-            y = bn(x, t, mask[:, t])
+            y = bn.at(t)(x, mask[:, t])
             assert torch.isfinite(y).all()
             n_g = mask[:, t].reshape(-1, group).sum(1)
             updates[t] += bool((n_g >= 2).any())
             dof[t] += ((n_g - 1) * (n_g >= 2)).sum()
             if t in EXACT_STEPS:
-                ema(x, t, mask[:, t])
+                ema.at(t)(x, mask[:, t])
                 target = reference_target(x, mask[:, t], group)
                 if target is not None:  # the EMA with momentum 0.1, by hand
                     ref_mean[t] += 0.1 * (target[0] - ref_mean[t])
                     ref_var[t] += 0.1 * (target[1] - ref_var[t])
     assert updates[0] == 300 and updates[47] < 100  # real padding: late steps rarely valid
     for t in EXACT_STEPS:
-        torch.testing.assert_close(ema.step(t).running_mean, ref_mean[t], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(ema.step(t).running_var, ref_var[t], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ema.at(t).running_mean, ref_mean[t], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ema.at(t).running_var, ref_var[t], rtol=1e-4, atol=1e-5)
     for t in range(steps):
-        step = bn.step(t)
+        step = bn.at(t)
         assert int(step.num_batches_tracked) == int(updates[t])
         if updates[t] == 0:  # never a valid group: the initial statistics
             assert torch.equal(step.running_mean, torch.zeros(D))

@@ -1,4 +1,5 @@
-"""The norm registry against the formulas of DESIGN.md §3 and PyTorch's reference layers."""
+"""The norm registry: every (name, layout) against its formula and PyTorch's reference layers,
+the calling convention `norm(x, mask=None)` for every registered pair, and its errors."""
 
 import pytest
 import torch
@@ -6,15 +7,25 @@ from torch import nn
 
 from normbench.errors import UserError
 from normbench.norms import (
-    NORMS,
+    LAYOUTS,
+    Norm,
     NormSpec,
     TokenBatchNorm,
-    batch_moments,
     check_norms,
-    norm_factory,
+    create_norm,
+    make_norm_factory,
+    norm_class,
+    norm_names,
+    norm_options,
+    register,
+    registered,
 )
+from normbench.norms.registry import _REGISTRY
+from normbench.norms.stats import batch_moments
+from tests.config_defaults import norm_spec
 
 torch.manual_seed(0)
+T_MAX = 5
 
 
 def standardize(x, dims):
@@ -22,33 +33,98 @@ def standardize(x, dims):
     return (x - mean) / torch.sqrt(var + 1e-5)
 
 
+def make(name, layout, width, **kw):
+    return create_norm(norm_spec(name, **kw), layout, width, t_max=T_MAX)
+
+
 @pytest.mark.parametrize("n", [2, 5])
 def test_image_norms_match_their_formulas(n):
     x = torch.randn(n, 8, 4, 3) * 3 + 1
-    make = lambda name, **kw: norm_factory(NormSpec(name=name, num_groups=4, **kw), "image")(8)  # noqa: E731
-    torch.testing.assert_close(make("batch")(x), standardize(x, (0, 2, 3)))
-    torch.testing.assert_close(make("layer")(x), standardize(x, (1, 2, 3)))
+    torch.testing.assert_close(make("batch", "images", 8)(x), standardize(x, (0, 2, 3)))
+    torch.testing.assert_close(make("layer", "images", 8)(x), standardize(x, (1, 2, 3)))
     grouped = standardize(x.reshape(n, 4, 2, 4, 3), (2, 3, 4)).reshape_as(x)
-    torch.testing.assert_close(make("group")(x), grouped)
-    assert torch.equal(make("none")(x), x)
+    torch.testing.assert_close(make("group", "images", 8, num_groups=4)(x), grouped)
+    assert torch.equal(make("none", "images", 8)(x), x)
 
 
 def test_token_norms_match_their_formulas():
     x = torch.randn(3, 5, 8) * 2 - 1
-    make = lambda name: norm_factory(NormSpec(name=name, num_groups=2), "tokens")(8)  # noqa: E731
-    torch.testing.assert_close(make("layer")(x), standardize(x, (2,)))
+    torch.testing.assert_close(make("layer", "tokens", 8)(x), standardize(x, (2,)))
     grouped = standardize(x.reshape(3, 5, 2, 4), (3,)).reshape_as(x)
-    torch.testing.assert_close(make("group")(x), grouped)
-    torch.testing.assert_close(make("batch")(x), standardize(x, (0, 1)))
-    assert torch.equal(make("none")(x, mask=None), x)
+    torch.testing.assert_close(make("group", "tokens", 8, num_groups=2)(x), grouped)
+    torch.testing.assert_close(make("batch", "tokens", 8)(x), standardize(x, (0, 1)))
+    assert torch.equal(make("none", "tokens", 8)(x, mask=None), x)
 
 
-def test_feature_norms_match_their_formulas():
+def test_step_norms_match_their_formulas_per_row_and_per_step():
     x = torch.randn(4, 6)
-    make = lambda name: norm_factory(NormSpec(name=name, num_groups=3), "features")(6)  # noqa: E731
-    torch.testing.assert_close(make("batch")(x), standardize(x, (0,)))
-    torch.testing.assert_close(make("layer")(x), standardize(x, (1,)))
-    torch.testing.assert_close(make("group")(x), standardize(x.reshape(4, 3, 2), (2,)).reshape_as(x))
+    torch.testing.assert_close(make("layer", "steps", 6).at(3)(x), standardize(x, (1,)))
+    grouped = standardize(x.reshape(4, 3, 2), (2,)).reshape_as(x)
+    torch.testing.assert_close(make("group", "steps", 6, num_groups=3).at(0)(x), grouped)
+    # Per-step BatchNorm over the rows, with the shared gamma at its init of 0.1.
+    torch.testing.assert_close(make("batch", "steps", 6).at(2)(x), 0.1 * standardize(x, (0,)))
+    # A whole sequence: each step with its own statistics, as `at(t)` on its rows.
+    seq = torch.randn(4, 7, 6) * torch.arange(1.0, 8.0)[None, :, None]
+    bn = make("batch", "steps", 6)
+    torch.testing.assert_close(bn(seq), 0.1 * standardize(seq, (0,)))
+    assert bn.at(T_MAX + 3) is bn.at(T_MAX - 1)  # steps beyond T_max share the last one
+
+
+@pytest.mark.parametrize("name,layout", registered())
+def test_every_registered_norm_takes_x_and_an_optional_mask(name, layout):
+    torch.manual_seed(1)
+    norm = make(name, layout, 8, num_groups=2).train()
+    if layout == "images":
+        x = torch.randn(4, 8, 3, 3)
+        mask = torch.ones(4, 3, 3, dtype=torch.bool)
+        mask[3] = False  # a padded sample: (N, H, W), x's shape without the channel axis
+        real = (slice(0, 3),)
+    else:
+        x = torch.randn(4, T_MAX, 8)
+        mask = torch.arange(T_MAX) < torch.tensor([5, 3, 2, 4])[:, None]  # (N, T)
+        real = (mask,)
+    for y in (norm(x), norm(x, mask=None), norm(x, mask=mask)):
+        assert y.shape == x.shape and torch.isfinite(y).all()
+    masked = norm(x, mask=mask)
+    garbage = x.clone()
+    garbage[~mask if layout != "images" else slice(3, 4)] = 1e3
+    # Padding never reaches a real output.
+    torch.testing.assert_close(norm(garbage, mask=mask)[real], masked[real])
+    if layout == "steps":
+        for t in range(T_MAX + 2):  # the rows of one time step, as inside the recurrence
+            mask_t = mask[:, min(t, T_MAX - 1)]
+            y = norm.at(t)(x[:, min(t, T_MAX - 1)], mask=mask_t)
+            assert y.shape == (4, 8) and torch.isfinite(y).all()
+    norm.eval()
+    assert torch.isfinite(norm(x, mask=mask)).all()
+
+
+def test_every_name_has_options_a_config_can_set():
+    fields = set(NormSpec.__dataclass_fields__) - {"name"}
+    for name in norm_names():
+        assert norm_options(name) <= fields, name
+    assert norm_options("batch") >= {"momentum", "stats_batch"}
+    assert "num_groups" in norm_options("group") and not norm_options("none")
+
+
+def test_the_config_gives_every_option_a_norm_reads():
+    for name in norm_names():
+        spec = norm_spec(name)
+        given = {k for k in norm_options(name) if getattr(spec, k) is not None}
+        nullable = set().union(*(norm_class(n, layout).nullable
+                                 for n, layout in registered() if n == name))
+        assert given | nullable == norm_options(name), name
+
+
+def test_a_spec_without_a_required_option_is_refused():
+    with pytest.raises(ValueError, match="norm=group needs eps, num_groups"):
+        create_norm(NormSpec("group", affine=True), "images", 8)
+
+
+def test_factory_says_whether_the_norm_recentres():
+    assert make_norm_factory(norm_spec("batch"), "images").recentres
+    assert make_norm_factory(norm_spec("layer"), "tokens").recentres
+    assert not make_norm_factory(norm_spec("none"), "images").recentres
 
 
 @pytest.mark.parametrize("lengths", [[5, 2], [1, 4, 3], [6, 6]])
@@ -72,8 +148,20 @@ def test_token_batchnorm_uses_only_real_tokens(lengths):
     torch.testing.assert_close(ours(x, mask)[mask], ref(x[mask]))
 
 
+def test_image_batchnorm_with_a_mask_uses_only_real_pixels():
+    x = torch.randn(3, 2, 4, 4) * 2 + 1
+    mask = torch.ones(3, 4, 4, dtype=torch.bool)
+    mask[2, :, 2:] = False  # the right half of the last image is padding
+    ours, ref = make("batch", "images", 2), nn.BatchNorm1d(2)
+    out = ours(x, mask=mask)
+    real = x.permute(0, 2, 3, 1)[mask]  # (real pixels, C)
+    torch.testing.assert_close(out.permute(0, 2, 3, 1)[mask], ref(real))
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
 def test_batchnorm_train_and_eval_differ_and_running_var_is_unbiased():
-    bn = norm_factory(NormSpec(name="batch", momentum=0.1), "image")(3)
+    bn = make("batch", "images", 3, momentum=0.1)
     x = torch.randn(2, 3, 2, 2) * 4 + 2  # batch of 2: n = 8 values per channel
     y_train = bn(x)
     batch_var = x.var(dim=(0, 2, 3), correction=1)
@@ -89,20 +177,44 @@ def test_batchnorm_train_and_eval_differ_and_running_var_is_unbiased():
 def test_per_sample_norms_ignore_the_rest_of_the_batch():
     x = torch.randn(4, 8, 3, 3)
     for name in ("layer", "group"):
-        norm = norm_factory(NormSpec(name=name, num_groups=4), "image")(8)
+        norm = make(name, "images", 8, num_groups=4)
         torch.testing.assert_close(norm(x)[:1], norm(x[:1]))
 
 
-def test_unknown_norm_names_the_choices():
+def test_unknown_norm_is_one_line_naming_the_choices():
     with pytest.raises(UserError) as err:
-        norm_factory(NormSpec(name="instance"), "image")
-    for name in NORMS:
-        assert name in str(err.value)
+        create_norm(NormSpec(name="instance"), "images", 8)
+    line = err.value.line()
+    assert "\n" not in line and "unknown norm 'instance'" in line
+    for name in norm_names():
+        assert name in line
+
+
+def test_a_name_without_a_version_for_the_layout_names_the_usable_ones():
+    @register("images_only", "images")
+    class ImagesOnly(Norm, nn.Identity):
+        pass
+
+    try:
+        with pytest.raises(UserError) as err:
+            create_norm(NormSpec(name="images_only"), "steps", 4)
+        line = err.value.line()
+        assert "norm=images_only has no version for steps (model=lstm)" in line
+        assert "images_only" not in line.split("use one of:")[1] and "batch" in line
+    finally:
+        for layout in LAYOUTS:
+            _REGISTRY.pop(("images_only", layout), None)
+
+
+def test_registering_a_pair_twice_is_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        register("batch", "tokens")(type("Again", (Norm, nn.Identity), {}))
 
 
 def test_group_count_that_does_not_divide_names_the_layer():
-    make = norm_factory(NormSpec(name="group", num_groups=3), "image")
-    model = nn.Sequential(nn.Conv2d(3, 6, 1), make(6), nn.Sequential(nn.Conv2d(6, 8, 1), make(8)))
+    factory = make_norm_factory(norm_spec("group", num_groups=3), "images")
+    model = nn.Sequential(nn.Conv2d(3, 6, 1), factory(6),
+                          nn.Sequential(nn.Conv2d(6, 8, 1), factory(8)))
     with pytest.raises(UserError) as err:
         check_norms(model)
     line = err.value.line()

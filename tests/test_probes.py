@@ -181,12 +181,13 @@ def test_gradient_histograms_every_few_logging_steps_travel_with_the_scalars():
 
 
 def test_norm_layers_are_found_by_type_and_identity_is_not_a_norm():
-    from normbench.norms import NormSpec, norm_factory
+    from normbench.norms import create_norm
+    from tests.config_defaults import norm_spec
 
     for name, expected in (("batch", 1), ("layer", 1), ("group", 1), ("none", 0)):
-        for layout in ("image", "tokens", "features"):
-            make = norm_factory(NormSpec(name=name, num_groups=2), layout)
-            assert len(norm_layers(nn.Sequential(make(4)))) == expected, (name, layout)
+        for layout in ("images", "tokens"):
+            norm = create_norm(norm_spec(name, num_groups=2), layout, 4)
+            assert len(norm_layers(nn.Sequential(norm))) == expected, (name, layout)
 
 
 # ----------------------------------------------------------------------------- whole runs

@@ -4,16 +4,18 @@ import torch
 from normbench.data import DataInfo
 from normbench.errors import UserError
 from normbench.models import build_model
-from normbench.norms import NORMS, NormSpec
+from normbench.norms import norm_names
+from tests.config_defaults import model_options, norm_spec
 
 INFO = DataInfo(kind="image", num_classes=10)
 
 
 def resnet(norm="batch", **options):
-    return build_model({"name": "resnet", "depth": 8, **options}, NormSpec(name=norm, num_groups=8), INFO)
+    return build_model(model_options("resnet", **{"depth": 8, **options}),
+                       norm_spec(norm, num_groups=8), INFO)
 
 
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("norm", norm_names())
 def test_every_norm_trains_forward_and_backward(norm):
     torch.manual_seed(0)
     model = resnet(norm)
@@ -36,7 +38,7 @@ def test_conv_bias_only_without_a_recentring_norm(norm, has_bias):
 def test_depth_and_parameter_count_match_the_paper():
     # He et al. 2016, Table 6: ResNet-20 has 0.27M parameters, ResNet-56 0.85M.
     for depth, millions in [(20, 0.27), (56, 0.85)]:
-        model = build_model({"name": "resnet", "depth": depth}, NormSpec("batch"), INFO)
+        model = build_model(model_options("resnet", depth=depth), norm_spec("batch"), INFO)
         n = sum(p.numel() for p in model.parameters())
         assert abs(n / 1e6 - millions) < 0.01
         convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())

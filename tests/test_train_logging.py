@@ -8,10 +8,10 @@ import torch
 
 from normbench.data import DataInfo
 from normbench.models import build_model
-from normbench.norms import NormSpec
 from normbench.optim import build_scheduler
 from normbench.probes import Probes
 from normbench.train import run_experiment
+from tests.config_defaults import model_options, norm_spec
 from tests.conftest import read_scalars
 
 
@@ -102,7 +102,7 @@ def test_layer_norm_run_has_no_batchnorm_tags(tmp_path, tiny_config):
 def test_bn_gaps_match_a_direct_computation_on_uneven_batches():
     """dmu = ||mu_B - mu||/d, dvar = ||var_B - var_run * (n-1)/n||/d, running stats before update."""
     torch.manual_seed(0)
-    model = build_model({"name": "resnet", "depth": 8}, NormSpec("batch", momentum=0.3),
+    model = build_model(model_options("resnet", depth=8), norm_spec("batch", momentum=0.3),
                         DataInfo(kind="image", num_classes=10))
     model.train()
     probes = Probes(model)
@@ -127,7 +127,7 @@ def test_bn_gaps_match_a_direct_computation_on_uneven_batches():
 
 
 def test_hooks_are_only_attached_on_logging_steps():
-    model = build_model({"name": "resnet", "depth": 8}, NormSpec("batch"),
+    model = build_model(model_options("resnet", depth=8), norm_spec("batch"),
                         DataInfo(kind="image", num_classes=10))
     probes = Probes(model)
     with probes.watch_forward(False):
@@ -140,7 +140,7 @@ def test_hooks_are_only_attached_on_logging_steps():
 
 
 def test_grad_norms_match_torch(tiny_config):
-    model = build_model({"name": "resnet", "depth": 8}, NormSpec("group", num_groups=4),
+    model = build_model(model_options("resnet", depth=8), norm_spec("group", num_groups=4),
                         DataInfo(kind="image", num_classes=10))
     model(torch.randn(3, 3, 8, 8)).sum().backward()
     probes = Probes(model)

@@ -11,19 +11,20 @@ from torch import nn
 from normbench.data import Batch, DataInfo, build_dataset
 from normbench.errors import UserError
 from normbench.models import build_model
-from normbench.norms import NORMS, NormSpec, TokenBatchNorm
+from normbench.norms import TokenBatchNorm, norm_names
 from normbench.train import run_experiment
+from tests.config_defaults import model_options, norm_spec
 from tests.conftest import compose_config, read_scalars
 
 TEXT = DataInfo(kind="text", num_classes=11, seq_len=12)
 IMAGE = DataInfo(kind="image", num_classes=5, in_channels=3, image_size=16)
 SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
-SMALL = {"name": "transformer", "depth": 2, "width": 16, "heads": 2, "patch_size": 4}
+SMALL = model_options("transformer", depth=2, width=16, heads=2, patch_size=4)
 
 
 def transformer(norm: str, info: DataInfo = TEXT, **kw) -> nn.Module:
     torch.manual_seed(0)
-    return build_model({**SMALL, **kw}, NormSpec(name=norm, num_groups=4), info)
+    return build_model({**SMALL, **kw}, norm_spec(norm, num_groups=4), info)
 
 
 def tokens(n=4, t=12, seed=0):
@@ -31,7 +32,7 @@ def tokens(n=4, t=12, seed=0):
 
 
 @pytest.mark.parametrize("position", ["pre", "post"])
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("norm", norm_names())
 def test_causal_in_eval_mode(norm, position):
     model = transformer(norm, norm_position=position)
     if norm == "batch":  # give the running statistics something other than their init
@@ -126,12 +127,12 @@ def test_bad_shapes_are_user_errors():
     with pytest.raises(UserError, match="model.context=8 is shorter than dataset.seq_len=12"):
         transformer("layer", context=8)
     with pytest.raises(UserError, match=r"norm.num_groups=4 does not divide.*'blocks.0.norm1'"):
-        build_model({**SMALL, "width": 18, "heads": 2}, NormSpec("group", num_groups=4), TEXT)
+        build_model({**SMALL, "width": 18, "heads": 2}, norm_spec("group", num_groups=4), TEXT)
 
 
 def test_resnet_on_text_names_the_pairs_that_work():
     with pytest.raises(UserError) as e:
-        build_model({"name": "resnet"}, NormSpec("batch"), TEXT)
+        build_model(model_options("resnet"), norm_spec("batch"), TEXT)
     line = e.value.line()
     assert "model=resnet cannot read text data" in line
     assert "model=transformer with text/image datasets" in line and "model=lstm" in line
@@ -150,7 +151,7 @@ TINY_TEXT = ["dataset=synthetic_text", "dataset.n_train=256", "dataset.n_val=64"
              "eval_batch_size=64", "optim=adamw", "lr=1e-2"]
 
 
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("norm", norm_names())
 def test_every_norm_trains_on_synthetic_text(tmp_path, norm):
     config = compose_config(["model=transformer", f"norm={norm}", *TINY_TEXT,
                              "model.width=32", "model.depth=1"])
@@ -173,7 +174,7 @@ def test_post_norm_trains_and_batchnorm_gaps_are_logged(tmp_path):
 
 def test_real_batches_feed_the_model_with_masks():
     ds = build_dataset("synthetic_text", n_train=64, n_val=16, seq_len=48)
-    model = build_model({**SMALL, "width": 16}, NormSpec("batch"), ds.info)
+    model = build_model({**SMALL, "width": 16}, norm_spec("batch"), ds.info)
     batch: Batch = next(ds.train_loader(16, seed=0))
     assert batch.mask is not None
     logits = model(batch.x, mask=batch.mask)

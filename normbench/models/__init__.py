@@ -1,4 +1,5 @@
-"""Models by name. The norm is resolved here, once, into a factory the model passes down."""
+"""Models by name. The norm is resolved here, once, into a factory the model passes down;
+models call whatever it builds as `norm(x, mask=None)` and never see the norm's name."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from torch import nn
 
 from normbench.data import DataInfo
 from normbench.errors import UserError
-from normbench.norms import NormSpec, check_norms, norm_factory
+from normbench.norms import NormSpec, check_norms, make_norm_factory
 
 MODELS = ("resnet", "transformer", "lstm")
 # Which data kinds each model can read; anything else is an impossible pair.
@@ -42,21 +43,26 @@ def build_model(options: dict, norm: NormSpec, info: DataInfo) -> nn.Module:
     if name == "resnet":
         from normbench.models.resnet import CifarResNet
 
-        model = CifarResNet(norm_factory(norm, "image"), num_classes=info.num_classes,
-                            in_channels=info.in_channels, conv_bias=not norm.recentres,
+        make_norm = make_norm_factory(norm, "images")
+        model = CifarResNet(make_norm, num_classes=info.num_classes,
+                            in_channels=info.in_channels, conv_bias=not make_norm.recentres,
                             **options)
     elif name == "transformer":
         from normbench.models.transformer import Transformer
 
         context = _length(options.pop("context", None), info, "model.context")
-        model = Transformer(norm_factory(norm, "tokens"), task=info.kind,
+        model = Transformer(make_norm_factory(norm, "tokens"), task=info.kind,
                             num_classes=info.num_classes, context=context,
                             in_channels=info.in_channels, image_size=info.image_size, **options)
     elif name == "lstm":
         from normbench.models.lstm import LSTM
 
+        # Images are read row by row: one step per row unless model.t_max says otherwise.
         t_max = _length(options.pop("t_max", None), info, "model.t_max")
-        model = LSTM(norm, task=info.kind, num_classes=info.num_classes, t_max=t_max,
-                     in_channels=info.in_channels, image_size=info.image_size, **options)
+        if info.kind == "image":
+            t_max = t_max or info.image_size
+        model = LSTM(make_norm_factory(norm, "steps", t_max=t_max), task=info.kind,
+                     num_classes=info.num_classes, t_max=t_max, in_channels=info.in_channels,
+                     image_size=info.image_size, **options)
     check_norms(model)
     return model

@@ -12,12 +12,15 @@ to 0; there is nothing to normalize.
   separately, and over the H units of c_t.
 - group: the same with GroupNorm: groups of hidden units per sample.
 - batch: Cooijmans et al. 2016. Separate statistics for each time step t < T_max (the
-  model's `t_max`); steps beyond reuse those of step T_max - 1. The scale gamma is shared
-  across time and starts at 0.1 (a unit scale saturates the gates). With padding, the
-  statistics of step t come only from the sequences that have a real token at t (a step
-  with fewer than 2 real rows per group: see `normbench.batchnorm`). The shared gamma/beta
-  are applied inside each step's layer call, so probes on that layer see its real output.
+  model's `t_max`); steps beyond reuse those of step T_max - 1; gamma shared across time,
+  starting at 0.1. With padding, the statistics of step t come only from the sequences
+  that have a real token at t (`normbench.norms.batch`).
 - none: the plain cell.
+
+The norms come from a factory for the `steps` layout. The cell calls them without knowing
+which norm it holds: `norm(z, mask)` on the whole (N, T, 4H) sequence of W_x x (computed
+for all steps at once), and `norm.at(t)(v, mask_t)` on the (N, D) rows of step t inside
+the recurrence; a norm with per-step state (BatchNorm) keeps it itself.
 
 W_x and W_h carry no bias: the single gate bias b (forget part initialised to 1) follows
 the norms. Gate nonlinearities are module instances (`gate_act`, `cand_act`, `cell_act`)
@@ -34,59 +37,11 @@ import torch
 from torch import nn
 
 from normbench.errors import UserError
-from normbench.norms import NormSpec, TokenBatchNorm, norm_factory
-
-
-class StepBatchNorm(TokenBatchNorm):
-    """BatchNorm over the (N, D) rows of one time step; `mask` (N,) marks the real rows.
-
-    `weight`/`bias`, when given, are the affine transform shared across time steps, applied
-    after this step's normalization (the layer's own affine is off).
-    """
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                weight: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = super().forward(x, mask)
-        return y if weight is None else y * weight + bias
-
-
-class TimeBatchNorm(nn.Module):
-    """Per-time-step BatchNorm statistics with one affine transform shared across time.
-
-    Step t < T_max has its own BatchNorm child named `tNN` (zero-padded, so that names sort
-    in time order); probes find them by type, and TensorBoard shows e.g.
-    `bn_gap/dmu/layers.0.norm_h.t07`. Steps t >= T_max use the child of step T_max - 1.
-    """
-
-    def __init__(self, num_features: int, t_max: int, spec: NormSpec, init_scale: float = 0.1):
-        super().__init__()
-        width = len(str(t_max - 1))
-        self.keys = [f"t{t:0{width}d}" for t in range(t_max)]
-        for key in self.keys:
-            self.add_module(key, StepBatchNorm(
-                num_features, eps=spec.eps, momentum=spec.momentum, affine=False,
-                track_running_stats=spec.track_running_stats, stats_batch=spec.stats_batch))
-        self.weight = self.bias = None
-        if spec.affine:
-            self.weight = nn.Parameter(torch.full((num_features,), init_scale))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-
-    def step(self, t: int) -> StepBatchNorm:
-        return getattr(self, self.keys[min(t, len(self.keys) - 1)])
-
-    def forward(self, x: torch.Tensor, t: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.step(t)(x, mask=mask, weight=self.weight, bias=self.bias)
-
-
-def apply_per_sample(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A (N, D)-layout norm applied to every row of (..., D)."""
-    shape = x.shape
-    return norm(x.reshape(-1, shape[-1])).reshape(shape)
+from normbench.norms import NormFactory
 
 
 class NormLSTMLayer(nn.Module):
-    def __init__(self, input_size: int, hidden: int, make_norm):
+    def __init__(self, input_size: int, hidden: int, make_norm: NormFactory):
         super().__init__()
         self.hidden = hidden
         self.w_x = nn.Linear(input_size, 4 * hidden, bias=False)
@@ -97,69 +52,55 @@ class NormLSTMLayer(nn.Module):
         self.norm_x = make_norm(4 * hidden)
         self.norm_h = make_norm(4 * hidden)
         self.norm_c = make_norm(hidden)
-        self.per_step = isinstance(self.norm_x, TimeBatchNorm)
         self.gate_act = nn.Sigmoid()
         self.cand_act = nn.Tanh()
         self.cell_act = nn.Tanh()
 
-    def _norm(self, norm, x, t, mask_t):
-        return norm(x, t, mask_t) if self.per_step else norm(x)
-
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         n, steps, _ = x.shape  # (N, T, input) -> (N, T, H)
         hdim = self.hidden
-        zx = self.w_x(x)  # (N, T, 4H): one matmul for all steps
-        if not self.per_step:  # per-sample norms need no step index: all steps at once
-            zx = apply_per_sample(self.norm_x, zx)
+        # W_x x does not depend on the recurrence: one matmul and one norm call for all steps.
+        zx = self.norm_x(self.w_x(x), mask)  # (N, T, 4H)
         h = x.new_zeros(n, hdim)
         c = x.new_zeros(n, hdim)
         outputs = []
         for t in range(steps):
             mask_t = None if mask is None else mask[:, t]
-            zx_t = self._norm(self.norm_x, zx[:, t], t, mask_t) if self.per_step else zx[:, t]
-            z = zx_t + self.bias  # (N, 4H)
+            z = zx[:, t] + self.bias  # (N, 4H)
             if t > 0:  # W_h h_{-1} = 0 at t = 0: nothing to normalize (module docstring)
-                z = z + self._norm(self.norm_h, self.w_h(h), t, mask_t)
+                z = z + self.norm_h.at(t)(self.w_h(h), mask_t)
             gates = self.gate_act(z[:, :3 * hdim])
             i, f, o = gates.split(hdim, dim=1)
             c = f * c + i * self.cand_act(z[:, 3 * hdim:])
-            h = o * self.cell_act(self._norm(self.norm_c, c, t, mask_t))
+            h = o * self.cell_act(self.norm_c.at(t)(c, mask_t))
             outputs.append(h)
         return torch.stack(outputs, dim=1)
 
 
-def cell_norm_factory(spec: NormSpec, t_max: int):
-    """`make(num_features)` for the cell: per-step BatchNorm, or a (N, D) per-sample norm."""
-    if spec.name == "batch":
-        return lambda d: TimeBatchNorm(d, t_max, spec)
-    return norm_factory(spec, "features")
-
-
 class LSTM(nn.Module):
-    """`task="text"`: (N,T) tokens -> (N,T,V) logits; `task="image"`: rows -> (N,K)."""
+    """`task="text"`: (N,T) tokens -> (N,T,V) logits; `task="image"`: rows -> (N,K).
 
-    def __init__(self, norm: NormSpec, *, task: str, num_classes: int, t_max: int = 0,
-                 depth: int = 1, hidden: int = 64, embed: int = 64, in_channels: int = 3,
-                 image_size: int = 32):
+    `make_norm` builds the cell's norms (steps layout, for sequences up to `t_max`)."""
+
+    def __init__(self, make_norm: NormFactory, *, task: str, num_classes: int, t_max: int,
+                 depth: int, hidden: int, embed: int, in_channels: int, image_size: int):
         super().__init__()
         if depth < 1:
             raise UserError(f"model.depth={depth} must be at least 1", "use model.depth=1 or more")
         if hidden < 1:
             raise UserError(f"model.hidden={hidden} must be at least 1",
                             "use e.g. model.hidden=128")
+        if t_max < 1:
+            raise UserError("the LSTM needs a maximum length T_max",
+                            "set dataset.seq_len (or model.t_max) to 1 or more")
         self.task = task
         if task == "text":
-            if t_max < 1:
-                raise UserError("the LSTM needs a maximum length T_max",
-                                "set dataset.seq_len (or model.t_max) to 1 or more")
             self.embed = nn.Embedding(num_classes, embed)
             size = embed
         else:
-            t_max = t_max or image_size
             self.embed = None
             size = in_channels * image_size
         self.t_max = t_max
-        make_norm = cell_norm_factory(norm, t_max)
         self.layers = nn.ModuleList()
         for _ in range(depth):
             self.layers.append(NormLSTMLayer(size, hidden, make_norm))

@@ -1,8 +1,10 @@
 """CIFAR ResNet (He et al. 2016, section 4.2): 6n+2 layers in three stages of n blocks.
 
 Widths are 16, 32, 64 times `width`; the first block of stages 2 and 3 halves the
-resolution. The norm arrives as a factory `make_norm(channels)`, resolved once by the
-caller, and is passed down unchanged (torchvision's `norm_layer` pattern).
+resolution. The norm arrives as a factory `make_norm(channels)` for the images layout,
+resolved once by the caller, and is passed down unchanged (torchvision's `norm_layer`
+pattern). `conv_bias` is the factory's `not recentres`: a norm that re-centres its input
+cancels any bias of the conv in front of it.
 """
 
 from __future__ import annotations
@@ -52,9 +54,8 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, make_norm: NormFactory, *, depth: int = 20, width: int = 1,
-                 num_classes: int = 10, in_channels: int = 3, conv_bias: bool = False,
-                 shortcut: str = "pad", zero_init_residual: bool = False):
+    def __init__(self, make_norm: NormFactory, *, depth: int, width: int, num_classes: int,
+                 in_channels: int, conv_bias: bool, shortcut: str, zero_init_residual: bool):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise UserError(f"model.depth={depth} is not of the form 6n+2",

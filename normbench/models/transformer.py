@@ -1,8 +1,8 @@
 """A small Transformer: a causal character decoder for text, a ViT for images.
 
-The norm arrives as a factory for the (N,T,D) token layout; every norm module takes the
-padding mask (`norm(x, mask)`) so that BatchNorm can take its statistics from real tokens
-only. `norm_position="pre"` (default) normalizes the input of each sub-layer and the
+The norm arrives as a factory for the (N,T,D) tokens layout; every norm module is called
+with the padding mask (`norm(x, mask)`) so that BatchNorm can take its statistics from real
+tokens only. `norm_position="pre"` (default) normalizes the input of each sub-layer and the
 residual stream before the head (GPT-2); `"post"` normalizes after each residual sum (the
 original Transformer), whose last norm already feeds the head.
 
@@ -62,10 +62,9 @@ class Transformer(nn.Module):
     """`task="text"`: tokens (N,T) -> next-token logits (N,T,V), causal.
     `task="image"`: images (N,C,H,W) -> patches as tokens -> class logits (N,K)."""
 
-    def __init__(self, make_norm: NormFactory, *, task: str, num_classes: int,
-                 context: int = 0, depth: int = 2, width: int = 64, heads: int = 4,
-                 mlp_ratio: int = 4, norm_position: str = "pre", in_channels: int = 3,
-                 image_size: int = 32, patch_size: int = 4):
+    def __init__(self, make_norm: NormFactory, *, task: str, num_classes: int, context: int,
+                 depth: int, width: int, heads: int, mlp_ratio: int, norm_position: str,
+                 in_channels: int, image_size: int, patch_size: int):
         super().__init__()
         if depth < 1:
             raise UserError(f"model.depth={depth} must be at least 1", "use model.depth=1 or more")

@@ -1,13 +1,25 @@
-"""BatchNorm variants the registry needs beyond torch's own layers.
+"""The BatchNorm family, one class per layout (registered as norm `batch`):
 
-- Statistics over *real* positions only (padding masked out), for tokens (N,T,D) and for
-  the rows of one LSTM time step (N,D): `TokenBatchNorm`.
+| layout | class              | statistics per channel over                          |
+|--------|--------------------|------------------------------------------------------|
+| images | `GhostBatchNorm2d` | N,H,W (real pixels only when a mask is given)        |
+| tokens | `TokenBatchNorm`   | the real (non-padding) tokens of the batch            |
+| steps  | `TimeBatchNorm`    | the real rows of one time step, separately for each t |
+
 - Ghost BatchNorm (`stats_batch=k`): in training the batch is split into groups of k
   consecutive samples and each group is normalized with its own statistics, as each of
   N/k devices would do with its own slice of the batch (Hoffer et al. 2017; the "batch size"
-  of Wu & He 2018 is k). `GhostBatchNorm2d` for images; `TokenBatchNorm` takes the same option.
+  of Wu & He 2018 is k). Every class here takes the option.
+- Without a mask and without ghost groups, image BN is exactly torch's BatchNorm2d.
+- Per time step (Cooijmans et al. 2016): step t < T_max has its own statistics (a child
+  `StepBatchNorm` named `tNN`); steps beyond reuse those of step T_max - 1. The scale gamma
+  is shared across time and starts at 0.1 (a unit scale saturates the LSTM's gates).
 
-The statistics themselves live in `normbench.bn_stats`. Group g has n_g real entries per
+Momentum follows PyTorch: ``running = (1 - momentum) * running + momentum * batch`` with
+0.1 by default. Keras/TensorFlow write the same update as ``running = m * running +
+(1 - m) * batch``, so Keras' ``momentum=0.99`` is PyTorch's ``momentum=0.01``.
+
+The statistics themselves live in `normbench.norms.stats`. Group g has n_g real entries per
 channel, mean mu_g and biased variance v_g.
 
 Degenerate groups. A group with fewer than 2 real entries has no variance (PyTorch refuses
@@ -28,7 +40,7 @@ A batch without such a group leaves the running statistics and num_batches_track
 are. An uneven tail group (an evaluation batch) never enters the update.
 
 Collapsed channels. A channel whose variance in a group is negligible (<= 1e-4 eps,
-`bn_stats.COLLAPSE_RATIO`) normalizes to |x_hat| < 0.01 anyway: the layer outputs its
+`stats.COLLAPSE_RATIO`) normalizes to |x_hat| < 0.01 anyway: the layer outputs its
 shift beta whatever the value. Such a group-channel is normalized to x_hat = 0 exactly
 (1/sigma taken as 0): the output differs from the textbook formula by < 0.01 gamma, and the
 backward pass no longer multiplies per-row gradients by 1/sqrt(eps), which in a recurrence
@@ -38,7 +50,7 @@ mean lags the drifting constant, so eval would multiply that lag by 1/sqrt(eps).
 `TokenBatchNorm` (and the per-step LSTM layers) therefore keep a boolean buffer
 `collapsed`, set by each training batch with a valid group from its update target, and
 in eval map a collapsed channel to x_hat = 0 (output beta): what training produced for it.
-`GhostBatchNorm2d` keeps torch's eval path, and plain image BN stays torch's own layer.
+`GhostBatchNorm2d` keeps torch's eval path, and plain image BN stays torch's own forward.
 """
 
 from __future__ import annotations
@@ -46,7 +58,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normbench.bn_stats import (
+from normbench.norms.registry import Norm, NormSpec, register
+from normbench.norms.stats import (
     GroupStats,
     UpdateTarget,
     collapsed_channels,
@@ -147,8 +160,24 @@ class _GhostStats:
                                         collapsed))
 
 
-class GhostBatchNorm2d(_GhostStats, nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics come from groups of `stats_batch` images."""
+def _bn_options(spec: NormSpec) -> dict:
+    return dict(eps=spec.eps, momentum=spec.momentum, affine=spec.affine,
+                track_running_stats=spec.track_running_stats, stats_batch=spec.stats_batch)
+
+
+class _BatchNormFamily(Norm):
+    options = frozenset({"eps", "momentum", "affine", "track_running_stats", "stats_batch"})
+    nullable = frozenset({"momentum", "stats_batch"})
+
+    @classmethod
+    def build(cls, spec: NormSpec, num_features: int, *, t_max=None) -> nn.Module:
+        return cls(num_features, **_bn_options(spec))
+
+
+@register("batch", "images")
+class GhostBatchNorm2d(_BatchNormFamily, _GhostStats, nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics come from groups of `stats_batch` images, and
+    from the real pixels (`mask`, (N,H,W)) when given; otherwise exactly torch's layer."""
 
     channel_dim = 1
 
@@ -156,16 +185,18 @@ class GhostBatchNorm2d(_GhostStats, nn.BatchNorm2d):
         super().__init__(num_features, **kwargs)
         self.stats_batch = stats_batch
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._ghosted(x.shape[0]):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self._uses_batch_stats() or (mask is None and not self._ghosted(x.shape[0])):
             return super().forward(x)  # exactly torch's BatchNorm2d
-        return self._normalize(x, None, self.stats_batch, self.training and self.track_running_stats)
+        return self._normalize(x, mask, self._group_size(x.shape[0]),
+                               self.training and self.track_running_stats)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stats_batch={self.stats_batch}"
 
 
-class TokenBatchNorm(_GhostStats, nn.BatchNorm1d):
+@register("batch", "tokens")
+class TokenBatchNorm(_BatchNormFamily, _GhostStats, nn.BatchNorm1d):
     """BatchNorm over channels-last input (N, ..., D) whose statistics come from real entries.
 
     ``mask`` has the shape of x without D, True where the entry is real: (N,T) for tokens,
@@ -207,3 +238,62 @@ class TokenBatchNorm(_GhostStats, nn.BatchNorm1d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stats_batch={self.stats_batch}"
+
+
+class StepBatchNorm(TokenBatchNorm):
+    """BatchNorm over the (N, D) rows of one time step; `mask` (N,) marks the real rows.
+
+    Inside a `TimeBatchNorm` (its `owner`) the affine transform is the owner's, shared
+    across time steps and applied here, after this step's normalization (the step's own
+    affine is off), so that hooks on this layer see its real output.
+    """
+
+    owner: TimeBatchNorm | None = None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        y = super().forward(x, mask)
+        owner = self.owner
+        if owner is None or owner.weight is None:
+            return y
+        return y * owner.weight + owner.bias
+
+
+@register("batch", "steps")
+class TimeBatchNorm(_BatchNormFamily, nn.Module):
+    """Per-time-step BatchNorm statistics with one affine transform shared across time.
+
+    Step t < T_max has its own `StepBatchNorm` child named `tNN` (zero-padded, so that names
+    sort in time order); probes find them by type, and TensorBoard shows e.g.
+    `bn_gap/dmu/layers.0.norm_h.t07`. `at(t)` is the child for step min(t, T_max - 1).
+    """
+
+    INIT_SCALE = 0.1  # Cooijmans et al. 2016: a unit gamma saturates the gates
+
+    def __init__(self, num_features: int, t_max: int, spec: NormSpec):
+        super().__init__()
+        width = len(str(t_max - 1))
+        self.keys = [f"t{t:0{width}d}" for t in range(t_max)]
+        options = {**_bn_options(spec), "affine": False}
+        for key in self.keys:
+            step = StepBatchNorm(num_features, **options)
+            # A plain attribute, not a submodule: the owner must not appear twice in the tree.
+            object.__setattr__(step, "owner", self)
+            self.add_module(key, step)
+        self.weight = self.bias = None
+        if spec.affine:
+            self.weight = nn.Parameter(torch.full((num_features,), self.INIT_SCALE))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+
+    @classmethod
+    def build(cls, spec: NormSpec, num_features: int, *, t_max=None) -> nn.Module:
+        if not t_max or t_max < 1:
+            raise ValueError("per-step BatchNorm needs t_max >= 1, the longest sequence")
+        return cls(num_features, t_max, spec)
+
+    def at(self, t: int) -> StepBatchNorm:
+        return getattr(self, self.keys[min(t, len(self.keys) - 1)])
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """A whole sequence (N, T, D), each step with its own statistics."""
+        return torch.stack([self.at(t)(x[:, t], None if mask is None else mask[:, t])
+                            for t in range(x.shape[1])], dim=1)

@@ -1,5 +1,5 @@
-"""Batch statistics of masked and grouped (ghost) BatchNorm, shared by the layers, the probes
-and PreciseBN.
+"""Every BatchNorm statistic in one place: what the layers normalize with, what their running
+update moves towards, and what the probes and PreciseBN measure.
 
 The batch (N samples) is split along dim 0 into groups of k consecutive samples (a last,
 shorter group when k does not divide N). Group g has n_g real entries per channel (padding
@@ -14,8 +14,17 @@ Three different questions have three different answers:
 - `update_target`: what the running statistics move towards (valid full groups only):
       mean = sum n_g mu_g / sum n_g,  unbiased var = sum SS_g / sum (n_g - 1),
   and the matching biased variance sum SS_g / sum n_g with the mean group size as count.
-- the layer's own normalization (in `normbench.batchnorm`): each valid group with its own
+- the layer's own normalization (in `normbench.norms.batch`): each valid group with its own
   (mu_g, v_g).
+
+On top of these, per layer: `batch_moments` and `bn_training_stats` (the two questions
+above asked of any BatchNorm layer, torch's own included), `bn_stat_gaps` and `bn_tid` (the
+batch vs the running statistics), `pooled_stats` (a whole tensor's mean/std from per-channel
+moments) and `Population` (PreciseBN's accumulated statistics).
+
+Momentum follows PyTorch: ``running = (1 - momentum) * running + momentum * batch``.
+BatchNorm normalizes with the *biased* batch variance but stores the *unbiased* one in
+``running_var`` (PyTorch's choice); the gaps and TID put it back on the biased scale.
 
 Everything is computed with masked sums and `torch.where`, never boolean indexing or
 `.item()`: no step waits on the host.
@@ -26,6 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 # A channel whose batch variance is at most COLLAPSE_RATIO * eps is normalized in training
 # to |x_hat| = |x - mu| / sqrt(var + eps) <= sqrt(COLLAPSE_RATIO) * |x - mu| / sigma, i.e.
@@ -81,8 +92,8 @@ def _real_weights(x: torch.Tensor, mask: torch.Tensor | None, pad: int, dtype,
                   channel_dim: int):
     """Entry weights (1 real, 0 padding) of x's shape with a channel axis of 1, followed by
     `pad` padded samples; None when every entry is real and nothing is padded."""
-    if mask is not None:  # channels-last: (N, ..., 1)
-        m = mask.to(dtype).unsqueeze(-1)
+    if mask is not None:  # the channel axis put back with size 1
+        m = mask.to(dtype).unsqueeze(channel_dim % x.dim())
     elif pad:
         shape = list(x.shape)
         shape[channel_dim % x.dim()] = 1
@@ -98,9 +109,9 @@ def group_stats(x: torch.Tensor, mask: torch.Tensor | None, k: int,
                 channel_dim: int) -> GroupStats:
     """Statistics of groups of k samples of `x` over their real entries (two passes).
 
-    `mask` (x.shape without the channel axis; channels-last layouts only) marks real entries;
-    None: every entry is real. A last, shorter group is zero-padded to k samples whose
-    weights are 0, so that every group is a slice of one (G, k, ...) view.
+    `mask` (x.shape without the channel axis) marks real entries; None: every entry is
+    real. A last, shorter group is zero-padded to k samples whose weights are 0, so that
+    every group is a slice of one (G, k, ...) view.
     """
     n = x.shape[0]
     groups = -(-n // k)
@@ -172,3 +183,104 @@ def update_target(gs: GroupStats) -> UpdateTarget:
 def collapsed_channels(var: torch.Tensor, eps: float) -> torch.Tensor:
     """Channels whose (biased) batch variance is negligible against eps (COLLAPSE_RATIO)."""
     return var <= COLLAPSE_RATIO * eps
+
+
+# ----------------------------------------------------------------------------- per layer
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """BatchNorm-like layers: the ones with batch statistics and running buffers."""
+    return isinstance(module, _BatchNorm) and module.track_running_stats
+
+
+def _plain_moments(x: torch.Tensor):
+    """Biased mean/variance over every axis but the channel axis (1), and the count."""
+    x = x.detach()
+    dims = [0] + list(range(2, x.dim()))
+    var, mean = torch.var_mean(x, dim=dims, correction=0)
+    count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)
+    return mean, var, count
+
+
+def batch_moments(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None):
+    """Population moments of the real entries of a BatchNorm layer's input `x`: biased mean
+    and variance per channel, and the number of entries N (0-d).
+
+    Under ghost BN these are the moments of the whole batch (within- plus between-group
+    variance), not the groups' average: what PreciseBN pools and ``act/in_*`` reports.
+    """
+    if hasattr(module, "moments"):  # masked or ghost variants know their own statistics
+        return module.moments(x, mask)
+    return _plain_moments(x)
+
+
+def bn_training_stats(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None):
+    """What a BatchNorm layer's running update moves towards for batch `x`: mean, biased
+    variance, entries per group and a 0-d bool `valid` (False: the layer skips the update,
+    as for a step whose groups all have fewer than 2 real entries)."""
+    if hasattr(module, "training_stats"):
+        t = module.training_stats(x, mask)
+        return t.mean, t.var, t.count, t.valid
+    mean, var, count = _plain_moments(x)
+    return mean, var, count, count >= 2
+
+
+def bn_stat_gaps(module: _BatchNorm, mean_b, var_b, count):
+    """Gaps between batch and running statistics, as 0-d tensors:
+    ``dmu = ||mu_B - mu_run||_2 / d`` and ``dvar = ||var_B - var_run (n-1)/n||_2 / d``.
+
+    `running_var` holds the EMA of *unbiased* batch variances; rescaling it by (n-1)/n
+    puts it on the biased scale that BatchNorm normalizes with, so a layer whose batches
+    all have the same statistics shows a gap of zero, whatever n is. (n is clamped to 2 so
+    that a batch without a valid group, whose gaps the probes discard, stays finite.)
+    """
+    d = mean_b.numel()
+    count = count.clamp(min=2)
+    running_var = module.running_var * (count - 1) / count
+    dmu = torch.linalg.vector_norm(mean_b - module.running_mean) / d
+    dvar = torch.linalg.vector_norm(var_b - running_var) / d
+    return dmu, dvar
+
+
+def bn_tid(module: nn.Module, mean_b: torch.Tensor, var_b: torch.Tensor, count: torch.Tensor):
+    """Training-inference discrepancy (Wang et al. 2022), as 0-d tensors, and its weight.
+
+    ``tid_mu = mean_c |mu - mu_B| / sigma_B`` and ``tid_sigma = mean_c |sigma / sigma_B - 1|``
+    with mu, sigma^2 the running statistics (variance on the biased scale, as in
+    `bn_stat_gaps`) and mu_B, sigma_B^2 the biased batch statistics. Both sigmas include
+    the layer's eps, as the divisors the layer actually uses in eval and training mode.
+    The mean runs over live channels: a collapsed one (counted by ``bn_gap/degenerate``)
+    outputs beta in training and eval alike, and its sigma_B = sqrt(eps) would turn any
+    lag into a ratio of hundreds. The weight is 0 when every channel is collapsed.
+    """
+    count = count.clamp(min=2)
+    running_var = module.running_var * (count - 1) / count
+    sigma_b = torch.sqrt(var_b + module.eps)
+    sigma = torch.sqrt(running_var + module.eps)
+    live = (~collapsed_channels(var_b, module.eps)).float()
+    n_live = live.sum().clamp(min=1)
+    tid_mu = ((module.running_mean - mean_b).abs() / sigma_b * live).sum() / n_live
+    tid_sigma = ((sigma / sigma_b - 1).abs() * live).sum() / n_live
+    return tid_mu, tid_sigma, live.sum() > 0
+
+
+def pooled_stats(mean_c: torch.Tensor, var_c: torch.Tensor) -> list[torch.Tensor]:
+    """[mean, std] over all entries from per-channel biased moments of equal counts (what a
+    BN hook has already computed, so a BN layer's input costs nothing more)."""
+    mean = mean_c.mean()
+    var = (var_c + mean_c.square()).mean() - mean.square()
+    return [mean, var.clamp(min=0).sqrt()]
+
+
+@dataclass
+class Population:
+    """PreciseBN statistics of one BN layer: mean, biased variance, number of entries."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    count: float
+
+    @property
+    def unbiased_var(self) -> torch.Tensor:
+        """The variance on running_var's (unbiased) scale."""
+        return self.var * self.count / max(self.count - 1, 1)

@@ -1,0 +1,31 @@
+"""Normalization layers: one registry keyed by (name, layout), the families that register
+into it, and every BatchNorm statistic (`normbench.norms.stats`).
+
+Importing this package imports every family module, which is what registers them.
+"""
+
+from normbench.norms import batch, sample  # noqa: F401  (registration)
+from normbench.norms.batch import GhostBatchNorm2d, StepBatchNorm, TimeBatchNorm, TokenBatchNorm
+from normbench.norms.registry import (
+    LAYOUTS,
+    Norm,
+    NormFactory,
+    NormSpec,
+    UnbuildableNorm,
+    check_norms,
+    create_norm,
+    make_norm_factory,
+    make_spec,
+    norm_class,
+    norm_names,
+    norm_options,
+    register,
+    registered,
+)
+
+__all__ = [
+    "LAYOUTS", "GhostBatchNorm2d", "Norm", "NormFactory", "NormSpec", "StepBatchNorm",
+    "TimeBatchNorm", "TokenBatchNorm", "UnbuildableNorm", "check_norms", "create_norm",
+    "make_norm_factory", "make_spec", "norm_class", "norm_names", "norm_options", "register",
+    "registered",
+]

@@ -1,0 +1,193 @@
+"""The norm registry: a norm *name* and a tensor *layout* resolve to one registered class.
+
+Layouts, and what a norm module of each is called with. Every norm is called as
+``norm(x, mask=None)``; `mask` has x's shape without the channel axis, True on real
+entries, False on padding (no model pads images today; image BatchNorm honours a mask all
+the same, per-sample norms ignore it):
+
+| layout | x                                                        | mask           |
+|--------|----------------------------------------------------------|----------------|
+| images | (N, C, H, W)                                             | (N, H, W)      |
+| tokens | (N, T, D)                                                | (N, T)         |
+| steps  | (N, T, D); through `norm.at(t)` the (N, D) rows of step t | (N, T) / (N,) |
+
+A norm family registers its classes in its own module with `@register(name, *layouts)`;
+models get a factory from `make_norm_factory(spec, layout)` (or one module from
+`create_norm`) and never see the name. A registered class is a `Norm`: it builds itself
+from a `NormSpec` (`Norm.build`), says which config keys it reads (`options`) and whether
+it re-centres its input (`recentres`: the conv/linear in front then needs no bias).
+
+A norm that cannot be built for some width (GroupNorm whose groups do not divide it)
+returns an `UnbuildableNorm` instead of raising: `check_norms(model)` then names the
+first such layer by its path in the model, which the factory alone cannot know.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+from torch import nn
+
+from normbench.errors import UserError
+
+LAYOUTS = ("images", "tokens", "steps")
+# Which models build norms in each layout, for the error of a norm that lacks one.
+LAYOUT_USERS = {"images": "model=resnet", "tokens": "model=transformer", "steps": "model=lstm"}
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """The norm config as plain values (so that models stay Hydra-free).
+
+    The values come from the config (conf/norm/<name>.yaml holds each norm's defaults);
+    None means "not given": a norm reads only its `options`, and building one whose
+    required option is missing is an error rather than a silent second default.
+    """
+
+    name: str
+    eps: float | None = None
+    momentum: float | None = None  # None *given* to BatchNorm: cumulative average (PyTorch)
+    affine: bool | None = None
+    num_groups: int | None = None
+    track_running_stats: bool | None = None
+    stats_batch: int | None = None  # ghost BatchNorm: statistics from groups of k samples
+
+
+def make_spec(**config) -> NormSpec:
+    """NormSpec from a config mapping, ignoring keys that are not norm options."""
+    names = {f.name for f in fields(NormSpec)}
+    return NormSpec(**{k: v for k, v in config.items() if k in names})
+
+
+class Norm:
+    """What every registered norm class is, besides an nn.Module.
+
+    `build` is the one place that turns a spec into the class's constructor arguments;
+    `at(t)` is the module to call for time step t in the steps layout (the norm itself,
+    unless it keeps per-step state).
+    """
+
+    norm_name: ClassVar[str] = ""  # set by @register
+    options: ClassVar[frozenset[str]] = frozenset()  # the NormSpec fields `build` reads
+    nullable: ClassVar[frozenset[str]] = frozenset()  # options for which None is a value
+    recentres: ClassVar[bool] = True
+
+    @classmethod
+    def build(cls, spec: NormSpec, num_features: int, *, t_max: int | None = None) -> nn.Module:
+        raise NotImplementedError
+
+    def at(self, t: int) -> nn.Module:
+        return self
+
+
+_REGISTRY: dict[tuple[str, str], type[Norm]] = {}
+
+
+def register(name: str, *layouts: str):
+    """Class decorator: `cls` is norm `name` for each of `layouts`."""
+
+    def add(cls: type[Norm]) -> type[Norm]:
+        if not issubclass(cls, Norm) or not issubclass(cls, nn.Module):
+            raise TypeError(f"{cls.__name__} must be an nn.Module and a Norm")
+        for layout in layouts:
+            if layout not in LAYOUTS:
+                raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+            if (name, layout) in _REGISTRY:
+                raise ValueError(f"norm {name!r} is already registered for {layout}: "
+                                 f"{_REGISTRY[name, layout].__name__}")
+            _REGISTRY[name, layout] = cls
+        cls.norm_name = name
+        return cls
+
+    return add
+
+
+def norm_names() -> tuple[str, ...]:
+    """Every registered norm name, in registration order."""
+    return tuple(dict.fromkeys(name for name, _ in _REGISTRY))
+
+
+def registered() -> tuple[tuple[str, str], ...]:
+    """Every registered (name, layout) pair."""
+    return tuple(_REGISTRY)
+
+
+def norm_options(name: str) -> frozenset[str]:
+    """The config keys norm `name` reads, over all its layouts."""
+    return frozenset().union(*(cls.options for (n, _), cls in _REGISTRY.items() if n == name))
+
+
+def norm_class(name: str, layout: str) -> type[Norm]:
+    """The class registered for (name, layout), or a one-line UserError naming the choices."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if (name, layout) in _REGISTRY:
+        return _REGISTRY[name, layout]
+    names = norm_names()
+    if name not in names:
+        raise UserError(f"unknown norm '{name}'", f"use one of: {', '.join(names)}")
+    usable = [n for n in names if (n, layout) in _REGISTRY]
+    raise UserError(f"norm={name} has no version for {layout} ({LAYOUT_USERS[layout]})",
+                    f"use one of: {', '.join(usable)}")
+
+
+
+class NormFactory:
+    """`make(num_features) -> nn.Module` for one (spec, layout); `recentres` tells the model
+    whether the layer in front of the norm needs a bias."""
+
+    def __init__(self, spec: NormSpec, layout: str, *, t_max: int | None = None):
+        self.cls = norm_class(spec.name, layout)
+        missing = sorted(k for k in self.cls.options - self.cls.nullable
+                         if getattr(spec, k) is None)
+        if missing:
+            raise ValueError(f"norm={spec.name} needs {', '.join(missing)}; build its "
+                             "NormSpec from the config (make_spec)")
+        self.spec = spec
+        self.t_max = t_max
+
+    @property
+    def recentres(self) -> bool:
+        return self.cls.recentres
+
+    def __call__(self, num_features: int) -> nn.Module:
+        return self.cls.build(self.spec, num_features, t_max=self.t_max)
+
+
+def make_norm_factory(spec: NormSpec, layout: str, *, t_max: int | None = None) -> NormFactory:
+    """Resolve a norm name and layout once; `t_max` is the longest sequence (steps layout)."""
+    return NormFactory(spec, layout, t_max=t_max)
+
+
+def create_norm(spec: NormSpec, layout: str, num_features: int, *,
+                t_max: int | None = None) -> nn.Module:
+    """One norm module for `num_features` channels in `layout`."""
+    return make_norm_factory(spec, layout, t_max=t_max)(num_features)
+
+
+# ----------------------------------------------------------------------------- build checks
+
+
+class UnbuildableNorm(nn.Module):
+    """Stands where a norm cannot be built; `check_norms` turns it into a UserError that
+    names its place in the model (building first and checking afterwards is what lets the
+    error say *which* layer failed, without threading names through blocks)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def user_error(self, path: str, model: nn.Module) -> UserError:
+        raise NotImplementedError
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"{type(self).__name__} reached forward; call check_norms(model) first")
+
+
+def check_norms(model: nn.Module) -> None:
+    """Raise a UserError naming the first layer whose norm could not be built."""
+    for path, module in model.named_modules():
+        if isinstance(module, UnbuildableNorm):
+            raise module.user_error(path, model)
+
