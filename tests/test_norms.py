@@ -220,3 +220,46 @@ def test_group_count_that_does_not_divide_names_the_layer():
     line = err.value.line()
     assert "'2.1'" in line and "8 channels" in line and "num_groups=3" in line
     assert "\n" not in line
+
+
+def test_a_new_norm_needs_only_its_class_and_registry_entry_to_work_in_every_model():
+    """What docs/contributing.md promises: no model changes for a new norm."""
+    from normbench.data import DataInfo
+    from normbench.models import build_model
+    from tests.config_defaults import model_options
+
+    @register("test_rms", *LAYOUTS)
+    class TestRMS(Norm, nn.Module):
+        options = frozenset({"eps"})
+        recentres = False
+
+        def __init__(self, num_features, eps):
+            super().__init__()
+            self.eps = eps
+
+        @classmethod
+        def build(cls, spec, num_features, *, t_max=None):
+            return cls(num_features, spec.eps)
+
+        def forward(self, x, mask=None):
+            dim = 1 if x.dim() == 4 else -1  # images are channels-first
+            return x * torch.rsqrt(x.square().mean(dim, keepdim=True) + self.eps)
+
+    spec = NormSpec("test_rms", eps=1e-5)
+    text = DataInfo(kind="text", num_classes=7, seq_len=6)
+    image = DataInfo(kind="image", num_classes=3, in_channels=3, image_size=8)
+    small = {"resnet": dict(depth=8), "transformer": dict(depth=1, width=8, heads=2),
+             "lstm": dict(hidden=8, embed=4)}
+    try:
+        for name, info, x in (("resnet", image, torch.randn(2, 3, 8, 8)),
+                              ("transformer", text, torch.randint(0, 7, (2, 6))),
+                              ("lstm", text, torch.randint(0, 7, (2, 6)))):
+            model = build_model(model_options(name, **small[name]), spec, info)
+            assert sum(isinstance(m, TestRMS) for m in model.modules()) >= 3, name
+            assert torch.isfinite(model(x)).all(), name
+        # recentres = False: the convolutions in front keep their bias.
+        resnet = build_model(model_options("resnet", depth=8), spec, image)
+        assert all(c.bias is not None for c in resnet.modules() if isinstance(c, nn.Conv2d))
+    finally:
+        for layout in LAYOUTS:
+            _REGISTRY.pop(("test_rms", layout), None)

@@ -1,10 +1,10 @@
 """Normalization layers: one registry keyed by (name, layout), the families that register
 into it, and every BatchNorm statistic (`normbench.norms.stats`).
 
-Importing this package imports every family module, which is what registers them.
+Importing this package imports every family module, which is what registers them: a new
+family module is imported here.
 """
 
-from normbench.norms import batch, sample  # noqa: F401  (registration)
 from normbench.norms.batch import GhostBatchNorm2d, StepBatchNorm, TimeBatchNorm, TokenBatchNorm
 from normbench.norms.registry import (
     LAYOUTS,
@@ -22,10 +22,19 @@ from normbench.norms.registry import (
     register,
     registered,
 )
+from normbench.norms.sample import (
+    FeatureGroupNorm,
+    FeatureLayerNorm,
+    Identity,
+    ImageGroupNorm,
+    ImageLayerNorm,
+    InvalidGroupNorm,
+)
 
 __all__ = [
-    "LAYOUTS", "GhostBatchNorm2d", "Norm", "NormFactory", "NormSpec", "StepBatchNorm",
-    "TimeBatchNorm", "TokenBatchNorm", "UnbuildableNorm", "check_norms", "create_norm",
-    "make_norm_factory", "make_spec", "norm_class", "norm_names", "norm_options", "register",
-    "registered",
+    "LAYOUTS", "FeatureGroupNorm", "FeatureLayerNorm", "GhostBatchNorm2d", "Identity",
+    "ImageGroupNorm", "ImageLayerNorm", "InvalidGroupNorm", "Norm", "NormFactory", "NormSpec",
+    "StepBatchNorm", "TimeBatchNorm", "TokenBatchNorm", "UnbuildableNorm", "check_norms",
+    "create_norm", "make_norm_factory", "make_spec", "norm_class", "norm_names", "norm_options",
+    "register", "registered",
 ]
