@@ -9,7 +9,7 @@ the jobs that Hydra will run.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -21,11 +21,10 @@ from normbench.errors import UserError
 
 @dataclass
 class Job:
-    """One job: its overrides, its config as the job receives it, and where it came from."""
+    """One job: its overrides and its config as the job receives it."""
 
     overrides: list[str]
     config: dict  # resolved, without the `hydra` node
-    choices: dict = field(default_factory=dict)  # config group -> chosen option
     run_dir: Path | None = None  # the single run's folder (hydra.run.dir)
 
 
@@ -79,7 +78,6 @@ def compose_sweep(overrides: list[str], multirun: bool) -> tuple[list[Job], Path
 def make_job(cfg: DictConfig, overrides: list[str], single: bool) -> Job:
     config = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     return Job(overrides=list(overrides), config=OmegaConf.to_container(config, resolve=True),
-               choices=OmegaConf.to_container(cfg.hydra.runtime.choices),
                run_dir=Path(str(cfg.hydra.run.dir)) if single else None)
 
 
