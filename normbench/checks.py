@@ -7,15 +7,14 @@ of each job.
 
 from __future__ import annotations
 
-import inspect
 import os
-from collections.abc import Callable, Iterable
 from numbers import Integral, Real
 from pathlib import Path
 
 import torch
 
 from normbench.checkpoint import check_resume, normalize_resume
+from normbench.config.explain import show_value as _show
 from normbench.data import DataInfo
 from normbench.errors import UserError
 
@@ -36,15 +35,12 @@ def _positive_number(config: dict, key: str, allow_none: bool = False) -> None:
         raise UserError(f"{key}={value} must be a positive number", f"set {key} above 0, e.g. {key}=0.1")
 
 
-def check_config(config: dict, origin: Callable[[str], str] | None = None,
-                 top_level: Iterable[str] | None = None) -> None:
+def check_config(config: dict) -> None:
     """Raise UserError on the first problem found in a resolved config dict.
 
-    `origin` names where a dotted key was set (for the error line); `top_level` lists the
-    top-level keys that are settings (the CLI passes conf/train.yaml's and the ones a preset
-    computes others from); without it, top-level keys are not checked.
+    Keys and types were checked when the config was composed (normbench/config/schema.py);
+    these are the values and the combinations that a type cannot express.
     """
-    check_keys_are_read(config, origin or (lambda key: "the config"), top_level)
     _positive_int(config, "batch_size")
     _positive_number(config, "lr")
     if config.get("epochs") is None:
@@ -68,12 +64,8 @@ def check_config(config: dict, origin: Callable[[str], str] | None = None,
     if norm.get("name") == "group":
         _positive_int(norm, "num_groups")
     _positive_int(config, "keep_checkpoints")
-    every = config.get("checkpoint_every")
-    if every is not None and (isinstance(every, bool) or not isinstance(every, Integral)
-                             or every < 0):
-        raise UserError(f"checkpoint_every={every} must be 0 or a positive integer",
-                        "set checkpoint_every=100 (or 0: only at the end)")
-    normalize_resume(config.get("resume", False))
+    _count(config, "checkpoint_every", "checkpoint_every", "100 (or 0: only at the end)")
+    normalize_resume(config["resume"])
     dataset = config["dataset"]
     if dataset.get("kind") == "text" and dataset.get("path"):
         check_text_file(dataset["path"], text_context(config))
@@ -91,22 +83,16 @@ def _batch_fits_training_set(config: dict) -> None:
 
 
 def _count(section: dict, key: str, label: str, example: str) -> None:
-    """A whole number >= 0, when present."""
-    value = section.get(key, 0)
+    """A whole number >= 0."""
+    value = section[key]
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
         raise UserError(f"{label}={_show(value)} must be a whole number >= 0",
                         f"use e.g. {label}={example}")
 
 
 def _probe_options(config: dict) -> None:
-    if not isinstance(config.get("probes", True), bool):
-        raise UserError(f"probes={config['probes']} must be true or false",
-                        "set probes=true or probes=false")
     _positive_int(config, "hist_every", allow_none=True)
-    value = config.get("precise_bn_batches", 0)
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
-        raise UserError(f"precise_bn_batches={value} must be a whole number >= 0",
-                        "set precise_bn_batches=20, or 0 to skip PreciseBN")
+    _count(config, "precise_bn_batches", "precise_bn_batches", "20 (or 0 to skip PreciseBN)")
 
 
 def text_context(config: dict) -> int:
@@ -189,116 +175,6 @@ def check_sweep_dir(sweep_dir: Path, resume) -> None:
                             "add resume=auto to continue them, or choose another hydra.sweep.dir")
 
 
-# ----------------------------------------------------------------------------- unread keys
-
-SECTIONS = ("dataset", "model", "norm", "optim", "sched")
-# Keys any section may hold: what the section is, not an option of its builder.
-META_KEYS = frozenset({"name", "kind"})
-# Model constructor parameters that build_model fills in from the data and the norm.
-MODEL_DERIVED = frozenset({"task", "num_classes", "in_channels", "image_size", "conv_bias"})
-
-
-def keyword_options(function) -> frozenset[str]:
-    """The options a builder reads: its keyword-only parameters and those with a default."""
-    params = inspect.signature(function).parameters.values()
-    return frozenset(p.name for p in params if p.kind is p.KEYWORD_ONLY
-                     or p.default is not inspect.Parameter.empty)
-
-
-def _model_class(name: str):
-    from normbench.models import MODELS
-
-    if name == "resnet":
-        from normbench.models.resnet import CifarResNet as cls
-    elif name == "transformer":
-        from normbench.models.transformer import Transformer as cls
-    elif name == "lstm":
-        from normbench.models.lstm import LSTM as cls
-    else:
-        raise UserError(f"unknown model '{name}'", f"use one of: {', '.join(MODELS)}")
-    return cls
-
-
-def section_options(section: str, name: str) -> frozenset[str]:
-    """The keys a config section `section` with `name: <name>` may hold."""
-    from normbench import optim
-    from normbench.data import dataset_builder
-
-    if section == "dataset":
-        options = keyword_options(dataset_builder(name))
-    elif section == "optim":
-        options = (keyword_options(optim.build_optimizer)
-                   | keyword_options(optim.optimizer_function(name)))
-    elif section == "sched":
-        options = keyword_options(optim.schedule_function(name))
-    elif section == "model":
-        options = keyword_options(_model_class(name)) - MODEL_DERIVED
-    else:
-        from normbench.norms import norm_names, norm_options
-
-        if name not in norm_names():
-            raise UserError(f"unknown norm '{name}'", f"use one of: {', '.join(norm_names())}")
-        options = norm_options(name)
-    return options | META_KEYS
-
-
-def section_names(section: str) -> tuple[str, ...]:
-    from normbench import optim
-    from normbench.data import DATASETS
-    from normbench.models import MODELS
-    from normbench.norms import norm_names
-
-    return {"dataset": DATASETS, "model": MODELS, "norm": norm_names(),
-            "optim": tuple(optim.OPTIMIZERS), "sched": tuple(optim.SCHEDULES)}[section]
-
-
-def _show(value) -> str:
-    """A value as it is written in an override."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(_show(v) for v in value) + "]"
-    return str(value)
-
-
-def _dropping(key: str, where: str) -> str:
-    if where == "the command line":
-        return f"take {key} off the command line"
-    return f"drop it with ~{key}"
-
-
-def check_keys_are_read(config: dict, origin: Callable[[str], str],
-                        top_level: Iterable[str] | None = None) -> None:
-    """Every key of a section is read by its builder, and every top-level key by the loop:
-    a key that nothing reads would leave a config that describes a run that did not happen."""
-    for section in SECTIONS:
-        options = config.get(section) or {}
-        name = options.get("name")
-        readers = section_options(section, name)
-        for key, value in options.items():
-            if key in readers:
-                continue
-            dotted = f"{section}.{key}"
-            where = origin(dotted)
-            others = [n for n in section_names(section)
-                      if n != name and key in section_options(section, n)]
-            also = f"; it is an option of {', '.join(f'{section}={n}' for n in others)}" if others else ""
-            raise UserError(f"{dotted}={_show(value)} (from {where}) is not read by "
-                            f"{section}={name}: the run would ignore it",
-                            f"{_dropping(dotted, where)}{also}")
-    if top_level is None:
-        return
-    known = set(top_level) | set(SECTIONS)
-    for key, value in config.items():
-        if key not in known:
-            where = origin(key)
-            raise UserError(f"{key}={_show(value)} (from {where}) is not a normbench setting: "
-                            "nothing reads it",
-                            f"{_dropping(key, where)}; 'normbench train --cfg job' lists every key")
-
-
 # ----------------------------------------------------------------------------- ranges
 
 _NUMBER = "number"
@@ -365,16 +241,9 @@ def _optim_ranges(optim: dict, sched: dict) -> None:
 
 
 def _dataset_ranges(dataset: dict) -> None:
-    from normbench.data import dataset_builder
-
-    try:
-        defaults = inspect.signature(dataset_builder(dataset.get("name"))).parameters
-    except UserError:
-        return  # an unknown dataset is reported by name elsewhere
     for key in ("n_train", "n_val"):
-        # null (all of them) where the builder allows it, i.e. where its own default is None
-        nullable = key in defaults and defaults[key].default is None
-        _in_range(dataset, key, f"dataset.{key}", low=1, kind=_INTEGER, allow_none=nullable,
+        # null (all of them) reaches here only where the dataset's schema allows it
+        _in_range(dataset, key, f"dataset.{key}", low=1, kind=_INTEGER, allow_none=True,
                   example="1000")
     _in_range(dataset, "image_size", "dataset.image_size", low=1, kind=_INTEGER, example="32")
     _in_range(dataset, "seq_len", "dataset.seq_len", low=2, kind=_INTEGER, example="128")

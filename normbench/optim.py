@@ -1,8 +1,8 @@
 """Optimizers and learning-rate schedules from plain options.
 
-Each optimizer and each schedule is one function whose keyword parameters are exactly the
-options it reads: the config checks compare a config's `optim:` and `sched:` keys with
-these signatures, so a key that nothing would read is refused before a run starts.
+Each optimizer and each schedule is one function whose parameters are the options it
+reads; their values (defaults included) come from conf/optim/ and conf/sched/, their types
+from normbench/config/schema.py.
 """
 
 from __future__ import annotations
@@ -30,38 +30,45 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def sgd(groups: list[dict], lr: float, momentum: float = 0.9,
-        nesterov: bool = False) -> torch.optim.Optimizer:
+def sgd(groups: list[dict], lr: float, momentum: float,
+        nesterov: bool) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
 
 
 def adamw(groups: list[dict], lr: float,
-          betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+          betas: tuple[float, float]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
 
 
+# name (conf/optim/<name>.yaml) -> function
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": sgd, "adamw": adamw}
+
+
+def _unknown(what: str, name: str, group: str) -> UserError:
+    from normbench.config.tree import config_options
+
+    return UserError(f"unknown {what} '{name}'", f"use one of: {', '.join(config_options(group))}")
 
 
 def optimizer_function(name: str) -> Callable[..., torch.optim.Optimizer]:
     if name not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer '{name}'", f"use one of: {', '.join(OPTIMIZERS)}")
+        raise _unknown("optimizer", name, "optim")
     return OPTIMIZERS[name]
 
 
-def build_optimizer(model: nn.Module, lr: float, name: str = "sgd", weight_decay: float = 0.0,
+def build_optimizer(model: nn.Module, lr: float, name: str, weight_decay: float,
                     **options) -> torch.optim.Optimizer:
     """`options` are the named optimizer's own (e.g. sgd: momentum, nesterov)."""
     return optimizer_function(name)(param_groups(model, weight_decay), lr, **options)
 
 
-def constant(total_steps: int, warmup_frac: float = 0.0) -> Callable[[int], float]:
+def constant(total_steps: int, warmup_frac: float) -> Callable[[int], float]:
     warmup = int(round(warmup_frac * total_steps))
     return lambda step: (step + 1) / warmup if step < warmup else 1.0
 
 
-def cosine(total_steps: int, warmup_frac: float = 0.0,
-           final_lr_frac: float = 0.0) -> Callable[[int], float]:
+def cosine(total_steps: int, warmup_frac: float,
+           final_lr_frac: float) -> Callable[[int], float]:
     warmup = int(round(warmup_frac * total_steps))
 
     def factor(step: int) -> float:
@@ -73,17 +80,18 @@ def cosine(total_steps: int, warmup_frac: float = 0.0,
     return factor
 
 
+# name (conf/sched/<name>.yaml) -> function
 SCHEDULES: dict[str, Callable[..., Callable[[int], float]]] = {"cosine": cosine,
                                                                "constant": constant}
 
 
 def schedule_function(name: str) -> Callable[..., Callable[[int], float]]:
     if name not in SCHEDULES:
-        raise UserError(f"unknown schedule '{name}'", f"use one of: {', '.join(SCHEDULES)}")
+        raise _unknown("schedule", name, "sched")
     return SCHEDULES[name]
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, name: str = "cosine",
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, name: str,
                     **options) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over `warmup_frac` of the steps, then cosine decay or a constant rate."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer,

@@ -23,21 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def compose(overrides: list[str]) -> dict:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    from normbench.cli import conf_dir, register_resolvers
-
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
 def throughput(run_dir: Path, batch_size: int) -> float:
     """Samples per second over every logging interval but the first."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -64,9 +49,10 @@ def main() -> None:
 
     from rich.console import Console
 
+    from normbench.config.compose import compose_config
     from normbench.train import run_experiment
 
-    base = compose(args.overrides)
+    base = compose_config(args.overrides)
     default_interval = int(base["log_every"])
     settings = {
         "probes off": ["probes=false"],
@@ -80,7 +66,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for i, (name, extra) in enumerate(settings.items()):
-                config = compose(common + extra)
+                config = compose_config(common + extra)
                 run_dir = Path(tmp) / f"r{r}-{i}"
                 run_experiment(config, run_dir, console=quiet, live=False)
                 results[name].append(throughput(run_dir, config["batch_size"]))

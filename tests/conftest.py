@@ -1,4 +1,5 @@
-"""Shared fixtures: compose configs the way the CLI does, and run the CLI in a subprocess."""
+"""Shared fixtures: configs composed as the CLI composes them (normbench.config.compose), and
+the CLI run in a subprocess."""
 
 from __future__ import annotations
 
@@ -9,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
 
-from normbench.cli import conf_dir, register_resolvers
+from normbench.config.compose import compose_config
+
+__all__ = ["REPO", "TINY", "compose_config", "read_scalars", "run_cli"]
 
 REPO = Path(__file__).resolve().parents[1]
 # Settings that make any run take a second or two on a laptop CPU.
@@ -21,15 +21,6 @@ TINY = ["dataset.n_train=256", "dataset.n_val=128", "batch_size=32", "steps=6",
         "eval_every=0", "log_every=2", "model.depth=8"]
 
 torch.set_num_threads(1)
-
-
-def compose_config(overrides: list[str] = ()) -> dict:
-    """The resolved config dict a job would receive, composed from conf/ with overrides."""
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@ traceback, and the files of another run in the same place left byte-identical.""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import shutil
 from pathlib import Path
@@ -10,10 +12,14 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from normbench.checks import SECTIONS, check_keys_are_read, check_output_dir, check_text_file, section_options
-from normbench.cli import conf_dir
+from normbench.checks import check_output_dir, check_text_file
+from normbench.config.explain import GROUPS, options_with_key, schema_of_option
+from normbench.config.schema import SCHEMAS, TrainConfig
+from normbench.config.tree import conf_dir, config_options
+from normbench.data import dataset_builder
 from normbench.errors import UserError
-from tests.conftest import TINY, compose_config, run_cli
+from normbench.optim import optimizer_function, schedule_function
+from tests.conftest import TINY, run_cli
 from tests.test_data_images import write_imagefolder
 
 # Where the download of a dataset would go: a closed local port, i.e. no network.
@@ -23,12 +29,7 @@ OFFLINE = {key: "http://127.0.0.1:9" for key in
 
 def text_dataset(path: Path, context: int = 64) -> list[str]:
     """Overrides selecting a text dataset read from `path` with a given context length."""
-    text_yaml = conf_dir() / "dataset" / "text.yaml"
-    if text_yaml.is_file():
-        plus = "" if "\nseq_len:" in "\n" + text_yaml.read_text() else "+"
-        return ["dataset=text", f"dataset.path={path}", f"{plus}dataset.seq_len={context}"]
-    # Without the text dataset, the same config keys on the default dataset reach the checks.
-    return ["dataset.kind=text", f"+dataset.path={path}", f"+dataset.seq_len={context}"]
+    return ["dataset=text", f"dataset.path={path}", f"dataset.seq_len={context}"]
 
 
 def make_files(root: Path) -> dict[str, Path]:
@@ -48,10 +49,15 @@ def make_files(root: Path) -> dict[str, Path]:
 CASES = [
     ("unknown-dataset", ["dataset=cifar11"], ["unknown dataset 'cifar11'", "cifar10, cifar100"]),
     ("unknown-model", ["model=resnett"], ["unknown model 'resnett'", "resnet"]),
-    ("unknown-norm", ["norm=btach"], ["unknown norm 'btach'", "did you mean norm=batch"]),
+    ("unknown-norm", ["norm=btach"], ["unknown norm 'btach'", "did you mean norm=batch",
+                                     "use one of: batch, group, layer, none"]),
     ("misspelled-key", ["batch_szie=4"], ["unknown config key 'batch_szie'", "batch_size"]),
     ("batch-size-zero", ["batch_size=0"], ["batch_size=0 must be a positive integer"]),
     ("lr-negative", ["lr=-0.1"], ["lr=-0.1 must be a positive number"]),
+    ("sweep-without-multirun", ["norm=batch,group"], ["needs multirun mode", "add -m"]),
+    ("interval-sweep", ["-m", "lr=interval(0.1,0.2)"],
+     ["an interval sweep needs a sweeper that samples", "lr=0.1,0.2,0.4"]),
+    ("resnet-depth-not-6n-plus-2", ["model.depth=21"], ["6n+2"]),
     ("batchnorm-batch-1", ["norm=batch", "batch_size=1"],
      ["norm=batch with batch_size=1", "norm=group"]),
     ("groups-do-not-divide", ["norm=group", "norm.num_groups=3"],
@@ -71,28 +77,40 @@ CASES = [
     ("sweep-folder-with-checkpoints", ["-m", "norm=batch,group", "hydra.sweep.dir=old_sweep"],
      ["the sweep folder old_sweep already holds runs with checkpoints", "resume=auto"]),
     ("impossible-pair", ["dataset.kind=text"], ["model=resnet cannot read text data"]),
-    # Keys that nothing would read: refused, naming where they came from.
+    # Keys outside the chosen option's schema: refused, naming where they came from and
+    # which options have them.
+    ("foreign-key", ["dataset=cifar10", "dataset.noise=0.1"],
+     ["dataset.noise (from the command line) is not an option of dataset=cifar10",
+      "it is an option of dataset=shapes"]),
+    ("misspelled-group-key", ["dataset.noize=0.1"],
+     ["dataset.noize (from the command line) is not an option of dataset=shapes",
+      "did you mean dataset.noise"]),
     ("unread-key-command-line", ["optim=adamw", "+optim.nesterov=true"],
-     ["optim.nesterov=true (from the command line) is not read by optim=adamw",
+     ["optim.nesterov=true (from the command line) is not an option of optim=adamw",
       "it is an option of optim=sgd"]),
     ("unread-key-image-folder", ["experiment=batch_size_sweep", "dataset=imagefolder",
                                  "dataset.root={images}", "++dataset.noise=0.1"],
-     ["dataset.noise=0.1 (from the command line) is not read by dataset=imagefolder",
+     ["dataset.noise=0.1 (from the command line) is not an option of dataset=imagefolder",
       "dataset=shapes"]),
     ("unread-key-from-a-preset", ["experiment=batch_size_sweep", "dataset=synthetic_text",
                                   "model=transformer"],
-     ["dataset.image_size=16 (from the preset experiment=batch_size_sweep) is not read by "
-      "dataset=synthetic_text", "drop it with ~dataset.image_size"]),
+     ["dataset.image_size (from the preset experiment=batch_size_sweep) is not an option of "
+      "dataset=synthetic_text", "leave dataset.image_size out of the preset"]),
     ("unread-key-schedule", ["sched=constant", "+sched.final_lr_frac=0.1"],
-     ["sched.final_lr_frac=0.1 (from the command line) is not read by sched=constant"]),
+     ["sched.final_lr_frac=0.1 (from the command line) is not an option of sched=constant"]),
     ("unread-key-norm", ["norm=layer", "+norm.momentum=0.5"],
-     ["norm.momentum=0.5 (from the command line) is not read by norm=layer", "norm=batch"]),
+     ["norm.momentum=0.5 (from the command line) is not an option of norm=layer",
+      "norm=batch"]),
     ("unread-top-level-key", ["+lr_warmup=5"],
      ["lr_warmup=5 (from the command line) is not a normbench setting"]),
     ("unread-key-in-a-sweep", ["-m", "norm=batch,layer", "+norm.num_groups=4"],
-     ["norm.num_groups=4 (from the command line) is not read by norm=batch", "norm=group"]),
+     ["norm.num_groups=4 (from the command line) is not an option of norm=batch",
+      "norm=group"]),
+    # Values of the wrong type, refused by the schema while composing.
+    ("top-level-not-a-number", ["epochs=many"],
+     ["epochs=many (from the command line) must be a number (or null)"]),
     # Numbers out of range.
-    ("eps-negative", ["norm.eps=-1"], ["norm.eps=-1 must be a number, above 0"]),
+    ("eps-negative", ["norm.eps=-1"], ["norm.eps=-1.0 must be a number, above 0"]),
     ("momentum-above-1", ["norm.momentum=1.5"],
      ["norm.momentum=1.5 must be a number, between 0 and 1 (or null)"]),
     ("num-groups-zero", ["norm=group", "norm.num_groups=0"],
@@ -108,7 +126,7 @@ CASES = [
     ("final-lr-negative", ["sched.final_lr_frac=-0.1"], ["sched.final_lr_frac=-0.1 must be"]),
     ("n-train-zero", ["dataset.n_train=0"], ["dataset.n_train=0 must be an integer, 1 or more"]),
     ("n-val-not-a-number", ["dataset=cifar10", "dataset.n_val=lots"],
-     ["dataset.n_val=lots must be an integer, 1 or more (or null)"]),
+     ["dataset.n_val=lots (from the command line) must be an integer (or null)"]),
     ("noise-negative", ["dataset.noise=-0.1"], ["dataset.noise=-0.1 must be a number, 0 or more"]),
     ("seq-len-1", ["dataset=synthetic_text", "model=transformer", "dataset.seq_len=1"],
      ["dataset.seq_len=1 must be an integer, 2 or more"]),
@@ -201,34 +219,47 @@ def test_text_file_checks(tmp_path):
         check_text_file(nul, context=4)
 
 
-def test_a_long_file_may_be_cut_inside_a_multibyte_character(tmp_path):
-    # The check reads the first megabyte; a character split at that edge is not an error.
+def test_text_length_is_counted_in_characters_not_bytes(tmp_path):
     path = tmp_path / "long.txt"
-    path.write_text("\u00e9" * (1 << 20))  # 2 MB of 2-byte characters, split at 1 MB + odd
-    path.write_bytes(b"x" + path.read_bytes())
-    check_text_file(path, context=1000)
+    path.write_text("x" + "\u00e9" * (1 << 20))  # 1M + 1 characters in 2M + 1 bytes
+    check_text_file(path, context=1 << 20)  # 1M inputs + 1 target: exactly enough
+    with pytest.raises(UserError, match=f"holds {(1 << 20) + 1} characters"):
+        check_text_file(path, context=(1 << 20) + 1)
 
 
-def test_every_shipped_config_file_holds_only_keys_its_builder_reads():
-    # The rule the checks enforce holds for the config tree itself (presets aside, which
-    # compose across groups: test_sweep checks every preset's jobs).
-    for section in SECTIONS:
-        for path in sorted((conf_dir() / section).glob("*.yaml")):
-            keys = set(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
-            unread = keys - section_options(section, path.stem)
-            assert not unread, (path, unread)
+def test_every_shipped_config_file_sets_exactly_the_keys_of_its_schema():
+    # The schema declares the keys and their types, the YAML file their values: a key in one
+    # and not the other would be a value without a type, or a type without its one default.
+    for group, schema, cls in SCHEMAS:
+        files = [o for o in config_options(group) if schema_of_option(group, o) == schema]
+        assert files, (group, schema)
+        for option in files:
+            keys = set(OmegaConf.load(conf_dir() / group / f"{option}.yaml")) - {"defaults"}
+            assert keys == {f.name for f in dataclasses.fields(cls)}, (group, option)
+    for group in GROUPS:
+        assert all(schema_of_option(group, o) for o in config_options(group)), group
+    train = set(OmegaConf.load(conf_dir() / "train.yaml")) - {"defaults", "hydra"}
+    assert train | set(GROUPS) == {f.name for f in dataclasses.fields(TrainConfig)}
 
 
-def test_every_section_option_is_refused_where_its_builder_does_not_read_it():
-    # The options come from the builders' signatures: sgd's, not adamw's.
-    assert {"momentum", "nesterov", "weight_decay"} <= section_options("optim", "sgd")
-    assert "nesterov" not in section_options("optim", "adamw")
-    assert "betas" in section_options("optim", "adamw")
-    assert "final_lr_frac" not in section_options("sched", "constant")
-    assert {"n_train", "n_val", "image_size", "seed"} <= section_options("dataset", "cifar10")
-    assert "noise" not in section_options("dataset", "imagefolder")
-    # Filled in by build_model from the data: not model options.
-    assert "num_classes" not in section_options("model", "resnet")
-    with pytest.raises(UserError, match=r"dataset.n_train=5 \(from conf/dataset/x.yaml\) is not read"):
-        config = compose_config(["dataset=text", "+dataset.n_train=5"])
-        check_keys_are_read(config, origin=lambda key: "conf/dataset/x.yaml")
+@pytest.mark.parametrize("group, lookup, fixed", [
+    ("dataset", dataset_builder, {"name", "kind"}),
+    ("optim", optimizer_function, {"name", "weight_decay"}),  # build_optimizer takes these
+    ("sched", schedule_function, {"name"}),
+])
+def test_every_schema_key_is_a_parameter_of_its_builder(group, lookup, fixed):
+    # A key the schema accepts but the builder does not take would fail at run time.
+    for option in config_options(group):
+        cls = next(c for g, s, c in SCHEMAS if g == group and s == schema_of_option(group, option))
+        params = set(inspect.signature(lookup(option)).parameters)
+        assert {f.name for f in dataclasses.fields(cls)} - fixed <= params, (group, option)
+
+
+def test_options_with_a_key_come_from_the_schemas():
+    assert options_with_key("optim", "nesterov") == ["sgd"]
+    assert options_with_key("optim", "betas") == ["adamw"]
+    assert options_with_key("sched", "final_lr_frac") == ["cosine"]
+    assert options_with_key("dataset", "noise") == ["shapes"]
+    assert options_with_key("norm", "stats_batch") == ["batch"]
+    assert options_with_key("dataset", "image_size") == ["cifar10", "cifar100", "imagefolder",
+                                                         "shapes"]

@@ -1,5 +1,6 @@
-"""Sweeps: presets compose, local parallel jobs get their share of the cores, and a failing
-or diverging job is isolated and reported only after every job is done."""
+"""Sweeps: expanded as Hydra's basic sweeper expands them, presets compose, local parallel
+jobs get their share of the cores, and a failing or diverging job is isolated and reported
+only after every job is done."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from omegaconf import OmegaConf
 
-from normbench.cli import conf_dir, preflight, threads_per_job
+from normbench.cli import preflight, threads_per_job
+from normbench.config.compose import compose_jobs
+from normbench.config.tree import config_options, initialized
 from normbench.errors import UserError
 from normbench.report import report_command
 from tests.conftest import TINY, compose_config
@@ -25,11 +27,49 @@ def summaries(sweep_root: Path) -> dict[str, dict]:
 
 
 def sweeper_params(experiment: str) -> dict:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+    with initialized():
         cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
-    GlobalHydra.instance().clear()
     return OmegaConf.to_container(cfg.hydra.sweeper.params)
+
+
+def grid(jobs: list[dict], *keys: str) -> list[tuple]:
+    """Each job's values of dotted `keys`, in job order."""
+    def get(config, key):
+        for part in key.split("."):
+            config = config[part]
+        return config
+    return [tuple(get(job, k) for k in keys) for job in jobs]
+
+
+def test_a_sweep_expands_choices_and_ranges_last_key_fastest():
+    jobs = compose_jobs(["norm=batch,group", "batch_size=range(2,9,2)", "steps=3"], multirun=True)
+    assert grid(jobs, "norm.name", "batch_size") == [
+        ("batch", 2), ("batch", 4), ("batch", 6), ("batch", 8),
+        ("group", 2), ("group", 4), ("group", 6), ("group", 8)]
+    assert {job["steps"] for job in jobs} == {3}
+    assert jobs[4]["norm"]["num_groups"] == 8  # each job composed with its own group option
+
+
+def test_a_glob_sweeps_every_option_of_a_group():
+    jobs = compose_jobs(["norm=glob(*,exclude=none)", "steps=3"], multirun=True)
+    assert grid(jobs, "norm.name") == [("batch",), ("group",), ("layer",)]
+
+
+def test_a_preset_sweeps_its_params_and_the_command_line_replaces_one_in_place():
+    # Hydra's sweeper: the preset's params first, then the command line; a key given twice
+    # keeps its first place and takes its last value.
+    params = sweeper_params("lr_sweep")
+    jobs = compose_jobs(["experiment=lr_sweep", "lr=0.1,0.2"], multirun=True)
+    norms = params["norm"].split(",")
+    seeds = [int(s) for s in params["seed"].split(",")]
+    assert grid(jobs, "norm.name", "lr", "seed") == [
+        (n, lr, s) for n in norms for lr in (0.1, 0.2) for s in seeds]
+    assert {(job["epochs"], job["batch_size"]) for job in jobs} == {(12, 32)}
+
+
+def test_without_multirun_a_preset_is_one_job():
+    (job,) = compose_jobs(["experiment=lr_sweep"])
+    assert job["lr"] == 0.1 and job["norm"]["name"] == "batch"  # the defaults, not the grid
 
 
 @pytest.mark.parametrize("batch_size, lr", [(2, 0.0125), (4, 0.025), (8, 0.05), (16, 0.1),
@@ -69,8 +109,8 @@ def test_preflight_expands_preset_params_and_checks_every_job():
         preflight(["experiment=batch_size_sweep", "base_batch_size=0"], True)
 
 
-@pytest.mark.parametrize("preset", sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml")))
-def test_every_job_of_every_preset_passes_the_key_checks(preset):
+@pytest.mark.parametrize("preset", config_options("experiment"))
+def test_every_job_of_every_preset_passes_the_checks(preset):
     # Each preset's own sweep is expanded and every job composed and checked: a preset key
     # that some job's builder would not read fails here, not in the middle of a sweep.
     assert preflight([f"experiment={preset}"], True) is not None
@@ -82,12 +122,13 @@ def test_a_preset_on_another_dataset_keeps_its_sizes_or_is_refused():
     assert preflight(["experiment=batch_size_sweep", "dataset=cifar10", "seed=0"], True)
     cfg = compose_config(["experiment=batch_size_sweep", "dataset=cifar10"])
     assert (cfg["dataset"]["n_train"], cfg["dataset"]["image_size"]) == (2000, 16)
-    with pytest.raises(UserError, match=r"dataset.image_size=16 \(from the preset "
-                                         r"experiment=batch_size_sweep\) is not read by "
+    with pytest.raises(UserError, match=r"dataset.image_size \(from the preset "
+                                         r"experiment=batch_size_sweep\) is not an option of "
                                          r"dataset=synthetic_text"):
         preflight(["experiment=batch_size_sweep", "dataset=synthetic_text", "model=transformer"],
                   True)
-    with pytest.raises(UserError, match=r"\(from the command line\) is not read by norm=group"):
+    with pytest.raises(UserError, match=r"\(from the command line\) is not an option of "
+                                         r"norm=group"):
         preflight(["experiment=lr_sweep", "++norm.stats_batch=4"], True)
 
 
@@ -121,8 +162,11 @@ def test_joblib_sweep_with_a_diverging_job_finishes_the_others(cli, tmp_path, ca
     last_lines = result.stderr.strip().splitlines()[-3:]
     assert "4 jobs, 2 completed, 2 not completed" in last_lines[0]
     assert all(line.endswith(": diverged") and "lr1000000.0" in line for line in last_lines[1:])
-    # Job folders: numbered, readable, distinct.
+    # Job folders: numbered, readable, distinct; numbered in compose_jobs' order, which is
+    # the order the pre-flight checked them in.
     names = sorted(runs)
+    expected = compose_jobs(["norm=none", "lr=1e6,0.05", "seed=0,1", *TINY], multirun=True)
+    assert [(runs[n]["lr"], runs[n]["seed"]) for n in names] == grid(expected, "lr", "seed")
     assert [n.split("_")[0] for n in names] == ["0", "1", "2", "3"]
     assert names[0] == "0_shapes-resnet-none-bs32_lr1000000.0_s0"
 

@@ -38,13 +38,7 @@ class DataInfo:
     seq_len: int = 0  # context length for text
 
 
-IMAGE_DATASETS = ("shapes", "cifar10", "cifar100", "imagefolder")
-TEXT_DATASETS = ("synthetic_text", "tinyshakespeare", "text")
-DATASETS = IMAGE_DATASETS + TEXT_DATASETS
-
-
-# name -> (module, builder). A builder's keyword parameters are exactly the options it reads;
-# the config checks compare a `dataset:` config with them, so unread keys are refused.
+# name -> (module, builder); the options each reads are typed in normbench/config/schema.py.
 BUILDERS = {
     "shapes": ("normbench.data.synthetic", "shapes_dataset"),
     "cifar10": ("normbench.data.images", "cifar_dataset"),
@@ -59,7 +53,10 @@ BUILDERS = {
 def dataset_builder(name: str):
     """The function that builds dataset `name` from its options (CIFAR's is told which one)."""
     if name not in BUILDERS:
-        raise UserError(f"unknown dataset '{name}'", f"use one of: {', '.join(DATASETS)}")
+        from normbench.config.tree import config_options
+
+        raise UserError(f"unknown dataset '{name}'",
+                        f"use one of: {', '.join(config_options('dataset'))}")
     module, function = BUILDERS[name]
     builder = getattr(importlib.import_module(module), function)
     return functools.partial(builder, name) if name.startswith("cifar") else builder

@@ -1,0 +1,206 @@
+"""Hydra's composition errors, and keys outside the schemas, as one line: problem and fix.
+
+Every line says which key, where it came from (the command line, a preset, a conf file),
+and which options do have it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from functools import cache
+
+from omegaconf import DictConfig, OmegaConf
+
+from normbench.config.schema import SCHEMAS, TrainConfig
+from normbench.config.tree import PRIMARY, conf_dir, config_options, initialized
+from normbench.errors import UserError
+
+GROUPS = tuple(dict.fromkeys(group for group, _, _ in SCHEMAS))  # dataset, model, ...
+
+
+@cache
+def schema_of_option(group: str, option: str) -> str | None:
+    """The schema a conf/<group>/<option>.yaml extends, from its defaults list."""
+    path = conf_dir() / group / f"{option}.yaml"
+    match = re.search(rf"- /{group}_(\w+)_schema@", path.read_text()) if path.is_file() else None
+    return match.group(1) if match else None
+
+
+def _schema_class(group: str, schema: str | None) -> type | None:
+    return next((cls for g, name, cls in SCHEMAS if g == group and name == schema), None)
+
+
+def options_with_key(group: str, key: str) -> list[str]:
+    """The options of `group` whose schema has `key` (dataset.noise: shapes)."""
+    out = []
+    for option in config_options(group):
+        cls = _schema_class(group, schema_of_option(group, option))
+        if cls is not None and key in {f.name for f in dataclasses.fields(cls)}:
+            out.append(option)
+    return out
+
+
+def options_of_schema(class_name: str) -> tuple[str, list[str]] | None:
+    """(group, options) of the conf files that extend the schema class `class_name`."""
+    for group, schema, cls in SCHEMAS:
+        if cls.__name__ == class_name:
+            return group, [o for o in config_options(group)
+                           if schema_of_option(group, o) == schema]
+    return None
+
+
+def show_value(value) -> str:
+    """A value as it is written in an override."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(show_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _type_words(class_name: str, key: str) -> str:
+    """What a key's schema type asks for, in words ('an integer (or null)')."""
+    classes = [TrainConfig] + [cls for _, _, cls in SCHEMAS]
+    cls = next((c for c in classes if c.__name__ == class_name), None)
+    hint = typing.get_type_hints(cls).get(key) if cls else None
+    nullable = type(None) in typing.get_args(hint)
+    if nullable:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    what = words.get(hint, "a list of numbers" if typing.get_origin(hint) is list else
+                     "a value of its type")
+    return what + (" (or null)" if nullable else "")
+
+
+def _unknown_key_line(full_key: str, class_name: str, where: str,
+                      command_line: list[str]) -> tuple[str, str] | None:
+    """A group key its option's schema lacks: name the options that have it."""
+    found = options_of_schema(class_name)
+    if found is None:
+        return None
+    group, options = found
+    # Several options share a schema (cifar10, cifar100): name the one picked, if on the line.
+    picked = [o.split("=", 1)[1] for o in command_line if o.split("=", 1)[0] == group]
+    if picked and picked[-1] in options:
+        options = [picked[-1]]
+    key = full_key.split(".", 1)[1] if "." in full_key else full_key
+    others = options_with_key(group, key)
+    chosen = f"{group}={'/'.join(options)}" if options else group
+    fields = {f.name for _, _, cls in SCHEMAS for f in dataclasses.fields(cls)
+              if options_of_schema(cls.__name__)[0] == group} - {key}
+    close = difflib.get_close_matches(key, sorted(fields), n=1)
+    if others:
+        also = f"it is an option of {', '.join(f'{group}={o}' for o in others)}"
+    elif close:
+        also = f"did you mean {group}.{close[0]}"
+    else:
+        also = f"'normbench train --cfg job {group}=...' lists the keys of each option"
+    drop = (f"take {full_key} off the command line" if where == "the command line"
+            else f"leave {full_key} out of {where}")
+    return (f"{full_key} (from {where}) is not an option of {chosen}: the run would ignore it",
+            f"{drop}; {also}")
+
+
+def explain_hydra_error(error: Exception, overrides: list[str]) -> tuple[str, str]:
+    """Turn Hydra's multi-line composition errors into (problem, fix) for one line."""
+    from hydra.errors import MissingConfigException
+
+    text = str(error)
+    cause = str(error.__cause__ or "")
+    if isinstance(error, MissingConfigException) and getattr(error, "options", None) is not None:
+        match = re.search(r"'([\w/]+)/([^']+)'", text)
+        group = match.group(1) if match else (error.missing_cfg_file or "").split("/")[0]
+        choice = match.group(2) if match else "?"
+        options = list(error.options)
+        close = difflib.get_close_matches(choice, options, n=1)
+        hint = f"did you mean {group}={close[0]}? " if close else ""
+        return f"unknown {group} '{choice}'", f"{hint}use one of: {', '.join(sorted(options))}"
+    details = text + "\n" + cause
+    full_key = re.search(r"full_key: (\S+)", details)
+    schema = re.search(r"object_type=(\w+)", details)
+    source = re.search(r"^In '([\w/@]+)'", text)
+    where = "the command line"
+    if source:
+        where = (f"the preset {source.group(1).replace('/', '=', 1)}"
+                 if source.group(1).startswith("experiment") else f"conf/{source.group(1)}.yaml")
+    value = re.search(r"Value '([^']*)' of type", details)
+    if value and full_key and schema:
+        key = full_key.group(1)
+        return (f"{key}={value.group(1)} (from {where}) must be "
+                f"{_type_words(schema.group(1), key.rsplit('.', 1)[-1])}",
+                f"give {key} a value of that type, e.g. from 'normbench train --cfg job'")
+    if full_key and schema and schema.group(1) != TrainConfig.__name__ and (
+            "not in" in details):
+        line = _unknown_key_line(full_key.group(1), schema.group(1), where, overrides)
+        if line:
+            return line
+    match = (re.search(r"Could not override '([^']+)'", text)
+             or re.search(r"Key '([^']+)' not in 'TrainConfig'", details)
+             or re.search(r"Key '([^']+)' is not in struct", text))
+    if match:
+        key = match.group(1)
+        close = [k for k in difflib.get_close_matches(key, known_keys(), n=2) if k != key][:1]
+        hint = f"did you mean {close[0]}? " if close else ""
+        return (f"unknown config key '{key}' (from {where})",
+                f"{hint}'normbench train --cfg job' prints every key")
+    if "Ambiguous value for argument" in text:
+        return ("a sweep (comma-separated values) needs multirun mode",
+                "add -m, e.g. normbench train -m " + " ".join(overrides))
+    first = next((line for line in text.splitlines() if line.strip()), text)
+    return first, "check the override against 'normbench train --cfg job'"
+
+
+def refuse_keys_outside_schema(cfg: DictConfig, job: list[str], command_line: list[str]) -> None:
+    """`+key=value` and `++key=value` add keys past Hydra's struct check: refuse any key that
+    the schema of its section (or the top level) does not declare; nothing would read it."""
+    choices = cfg.hydra.runtime.choices
+    for section in ("", *GROUPS):
+        node = cfg if not section else cfg.get(section)
+        if not isinstance(node, DictConfig):
+            continue
+        declared = _declared(node, section)
+        for key in node:
+            if key in declared:
+                continue
+            dotted = f"{section}.{key}" if section else key
+            mentioned = any(o.lstrip("+~").split("=", 1)[0] == dotted for o in command_line)
+            where = "the command line" if mentioned else (
+                f"the sweep of the preset experiment={choices.get('experiment')}")
+            value = show_value(OmegaConf.to_container(node, resolve=False)[key])
+            if not section:
+                raise UserError(f"{dotted}={value} (from {where}) is not a normbench setting: "
+                                "nothing reads it", f"take {dotted} off the command line; "
+                                "'normbench train --cfg job' lists every key")
+            problem, fix = _unknown_key_line(dotted, OmegaConf.get_type(node).__name__, where,
+                                             [f"{section}={choices.get(section)}"])
+            raise UserError(problem.replace(f"{dotted} (", f"{dotted}={value} ("), fix)
+
+
+def _declared(node: DictConfig, section: str) -> set[str]:
+    cls = OmegaConf.get_type(node)
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    return names | ({"hydra"} if not section else set())
+
+
+@cache
+def known_keys() -> list[str]:
+    """Every dotted key of the default config (for 'did you mean')."""
+    from hydra import compose
+
+    with initialized():
+        cfg = OmegaConf.to_container(compose(PRIMARY), resolve=False)
+    keys: list[str] = []
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            keys.append(prefix + k)
+            if isinstance(v, dict):
+                walk(v, prefix + k + ".")
+
+    walk(cfg, "")
+    return keys

@@ -1,0 +1,245 @@
+"""The types of every config key: one dataclass per config group option kind.
+
+The YAML files under conf/ hold the values (and say what they mean); these dataclasses hold
+the types and the set of keys. Each YAML file names its schema first in its defaults list,
+so Hydra checks every value and refuses every unknown key while composing, before any job
+starts. A field is MISSING here on purpose: its one default lives in the YAML file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+# OmegaConf reads the annotations at runtime and does not accept `X | None`: Optional stays.
+# ruff: noqa: UP007, UP045
+
+
+@dataclass
+class TrainConfig:
+    """Top-level settings (conf/train.yaml). The groups are typed by their own schemas."""
+
+    dataset: Any = MISSING
+    model: Any = MISSING
+    norm: Any = MISSING
+    optim: Any = MISSING
+    sched: Any = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    steps: int = MISSING
+    epochs: Optional[float] = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+    threads: Optional[int] = MISSING
+    deterministic: bool = MISSING
+    eval_every: int = MISSING
+    eval_batch_size: int = MISSING
+    log_every: int = MISSING
+    probes: bool = MISSING
+    hist_every: Optional[int] = MISSING
+    precise_bn_batches: int = MISSING
+    checkpoint_every: int = MISSING
+    keep_checkpoints: int = MISSING
+    resume: Any = MISSING  # false | true | auto (OmegaConf has no bool-or-string type)
+    run_name: str = MISSING
+    # Linear learning-rate scaling (Goyal et al. 2017): a preset writes
+    # lr: ${nb_mul:${base_lr},${nb_div:${batch_size},${base_batch_size}}}; null elsewhere.
+    base_lr: Optional[float] = MISSING
+    base_batch_size: Optional[int] = MISSING
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    kind: str = MISSING  # image | text: what the models read, for the pair checks
+
+
+@dataclass
+class ShapesConfig(DatasetConfig):
+    n_train: int = MISSING
+    n_val: int = MISSING
+    image_size: int = MISSING
+    noise: float = MISSING
+    seed: int = MISSING
+    augment: bool = MISSING
+
+
+@dataclass
+class CifarConfig(DatasetConfig):
+    root: str = MISSING
+    download: bool = MISSING
+    augment: bool = MISSING
+    n_train: Optional[int] = MISSING
+    n_val: Optional[int] = MISSING
+    image_size: int = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class ImageFolderConfig(DatasetConfig):
+    root: Optional[str] = MISSING
+    image_size: int = MISSING
+    augment: bool = MISSING
+    n_train: Optional[int] = MISSING
+    n_val: Optional[int] = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class SyntheticTextConfig(DatasetConfig):
+    n_train: int = MISSING
+    n_val: int = MISSING
+    seq_len: int = MISSING
+    max_depth: int = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class TextFileConfig(DatasetConfig):
+    path: Optional[str] = MISSING
+    seq_len: int = MISSING
+    val_fraction: float = MISSING
+
+
+@dataclass
+class TinyShakespeareConfig(DatasetConfig):
+    root: str = MISSING
+    download: bool = MISSING
+    seq_len: int = MISSING
+    val_fraction: float = MISSING
+
+
+# ----------------------------------------------------------------------------- model
+# Only what a user chooses: build_model fills in what the data and the norm decide
+# (number of classes, input channels, image size, conv bias).
+
+
+@dataclass
+class ResNetConfig:
+    name: str = MISSING
+    depth: int = MISSING
+    width: int = MISSING
+    shortcut: str = MISSING
+    zero_init_residual: bool = MISSING
+
+
+@dataclass
+class TransformerConfig:
+    name: str = MISSING
+    depth: int = MISSING
+    width: int = MISSING
+    heads: int = MISSING
+    mlp_ratio: int = MISSING
+    norm_position: str = MISSING
+    context: Optional[int] = MISSING
+    patch_size: int = MISSING
+
+
+@dataclass
+class LSTMConfig:
+    name: str = MISSING
+    depth: int = MISSING
+    hidden: int = MISSING
+    embed: int = MISSING
+    t_max: Optional[int] = MISSING
+
+
+# ----------------------------------------------------------------------------- norm
+
+
+@dataclass
+class NoNormConfig:
+    name: str = MISSING
+
+
+@dataclass
+class LayerNormConfig(NoNormConfig):
+    eps: float = MISSING
+    affine: bool = MISSING
+
+
+@dataclass
+class GroupNormConfig(LayerNormConfig):
+    num_groups: int = MISSING
+
+
+@dataclass
+class BatchNormConfig(LayerNormConfig):
+    momentum: Optional[float] = MISSING
+    track_running_stats: bool = MISSING
+    stats_batch: Optional[int] = MISSING
+
+
+# ----------------------------------------------------------------------------- optim, sched
+
+
+@dataclass
+class OptimConfig:
+    name: str = MISSING
+    weight_decay: float = MISSING
+
+
+@dataclass
+class SGDConfig(OptimConfig):
+    momentum: float = MISSING
+    nesterov: bool = MISSING
+
+
+@dataclass
+class AdamWConfig(OptimConfig):
+    betas: list[float] = field(default_factory=lambda: MISSING)
+
+
+@dataclass
+class ConstantScheduleConfig:
+    name: str = MISSING
+    warmup_frac: float = MISSING
+
+
+@dataclass
+class CosineScheduleConfig(ConstantScheduleConfig):
+    final_lr_frac: float = MISSING
+
+
+# ----------------------------------------------------------------------------- registration
+
+# (group, schema name, dataclass). A conf/<group>/<option>.yaml file starts with
+# `defaults: [/<group>_<name>_schema@_here_, _self_]`: stored outside any config group, the
+# schemas are not offered as options in `--help` nor selectable as `<group>=...`.
+SCHEMAS: list[tuple[str, str, type]] = [
+    ("dataset", "shapes", ShapesConfig),
+    ("dataset", "cifar", CifarConfig),
+    ("dataset", "imagefolder", ImageFolderConfig),
+    ("dataset", "synthetic_text", SyntheticTextConfig),
+    ("dataset", "text", TextFileConfig),
+    ("dataset", "tinyshakespeare", TinyShakespeareConfig),
+    ("model", "resnet", ResNetConfig),
+    ("model", "transformer", TransformerConfig),
+    ("model", "lstm", LSTMConfig),
+    ("norm", "batch", BatchNormConfig),
+    ("norm", "group", GroupNormConfig),
+    ("norm", "layer", LayerNormConfig),
+    ("norm", "none", NoNormConfig),
+    ("optim", "sgd", SGDConfig),
+    ("optim", "adamw", AdamWConfig),
+    ("sched", "constant", ConstantScheduleConfig),
+    ("sched", "cosine", CosineScheduleConfig),
+]
+
+
+def register_schemas() -> None:
+    """Put every schema in Hydra's ConfigStore (idempotent: storing again replaces)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for group, name, node in SCHEMAS:
+        cs.store(name=schema_name(group, name), node=node)
+
+
+def schema_name(group: str, name: str) -> str:
+    return f"{group}_{name}_schema"
