@@ -139,3 +139,5 @@ def write_failed_summary(run_dir: Path, config: dict, error: str) -> None:
     summary.setdefault("run_name", config.get("run_name"))
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / SUMMARY_FILE, summary)
+    if not (run_dir / CONFIG_FILE).exists():  # the report reads a failed run's settings too
+        write_json_atomic(run_dir / CONFIG_FILE, config)
