@@ -146,7 +146,9 @@ def initial_summary(config: dict, run_dir: Path, norm, model: nn.Module, data, s
 
 def resume(exp: Experiment, state: dict, path: Path) -> None:
     """Put `exp` where the checkpoint `state` (read from `path`) left the run."""
-    changed = ckpt.config_changes(state["config"], exp.config)
+    threads = adopt_thread_count(exp.config, state["threads"])
+    changed = [key for key in ckpt.config_changes(state["config"], exp.config)
+               if key != "threads" or not threads]
     if changed:
         warn(f"resuming with a config that differs from the checkpoint's in "
              f"{', '.join(changed)}: the run will not match an uninterrupted one")
@@ -159,7 +161,21 @@ def resume(exp: Experiment, state: dict, path: Path) -> None:
     exp.tracker.console.print(f"resuming from {path} (step {exp.step}/{exp.steps})")
 
 
+def adopt_thread_count(config: dict, saved: int) -> bool:
+    """With threads=null, continue with the CPU thread count the checkpointed run used (a
+    sweep job runs with its share of the cores, resumed alone it would get them all): CPU
+    reductions split their work by thread, so another count rounds differently and the
+    resumed run would drift from the uninterrupted one. True if the count was adopted."""
+    if config["threads"] is not None:
+        return False
+    if torch.get_num_threads() != saved:
+        torch.set_num_threads(saved)
+    return True
+
+
 def checkpoint_state(exp: Experiment) -> dict:
-    """What `resume` needs besides the parts: the loop's own values and the config."""
+    """What `resume` needs besides the parts: the loop's own values, the config, and the
+    CPU thread count the steps ran with."""
     return ckpt.capture(exp.parts(), final=dict(exp.summary["final"]),
-                        last_val=dict(exp.last_val), config=exp.config)
+                        last_val=dict(exp.last_val), config=exp.config,
+                        threads=torch.get_num_threads())
