@@ -7,6 +7,7 @@ defaults live, so a missing key is a bug, not a reason to guess.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -77,8 +78,9 @@ class Experiment:
     last_val: dict[str, float] = field(default_factory=dict)
     throughput: Throughput = field(default_factory=lambda: Throughput(0))
 
-    @property
+    @functools.cached_property
     def params(self) -> list[nn.Parameter]:
+        """The trained parameters (listed once: the loop reads them every step)."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def parts(self) -> dict:
