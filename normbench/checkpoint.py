@@ -21,7 +21,7 @@ import torch
 from normbench.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
-FORMAT = 1  # bumped when the layout of the saved dict changes
+FORMAT = 2  # bumped when the layout of the saved dict changes (2: running means, probes)
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
 

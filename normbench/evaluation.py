@@ -1,6 +1,7 @@
-"""Train/eval discrepancy of BatchNorm models: the validation set evaluated three ways.
+"""How a model is evaluated: the forward pass, the loss, validation metrics, and for
+BatchNorm models the train/eval discrepancy (the validation set evaluated three ways).
 
-- ``val/``: eval mode, running statistics (`normbench.train.evaluate`).
+- ``val/``: eval mode, running statistics (`evaluate`).
 - ``val_batchstats/``: BN layers normalize with each batch's own statistics, as in
   training; batches of the *training* batch size, drawn in random order (a validation set
   stored class by class would otherwise give one-class batches).
@@ -19,10 +20,12 @@ from a loader of its own), so a resumed run continues bit for bit.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from normbench.norms.stats import Population, batch_moments
@@ -31,6 +34,50 @@ from normbench.probes import batchnorm_layers, layer_summaries, token_mask
 # PreciseBN's loader is seeded from the training seed plus this, so it neither shares nor
 # disturbs the training stream's order.
 PRECISE_SEED_OFFSET = 7919
+
+
+def forward(model: nn.Module, batch) -> torch.Tensor:
+    return model(batch.x) if batch.mask is None else model(batch.x, mask=batch.mask)
+
+
+def loss_and_counts(logits: torch.Tensor, batch):
+    """Mean cross-entropy over real targets, number of correct predictions, number of targets.
+
+    Works for classification (logits (N,K), y (N,)) and for sequences (logits (N,T,V),
+    y (N,T), mask (N,T)): padding positions carry no loss and no count.
+    """
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    y = batch.y.reshape(-1)
+    losses = F.cross_entropy(flat_logits.float(), y, reduction="none")
+    correct = flat_logits.argmax(-1) == y
+    if batch.mask is None:
+        return losses.mean(), correct.sum(), torch.tensor(y.numel(), device=y.device)
+    m = batch.mask.reshape(-1).to(losses.dtype)
+    count = m.sum()
+    return (losses * m).sum() / count.clamp(min=1), (correct * m).sum(), count
+
+
+def metrics_from(loss: float, acc: float, kind: str, prefix: str) -> dict[str, float]:
+    out = {f"{prefix}/loss": loss, f"{prefix}/acc": acc}
+    if kind == "text":
+        out[f"{prefix}/bpc"] = loss / math.log(2)  # bits per character
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, batch_size: int, prefix: str = "val",
+             shuffle_seed: int | None = None) -> dict[str, float]:
+    """Loss and accuracy over the whole validation set, weighted by real targets."""
+    total_loss = total_correct = total_count = 0.0
+    for batch in data.val_batches(batch_size, shuffle_seed=shuffle_seed):
+        loss, correct, count = loss_and_counts(forward(model, batch), batch)
+        total_loss = total_loss + loss * count
+        total_correct = total_correct + correct
+        total_count = total_count + count
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float64)
+                          for v in (total_loss, total_correct, total_count)]).tolist()
+    return metrics_from(values[0] / values[2], values[1] / values[2], data.info.kind, prefix)
+
 
 
 @contextmanager
@@ -100,8 +147,6 @@ def _concat(a, b):
 def evaluate_batchstats(model: nn.Module, data, batch_size: int, seed: int,
                         prefix: str = "val_batchstats") -> dict[str, float]:
     """Validation metrics with BN in training mode (batch statistics), buffers restored."""
-    from normbench.train import evaluate  # train imports this module
-
     with batch_statistics(model):
         return evaluate(model, _TailMerged(data), batch_size, prefix=prefix, shuffle_seed=seed)
 
@@ -120,8 +165,6 @@ def precise_bn_stats(model: nn.Module, batches: Iterable) -> dict[str, Populatio
     float64. A layer that saw fewer than 2 real entries in all (an LSTM step no sequence
     reaches) has no population variance and is left out: it keeps its running statistics.
     """
-    from normbench.train import forward  # train imports this module
-
     sums: dict[str, list] = {}
 
     def hook_for(name):
@@ -193,8 +236,6 @@ def train_eval_discrepancy(model: nn.Module, data, val_metrics: dict[str, float]
     distances for a model with BN layers; {} for a model without."""
     if not batchnorm_layers(model):
         return {}
-    from normbench.train import evaluate  # train imports this module
-
     out = evaluate_batchstats(model, data, batch_size, seed)
     for key, value in val_metrics.items():
         if key.startswith("val/"):

@@ -365,6 +365,14 @@ class Probes:
                                 if tag.startswith(DEGENERATE) and v > 0)
         return values
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to take histograms on the same steps and to report the
+        same collapsed layers as an uninterrupted one."""
+        return {"log_count": self._log_count, "degenerate": sorted(self._degenerate)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._log_count, self._degenerate = state["log_count"], set(state["degenerate"])
+
     def degenerate_layers(self) -> list[str]:
         """BatchNorm layers seen with collapsed channels on any logging step so far."""
         return sorted(self._degenerate)

@@ -1,9 +1,11 @@
-"""Where results go: TensorBoard event files, the rich terminal, and summary.json."""
+"""Where results go: TensorBoard event files, the rich terminal, summary.json, the run's
+resolved config (config.json) and one-line warnings on stderr."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +21,13 @@ from rich.progress import (
 from rich.table import Table
 
 SUMMARY_FILE = "summary.json"
+# The resolved config a run was trained with: what `normbench report` reads, so that it
+# needs neither Hydra nor the CLI to know a run's settings.
+CONFIG_FILE = "config.json"
+
+
+def warn(message: str) -> None:
+    print(f"normbench: warning: {message}", file=sys.stderr, flush=True)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -35,11 +44,21 @@ def write_json_atomic(path: Path, data: dict) -> None:
         raise
 
 
-def read_summary(run_dir: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A JSON object from `path`; None if the file is missing, unreadable or not an object."""
     try:
-        return json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    return read_json(Path(run_dir) / SUMMARY_FILE)
+
+
+def read_config(run_dir: Path) -> dict | None:
+    return read_json(Path(run_dir) / CONFIG_FILE)
 
 
 class Tracker:
@@ -74,6 +93,9 @@ class Tracker:
 
     def write_summary(self, summary: dict) -> None:
         write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
+
+    def write_config(self, config: dict) -> None:
+        write_json_atomic(self.run_dir / CONFIG_FILE, config)
 
     def print_summary(self, summary: dict) -> None:
         table = Table(title=str(summary.get("run_name") or self.run_dir.name),
@@ -117,3 +139,5 @@ def write_failed_summary(run_dir: Path, config: dict, error: str) -> None:
     summary.setdefault("run_name", config.get("run_name"))
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / SUMMARY_FILE, summary)
+    if not (run_dir / CONFIG_FILE).exists():  # the report reads a failed run's settings too
+        write_json_atomic(run_dir / CONFIG_FILE, config)

@@ -1,24 +1,73 @@
-"""Train/eval discrepancy: batch-statistics evaluation and PreciseBN, checked against direct
+"""Evaluation: the loss over real targets and validation metrics weighted by them; the
+train/eval discrepancy (batch-statistics evaluation and PreciseBN) checked against direct
 computations, and the promise that the model, its buffers and the RNG come back untouched."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normbench.data import Batch
+from normbench.data import Batch, DataInfo
 from normbench.data.synthetic import shapes_dataset
 from normbench.evaluation import (
+    evaluate,
     evaluate_batchstats,
+    loss_and_counts,
     population_statistics,
     precise_bn_stats,
     train_eval_discrepancy,
 )
 from normbench.norms import TokenBatchNorm
+
+
+def test_loss_and_counts_on_padded_sequences_count_real_targets_only():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5)
+    y = torch.tensor([[1, 2, 0], [4, 4, 4]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    loss, correct, count = loss_and_counts(logits, Batch(torch.zeros(2, 3), y, mask))
+    real = F.cross_entropy(logits[mask], y[mask], reduction="none")
+    assert float(count) == 3 and float(loss) == pytest.approx(float(real.mean()))
+    assert float(correct) == float((logits[mask].argmax(-1) == y[mask]).sum())
+
+
+class UnevenText:
+    """Validation batches of 2 and 1 padded rows (5 and 1 real targets) of a fixed model."""
+
+    info = DataInfo(kind="text", num_classes=4)
+
+    def __init__(self):
+        torch.manual_seed(1)
+        self.batches = [Batch(torch.randn(2, 3, 4), torch.tensor([[0, 1, 2], [3, 3, 0]]),
+                              torch.tensor([[True, True, True], [True, True, False]])),
+                        Batch(torch.randn(1, 3, 4), torch.tensor([[2, 0, 0]]),
+                              torch.tensor([[True, False, False]]))]
+
+    def val_batches(self, batch_size, shuffle_seed=None):
+        return iter(self.batches)
+
+
+class Logits(nn.Module):
+    """A model whose inputs are its logits."""
+
+    def forward(self, x, mask=None):
+        return x
+
+
+def test_evaluate_weights_batches_by_real_targets_and_reports_bpc():
+    data = UnevenText()
+    metrics = evaluate(Logits(), data, batch_size=2)
+    logits = torch.cat([b.x[b.mask] for b in data.batches])
+    y = torch.cat([b.y[b.mask] for b in data.batches])
+    loss = float(F.cross_entropy(logits, y))  # the mean over all 6 real targets
+    assert metrics["val/loss"] == pytest.approx(loss)
+    assert metrics["val/acc"] == pytest.approx(float((logits.argmax(-1) == y).float().mean()))
+    assert metrics["val/bpc"] == pytest.approx(loss / math.log(2))
 
 
 def conv_net():

@@ -11,7 +11,9 @@ import matplotlib.image
 import pytest
 
 from normbench.errors import UserError
-from normbench.report import build_report, find_runs, report_command
+from normbench.grid import build_report
+from normbench.report import report_command
+from normbench.runs import find_runs
 from tests.conftest import TINY, read_scalars
 
 
@@ -92,22 +94,45 @@ def test_setups_that_differ_in_lr_are_rows_not_a_sweep(tmp_path):
     assert len(report.rows) == 2 and report.columns == [32]
 
 
-def test_x_from_the_config_and_unknown_keys(tmp_path):
+def test_x_from_the_config_json_and_unknown_keys(tmp_path):
     for sb in (4, 16):
         run = fake_run(tmp_path, f"sb{sb}", val_acc=0.5)
-        (run / ".hydra").mkdir()
-        (run / ".hydra" / "config.yaml").write_text(
-            f"base: 8\nnorm:\n  name: batch\n  stats_batch: {sb}\nlr: ${{nb_mul:${{base}},2}}\n")
+        config = {"lr": 0.1, "norm": {"name": "batch", "stats_batch": sb},
+                  "model": {"name": "resnet", "depth": 8}}
+        (run / "config.json").write_text(json.dumps(config))
     runs = find_runs([tmp_path])
     assert build_report(runs, x="stats_batch").columns == [4, 16]
     assert build_report(runs).x == "stats_batch"  # auto finds it in the config
     run4 = next(r for r in runs if r.path.name == "sb4")
     assert run4.get("norm.stats_batch") == 4 and run4.get("stats_batch") == 4
-    assert run4.config["lr"] == 16.0  # Hydra saves configs unresolved; nb_mul resolves here
+    assert run4.get("depth") == 8  # a bare key found in one of the config's sections
     with pytest.raises(UserError, match="did you mean --x batch_size"):
         build_report(runs, x="batch_sise")
     with pytest.raises(UserError, match="use --metric with one of: val_acc, val_err"):
         build_report(runs, metric="bleu")
+
+
+def test_a_folder_without_config_json_reads_the_summary_fields(tmp_path):
+    # A run folder from before config.json, or one whose config.json is damaged.
+    fake_run(tmp_path, "old", stats_batch=8, batch_size=64)
+    broken = fake_run(tmp_path, "broken", stats_batch=2, batch_size=64)
+    (broken / "config.json").write_text("{not json")
+    runs = {r.path.name: r for r in find_runs([tmp_path])}
+    assert runs["old"].config == {} and runs["broken"].config == {}
+    assert (runs["old"].get("stats_batch"), runs["old"].get("lr")) == (8, 0.1)
+    assert build_report(list(runs.values())).x == "stats_batch"
+    assert runs["old"].get("depth") is None
+
+
+def test_a_run_writes_its_resolved_config_and_the_report_reads_it(tmp_path, tiny_config):
+    from normbench.train import run_experiment
+
+    config = tiny_config("norm=group", "norm.num_groups=4", "steps=2", "probes=false")
+    run_experiment(config, tmp_path / "run", live=False)
+    on_disk = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert on_disk == config  # resolved: no ${...} left, every key as the loop saw it
+    (run,) = find_runs([tmp_path])
+    assert (run.get("num_groups"), run.get("model.depth"), run.get("norm")) == (4, 8, "group")
 
 
 def test_report_command_errors(tmp_path):

@@ -191,3 +191,65 @@ def test_resuming_with_another_model_is_a_user_error_and_other_changes_are_named
     assert "differs from the checkpoint's in lr, steps:" in warning
     assert summary["status"] == "completed"
     assert (summary["resumed_from_step"], summary["steps"]) == (2, 3)
+
+
+def histogram_steps(run_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"histograms": 0})
+    acc.Reload()
+    return [e.step for e in acc.Histograms(tag)]
+
+
+def test_a_stop_between_logging_steps_resumes_with_the_same_means_and_cadence(tmp_path,
+                                                                            monkeypatch):
+    import signal
+
+    import normbench.train as train
+
+    # Logging steps 3, 6, 9, 10 and histograms on every 2nd of them (steps 3 and 9); the
+    # stop at step 5 leaves steps 4 and 5 in the running sums, not yet logged.
+    config = compose_config([*RUN, "log_every=3", "hist_every=2"])
+    reference = run_experiment(config, tmp_path / "ref", live=False)
+    original, calls = train.loss_and_counts, []
+
+    def stop_at_step_5(logits, batch):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(logits, batch)
+
+    monkeypatch.setattr(train, "loss_and_counts", stop_at_step_5)
+    stopped = run_experiment(config, tmp_path / "r", live=False)
+    assert (stopped["status"], stopped["steps"]) == ("interrupted", 5)
+    state = torch.load(tmp_path / "r" / "checkpoints" / "step_00000005.pt", weights_only=True)
+    assert float(state["running"]["count"]) == 2 * 32  # steps 4 and 5 of batch_size 32
+
+    monkeypatch.setattr(train, "loss_and_counts", original)
+    resumed = run_experiment({**config, "resume": True}, tmp_path / "r", live=False)
+    assert resumed["final"] == reference["final"]
+    got, want = read_scalars(tmp_path / "r"), read_scalars(tmp_path / "ref")
+    assert [s for s, _ in want["train/loss"]] == [3, 6, 9, 10]
+    assert got["train/loss"] == want["train/loss"] and got["train/acc"] == want["train/acc"]
+    tag = "grad/hist/head.weight"
+    assert histogram_steps(tmp_path / "r", tag) == histogram_steps(tmp_path / "ref", tag) == [3, 9]
+
+
+@pytest.fixture
+def one_thread_restored():
+    yield
+    torch.set_num_threads(1)
+
+
+def test_a_resumed_run_keeps_the_thread_count_of_its_checkpoint(tmp_path, capsys,
+                                                                one_thread_restored):
+    # A sweep job ran with threads=2; resumed on its own (threads=null) it would get
+    # torch's default, and CPU reductions would round differently.
+    run_experiment(compose_config([*RUN, "steps=2", "threads=2"]), tmp_path, live=False)
+    torch.set_num_threads(1)
+    capsys.readouterr()
+    summary = run_experiment(compose_config([*RUN, "steps=2", "resume=true"]), tmp_path,
+                             live=False)
+    assert summary["resumed_from_step"] == 2
+    assert torch.get_num_threads() == 2
+    assert "differs" not in capsys.readouterr().err

@@ -1,0 +1,183 @@
+"""Everything one training run is made of, built from the resolved config: the data, the
+model and its optimizer, the probes, the outputs, and (on resume) the checkpointed state.
+
+`build` reads every key as `config[key]`: the config schema is the one place where
+defaults live, so a missing key is a bug, not a reason to guess.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from torch import nn
+
+from normbench import checkpoint as ckpt
+from normbench.dashboards import hparams_of, write_dashboards
+from normbench.data import build_dataset
+from normbench.errors import UserError
+from normbench.guard import DivergenceWatch
+from normbench.meters import RunningMeans, Throughput
+from normbench.models import build_model
+from normbench.norms import make_spec
+from normbench.optim import build_optimizer, build_scheduler
+from normbench.probes import Probes
+from normbench.tracking import Tracker, warn
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} but CUDA is not available here", "use device=auto or cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; read when CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def total_steps(config: dict, steps_per_epoch: int) -> int:
+    if config["epochs"]:
+        return max(1, math.ceil(config["epochs"] * steps_per_epoch))
+    return int(config["steps"])
+
+
+@dataclass
+class Experiment:
+    """One run's objects and the loop's position in it (`step`: the last step done)."""
+
+    config: dict
+    device: torch.device
+    data: object
+    model: nn.Module
+    loader: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    probes: Probes
+    watch: DivergenceWatch
+    running: RunningMeans
+    tracker: Tracker
+    summary: dict
+    steps: int
+    step: int = 0
+    last_val: dict[str, float] = field(default_factory=dict)
+    throughput: Throughput = field(default_factory=lambda: Throughput(0))
+
+    @functools.cached_property
+    def params(self) -> list[nn.Parameter]:
+        """The trained parameters (listed once: the loop reads them every step)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def parts(self) -> dict:
+        """The objects whose state_dicts make up a checkpoint (see `normbench.checkpoint`)."""
+        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                "loader": self.loader, "divergence": self.watch, "running": self.running,
+                "probes": self.probes}
+
+    def due(self, every_key: str, step: int) -> bool:
+        """Whether `step` is one of the config's every-N steps (always the last one; N = 0:
+        only the last)."""
+        every = int(self.config[every_key])
+        return (every > 0 and step % every == 0) or step == self.steps
+
+
+def build(config: dict, run_dir: Path, console: Console, live: bool) -> Experiment:
+    """Set up one run; on resume, continue from the newest readable checkpoint."""
+    device = select_device(config["device"])
+    if config["threads"]:
+        torch.set_num_threads(int(config["threads"]))
+    seed_everything(config["seed"], config["deterministic"])
+
+    data = build_dataset(**config["dataset"]).to(device)
+    norm = make_spec(**config["norm"])
+    model = build_model(config["model"], norm, data.info).to(device)
+    loader = data.train_loader(config["batch_size"], seed=config["seed"])
+    steps = total_steps(config, loader.steps_per_epoch)
+    optimizer = build_optimizer(model, config["lr"], **config["optim"])
+    resumed = ckpt.resume_point(run_dir, config["resume"], warn)
+    start_step = resumed[0]["step"] if resumed else 0
+    # On resume, TensorBoard drops events logged after the checkpoint: one continuous curve.
+    tracker = Tracker(run_dir, console=console, live=live,
+                      purge_step=start_step + 1 if resumed else None)
+    exp = Experiment(
+        config=config, device=device, data=data, model=model, loader=loader,
+        optimizer=optimizer, scheduler=build_scheduler(optimizer, steps, **config["sched"]),
+        probes=Probes(model, enabled=config["probes"], hist_every=config["hist_every"]),
+        watch=DivergenceWatch(device), running=RunningMeans(device), tracker=tracker,
+        summary=initial_summary(config, run_dir, norm, model, data, steps, device), steps=steps)
+    tracker.write_config(config)
+    tracker.write_summary(exp.summary)
+    write_dashboards(tracker.writer, hparams_of(exp.summary, config),
+                     has_bn=bool(exp.probes.bn_layers), has_norm=bool(exp.probes.norm_layers),
+                     has_saturation=bool(exp.probes.saturating))
+    if resumed:
+        resume(exp, *resumed)  # last: it sets the RNG states the next steps draw from
+    return exp
+
+
+def initial_summary(config: dict, run_dir: Path, norm, model: nn.Module, data, steps: int,
+                    device: torch.device) -> dict:
+    return {
+        "run_name": config["run_name"] or Path(run_dir).name,
+        "dataset": config["dataset"]["name"], "model": config["model"]["name"],
+        "norm": norm.name, "batch_size": config["batch_size"], "lr": config["lr"],
+        # Samples whose statistics BatchNorm shares (None: the norm uses no batch statistics).
+        "stats_batch": (norm.stats_batch or config["batch_size"]) if norm.name == "batch" else None,
+        "seed": config["seed"], "steps": 0, "total_steps": steps, "device": str(device),
+        # The sizes actually used: images, or text rows (training windows for a text stream).
+        "n_train": data.n_train, "n_val": data.n_val,
+        "n_params": sum(p.numel() for p in model.parameters()), "status": "running",
+        "final": {},
+    }
+
+
+def resume(exp: Experiment, state: dict, path: Path) -> None:
+    """Put `exp` where the checkpoint `state` (read from `path`) left the run."""
+    threads = adopt_thread_count(exp.config, state["threads"])
+    changed = [key for key in ckpt.config_changes(state["config"], exp.config)
+               if key != "threads" or not threads]
+    if changed:
+        warn(f"resuming with a config that differs from the checkpoint's in "
+             f"{', '.join(changed)}: the run will not match an uninterrupted one")
+    ckpt.restore(state, exp.parts(), path)
+    exp.step = state["step"]
+    exp.throughput = Throughput(exp.step)
+    exp.summary["final"].update(state["final"])
+    exp.last_val = state["last_val"]
+    exp.summary["resumed_from_step"] = exp.step
+    exp.tracker.console.print(f"resuming from {path} (step {exp.step}/{exp.steps})")
+
+
+def adopt_thread_count(config: dict, saved: int) -> bool:
+    """With threads=null, continue with the CPU thread count the checkpointed run used (a
+    sweep job runs with its share of the cores, resumed alone it would get them all): CPU
+    reductions split their work by thread, so another count rounds differently and the
+    resumed run would drift from the uninterrupted one. True if the count was adopted."""
+    if config["threads"] is not None:
+        return False
+    if torch.get_num_threads() != saved:
+        torch.set_num_threads(saved)
+    return True
+
+
+def checkpoint_state(exp: Experiment) -> dict:
+    """What `resume` needs besides the parts: the loop's own values, the config, and the
+    CPU thread count the steps ran with."""
+    return ckpt.capture(exp.parts(), final=dict(exp.summary["final"]),
+                        last_val=dict(exp.last_val), config=exp.config,
+                        threads=torch.get_num_threads())

@@ -1,0 +1,82 @@
+"""Finished runs as data: each run folder's summary.json and resolved config, found below
+the folders a report is given.
+
+A run folder holds summary.json and, from the run's start, config.json (the resolved
+config the loop trained with; see `normbench.tracking`). Folders written before config.json
+existed still load: their settings come from summary.json's fields alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from normbench.errors import UserError
+from normbench.tracking import SUMMARY_FILE, read_config, read_summary
+
+
+@dataclass
+class Run:
+    path: Path
+    summary: dict
+    config: dict = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        return str(self.summary.get("status", "unknown"))
+
+    def get(self, key: str):
+        """A value by name: summary.json first, then the config (dotted keys, or a bare key
+        found in one of its sections, e.g. `stats_batch` -> norm.stats_batch)."""
+        if key in self.summary and not isinstance(self.summary[key], dict):
+            return self.summary[key]
+        node = self.config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                node = None
+                break
+            node = node[part]
+        if node is not None and not isinstance(node, dict):
+            return node
+        for section in ("norm", "model", "dataset", "optim", "sched"):
+            value = (self.config.get(section) or {}).get(key)
+            if value is not None and not isinstance(value, dict):
+                return value
+        return None
+
+    def metric(self, name: str) -> float | None:
+        final = self.summary.get("final") or {}
+        if name == "val_err" and "val_err" not in final:
+            acc = final.get("val_acc")
+            return None if acc is None else 100.0 * (1.0 - float(acc))
+        value = final.get(name)
+        return None if value is None else float(value)
+
+
+def load_run(run_dir: Path) -> Run | None:
+    """The run in `run_dir`; None if it has no readable summary.json."""
+    summary = read_summary(run_dir)
+    if summary is None:
+        return None
+    return Run(Path(run_dir), summary, read_config(run_dir) or {})
+
+
+def find_runs(dirs: list[str | Path]) -> list[Run]:
+    """Every run below the given folders (a run folder holds summary.json), each once."""
+    runs, seen = [], set()
+    for d in dirs:
+        d = Path(d)
+        if not d.exists():
+            raise UserError(f"'{d}' does not exist", "pass run or sweep folders, e.g. "
+                            "normbench report runs/sweeps/<stamp>")
+        found = [d] if (d / SUMMARY_FILE).is_file() else sorted(
+            p.parent for p in d.rglob(SUMMARY_FILE))
+        if not found:
+            raise UserError(f"no runs in '{d}' (no {SUMMARY_FILE} in it or below it)",
+                            "pass a run folder or a sweep folder such as runs/sweeps/<stamp>")
+        for run_dir in found:
+            key = run_dir.resolve()
+            if key not in seen and (run := load_run(run_dir)) is not None:
+                seen.add(key)
+                runs.append(run)
+    return runs
