@@ -222,6 +222,12 @@ def _task(cfg) -> None:
     config = OmegaConf.to_container(cfg, resolve=True)
     if config.get("threads") is None and multirun:
         config["threads"] = threads_per_job(hydra_cfg.launcher)
+    if multirun:  # the values this job was given, as in its folder name: HParams, run name
+        from normbench.dashboards import swept_settings
+
+        config["swept"] = swept_settings(list(hydra_cfg.overrides.task),
+                                         list(hydra_cfg.job.config.override_dirname.exclude_keys))
+        config["run_name"] = f"{config['run_name']}_{hydra_cfg.job.override_dirname}"
     try:
         check_config(config, key_origin(list(hydra_cfg.overrides.task),
                                          OmegaConf.to_container(hydra_cfg.runtime.choices)),
@@ -372,11 +378,12 @@ def key_origin(overrides: list[str], choices: dict):
     def origin(key: str) -> str:
         if any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides):
             return "the command line"
-        # Presets (all `@package _global_`) are merged after the group files and win.
-        for group, option in choices.items():
-            if group.startswith("experiment") and option and _declares(group, option, key):
-                preset = f"the preset experiment={choices.get('experiment')}"
-                return preset if group == "experiment" else f"{preset} (conf/{_folder(group)}/{option}.yaml)"
+        # Presets (all `@package _global_`) are merged after the group files and win; the
+        # later a preset group is merged (conf/train.yaml's defaults), the earlier it is asked.
+        for group in ("debug", "experiment", "gap_setup", "setup"):
+            option = choices.get(group)
+            if option and _declares(group, option, key):
+                return f"the preset {group}={option}"
         section, _, rest = key.partition(".")
         if rest and choices.get(section) and _declares(section, choices[section], rest):
             return f"conf/{section}/{choices[section]}.yaml"

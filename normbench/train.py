@@ -20,7 +20,7 @@ from rich.console import Console
 from torch import nn
 
 from normbench import checkpoint as ckpt
-from normbench.dashboards import hparams_of, write_dashboards
+from normbench.dashboards import hparams_of, swept_names, write_dashboards
 from normbench.data import Batch, build_dataset
 from normbench.errors import UserError
 from normbench.evaluation import train_eval_discrepancy
@@ -145,7 +145,8 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
                       purge_step=start_step + 1 if resumed else None)
     tracker.write_summary(summary)
     write_dashboards(tracker.writer, hparams_of(summary, config), has_bn=bool(probes.bn_layers),
-                     has_norm=bool(probes.norm_layers), has_saturation=bool(probes.saturating))
+                     has_norm=bool(probes.norm_layers), has_saturation=bool(probes.saturating),
+                     swept=swept_names(config))
     log_every = max(1, int(config.get("log_every", 20)))
     eval_every = int(config.get("eval_every", 0) or 0)
     eval_bs = int(config.get("eval_batch_size", 500))

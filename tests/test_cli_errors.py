@@ -81,7 +81,7 @@ CASES = [
       "dataset=shapes"]),
     ("unread-key-from-a-preset", ["experiment=batch_size_sweep", "dataset=synthetic_text",
                                   "model=transformer"],
-     ["dataset.image_size=16 (from the preset experiment=batch_size_sweep) is not read by "
+     ["dataset.image_size=16 (from the preset setup=shapes_small) is not read by "
       "dataset=synthetic_text", "drop it with ~dataset.image_size"]),
     ("unread-key-schedule", ["sched=constant", "+sched.final_lr_frac=0.1"],
      ["sched.final_lr_frac=0.1 (from the command line) is not read by sched=constant"]),
