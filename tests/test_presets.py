@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from normbench.cli import check_job, conf_dir, preflight, register_resolvers
 from normbench.dashboards import hparams_of, swept_settings, write_dashboards
-from tests.conftest import TINY, compose_config
+from tests.conftest import compose_config
 
 PRESETS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
 SETUPS = sorted(p.stem for p in (conf_dir() / "setup").glob("*.yaml"))
@@ -52,15 +52,22 @@ def job_folder(job: list[str]) -> str:
     return compose_full(job).hydra.job.override_dirname
 
 
+def compose_job(job: list[str]) -> tuple[dict, str]:
+    """A job's resolved config and its folder name after the number, from one composition."""
+    full = compose_full(job)
+    config = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
+    return OmegaConf.to_container(config, resolve=True), str(full.hydra.job.override_dirname)
+
+
 @pytest.mark.parametrize("preset, setup", itertools.product(SCALED_PRESETS, SETUPS))
 def test_every_preset_composes_and_checks_on_every_setup(preset, setup):
     # The first job of the preset's grid on this setup: composed and checked as a job
     # (strict keys included), so a setup that sets a key its dataset/model does not read,
     # or a preset that still sets a scale key, fails here.
     job = expand_sweep([f"experiment={preset}", f"setup={setup}"])[0]
-    check_job(compose_full(job), job)
-    config = compose_config(job)
-    assert compose_full(job).hydra.runtime.choices.setup == setup
+    full = compose_full(job)
+    config = OmegaConf.to_container(check_job(full, job), resolve=True)
+    assert full.hydra.runtime.choices.setup == setup
     if setup == "shapes_small":
         assert (config["dataset"]["n_train"], config["dataset"]["image_size"],
                 config["model"]["depth"]) == (2000, 16, 8)
@@ -93,11 +100,11 @@ def test_a_setup_on_the_command_line_keeps_a_chosen_dataset():
 def test_stats_batch_sweep_is_bn_at_each_k_with_k_in_the_folder_names():
     jobs = expand_sweep(["experiment=stats_batch_sweep"])
     assert len(jobs) == 5 * 3
-    configs = [compose_config(job) for job in jobs]
+    configs, folders = zip(*(compose_job(job) for job in jobs), strict=True)
     assert {c["norm"]["name"] for c in configs} == {"batch"}
     assert sorted({c["norm"]["stats_batch"] for c in configs}) == [2, 4, 8, 16, 32]
     assert {c["batch_size"] for c in configs} == {32}  # the optimization batch is fixed
-    folders = {job_folder(job) for job in jobs}
+    folders = set(folders)
     assert len(folders) == len(jobs)
     assert "norm.stats_batch=8,norm=batch,seed=1" in folders
 
@@ -136,7 +143,10 @@ def test_gap_setup_selects_model_and_data(gap_setup, dataset, model, optim):
 
 def test_debug_tiny_is_the_tiny_setting_and_shrinks_a_preset():
     tiny = compose_config(["debug=tiny"])
-    assert tiny == compose_config(TINY)
+    assert (tiny["dataset"]["n_train"], tiny["dataset"]["n_val"], tiny["model"]["depth"]) == \
+        (256, 128, 8)
+    assert {k: tiny[k] for k in ("batch_size", "steps", "epochs", "eval_every", "log_every")} == \
+        {"batch_size": 32, "steps": 6, "epochs": None, "eval_every": 0, "log_every": 2}
     preset = compose_config(["experiment=stats_batch_sweep", "debug=tiny"])
     assert (preset["steps"], preset["epochs"], preset["dataset"]["n_train"]) == (6, None, 256)
 
