@@ -176,6 +176,12 @@ def _task(cfg) -> None:
     config = OmegaConf.to_container(cfg, resolve=True)
     if config.get("threads") is None and multirun:
         config["threads"] = threads_per_job(hydra_cfg.launcher)
+    if multirun:  # the values this job was given, as in its folder name: HParams, run name
+        from normbench.dashboards import swept_settings
+
+        config["swept"] = swept_settings(list(hydra_cfg.overrides.task),
+                                         list(hydra_cfg.job.config.override_dirname.exclude_keys))
+        config["run_name"] = f"{config['run_name']}_{hydra_cfg.job.override_dirname}"
     try:
         check_config(config)
         from normbench.train import run_experiment

@@ -1,7 +1,7 @@
 """TensorBoard dashboards written into every run folder: the ``normbench`` custom-scalars
 layout (one chart per probe family, all layers in it, by regex) and the HParams entry
-(dataset and its training-set size, model, norm, batch size, lr, seed, optimizer -> final
-metrics)."""
+(dataset and its training-set size, model, norm, batch size, lr, seed, optimizer, and every
+setting the sweep gave the job -> final metrics)."""
 
 from __future__ import annotations
 
@@ -52,23 +52,88 @@ def layout(has_bn: bool, has_norm: bool, has_saturation: bool) -> dict:
     return {LAYOUT_NAME: charts}
 
 
+# Swept keys shown under the name of the HPARAMS entry that reports their effect (the
+# statistics batch BN actually used, the images actually kept), not as a second column.
+SWEPT_ALIASES = {"norm.stats_batch": "stats_batch", "dataset.n_train": "n_train",
+                 "dataset": "dataset", "model": "model", "norm": "norm", "optim": "optim"}
+# TensorBoard's HParams table ticks only its first 5 hparams by default, after sorting the
+# experiment's list with `differs` first: swept keys are marked so and listed first.
+SHOWN_BY_DEFAULT = 5
+
+
+def swept_settings(task_overrides: list[str], exclude_keys: list[str]) -> dict[str, str]:
+    """The settings a sweep gave one job, key -> value as written: Hydra's task overrides
+    of the job (sweep values and fixed command-line values) without the excluded keys, i.e.
+    what `hydra.job.override_dirname` shows in the job's folder name."""
+    swept = {}
+    for override in task_overrides:
+        key, _, value = override.partition("=")
+        if key not in exclude_keys:
+            swept[key.lstrip("+~")] = value
+    return dict(sorted(swept.items()))
+
+
+def _lookup(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def hparams_of(summary: dict, config: dict) -> dict:
-    """The HParams values of one run, from its summary and config."""
-    values = {key: summary.get(key) for key in HPARAMS}
-    values["optim"] = (config.get("optim") or {}).get("name")
+    """The HParams values of one run, from its summary and config: swept keys first (as
+    the config holds them, or as written for a group choice such as gap_setup=lstm_text),
+    then the standard ones."""
+    values = {}
+    for key, written in (config.get("swept") or {}).items():
+        name = SWEPT_ALIASES.get(key, key)
+        value = summary.get(name) if name in HPARAMS and name != "optim" else _lookup(config, key)
+        if isinstance(value, dict):  # a config group: its chosen option
+            value = value.get("name", written)
+        values[name] = written if value is None else value
+    values.update((key, summary.get(key)) for key in HPARAMS if key not in values)
+    if "optim" not in (config.get("swept") or {}):
+        values["optim"] = (config.get("optim") or {}).get("name")
+    # TensorBoard takes numbers, strings and booleans; lists (optim.betas) as text.
+    values = {k: (str(v) if isinstance(v, list | tuple) else v) for k, v in values.items()}
     return {k: v for k, v in values.items() if v is not None}
 
 
+def swept_names(config: dict) -> list[str]:
+    """The HParams names of the keys the sweep gave this job, in the order hparams_of uses."""
+    return [SWEPT_ALIASES.get(key, key) for key in (config.get("swept") or {})]
+
+
 def write_dashboards(writer, hparams: dict, *, has_bn: bool, has_norm: bool,
-                     has_saturation: bool) -> None:
+                     has_saturation: bool, swept: list[str] = ()) -> None:
     """Write the layout and the HParams entry into the writer's own run folder.
 
     The HParams metrics are the run's own scalar tags, which the dashboard reads as they
     are logged; nothing is duplicated (SummaryWriter.add_hparams would write a second
-    run in a sub-folder).
+    run in a sub-folder). The hparams named in `swept` are marked as differing between
+    runs and listed first, so that the dashboard shows them without unticking anything.
     """
     from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
     writer.add_custom_scalars(layout(has_bn, has_norm, has_saturation))
-    for summary in hparams_summaries(hparams, dict.fromkeys(METRICS, 0.0)):
+    experiment, start, end = hparams_summaries(hparams, dict.fromkeys(METRICS, 0.0))
+    mark_swept(experiment, swept)
+    for summary in (experiment, start, end):
         writer.file_writer.add_summary(summary)
+
+
+def mark_swept(experiment_summary, swept: list[str]) -> None:
+    """Reorder the experiment's hparam list in place: swept names first, marked `differs`."""
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    (value,) = experiment_summary.value
+    data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    infos = list(data.experiment.hparam_infos)
+    for info in infos:
+        info.differs = info.name in swept
+    infos.sort(key=lambda info: not info.differs)  # stable: HPARAMS order otherwise
+    data.experiment.ClearField("hparam_infos")
+    data.experiment.hparam_infos.extend(infos)
+    value.metadata.plugin_data.content = data.SerializeToString()

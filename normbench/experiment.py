@@ -20,7 +20,7 @@ from rich.console import Console
 from torch import nn
 
 from normbench import checkpoint as ckpt
-from normbench.dashboards import hparams_of, write_dashboards
+from normbench.dashboards import hparams_of, swept_names, write_dashboards
 from normbench.data import build_dataset
 from normbench.errors import UserError
 from normbench.guard import DivergenceWatch
@@ -124,7 +124,7 @@ def build(config: dict, run_dir: Path, console: Console, live: bool) -> Experime
     tracker.write_summary(exp.summary)
     write_dashboards(tracker.writer, hparams_of(exp.summary, config),
                      has_bn=bool(exp.probes.bn_layers), has_norm=bool(exp.probes.norm_layers),
-                     has_saturation=bool(exp.probes.saturating))
+                     has_saturation=bool(exp.probes.saturating), swept=swept_names(config))
     if resumed:
         resume(exp, *resumed)  # last: it sets the RNG states the next steps draw from
     return exp

@@ -16,9 +16,25 @@ from normbench.config.compose import compose_config
 __all__ = ["REPO", "TINY", "compose_config", "read_scalars", "run_cli"]
 
 REPO = Path(__file__).resolve().parents[1]
-# Settings that make any run take a second or two on a laptop CPU.
-TINY = ["dataset.n_train=256", "dataset.n_val=128", "batch_size=32", "steps=6",
-        "eval_every=0", "log_every=2", "model.depth=8"]
+
+
+def _overrides_of(path: Path, prefix: str = "") -> list[str]:
+    """A flat `key=value` override for every leaf of a YAML file (comments dropped)."""
+    from omegaconf import OmegaConf
+
+    def walk(node: dict, prefix: str):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}={'null' if value is None else value}"
+
+    return list(walk(OmegaConf.to_container(OmegaConf.load(path)), prefix))
+
+
+# conf/debug/tiny.yaml (a run in a second or two), as single overrides, so that a test can
+# leave out the keys that do not apply to it (e.g. image sizes on a text dataset).
+TINY = _overrides_of(REPO / "conf" / "debug" / "tiny.yaml")
 
 torch.set_num_threads(1)
 

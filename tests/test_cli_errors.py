@@ -94,7 +94,7 @@ CASES = [
       "dataset=shapes"]),
     ("unread-key-from-a-preset", ["experiment=batch_size_sweep", "dataset=synthetic_text",
                                   "model=transformer"],
-     ["dataset.image_size (from the preset experiment=batch_size_sweep) is not an option of "
+     ["dataset.image_size (from the preset setup=shapes_small) is not an option of "
       "dataset=synthetic_text", "leave dataset.image_size out of the preset"]),
     ("unread-key-schedule", ["sched=constant", "+sched.final_lr_frac=0.1"],
      ["sched.final_lr_frac=0.1 (from the command line) is not an option of sched=constant"]),

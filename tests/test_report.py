@@ -14,7 +14,7 @@ from normbench.errors import UserError
 from normbench.grid import build_report
 from normbench.report import report_command
 from normbench.runs import find_runs
-from tests.conftest import TINY, read_scalars
+from tests.conftest import read_scalars
 
 
 def fake_run(root: Path, name: str, status: str = "completed", val_acc: float | None = 0.5,
@@ -165,13 +165,13 @@ def test_several_dirs_and_out(tmp_path):
 @pytest.mark.slow
 def test_joblib_sweep_2x2_end_to_end_with_report(cli, tmp_path):
     result = cli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                 "norm=batch,group", "batch_size=8,16", *[o for o in TINY if "batch_size" not in o])
+                 "norm=batch,group", "batch_size=8,16", "debug=tiny")
     assert result.returncode == 0, result.stderr[-2000:]
     (sweep,) = (tmp_path / "runs" / "sweeps").iterdir()
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [j.name for j in jobs] == [
-        "0_shapes-resnet-batch-bs8_lr0.1_s0", "1_shapes-resnet-batch-bs16_lr0.1_s0",
-        "2_shapes-resnet-group-bs8_lr0.1_s0", "3_shapes-resnet-group-bs16_lr0.1_s0"]
+        "0_batch_size=8,norm=batch", "1_batch_size=16,norm=batch",
+        "2_batch_size=8,norm=group", "3_batch_size=16,norm=group"]
     for job, (norm, bs) in zip(jobs, [("batch", 8), ("batch", 16), ("group", 8), ("group", 16)],
                                strict=True):
         summary = json.loads((job / "summary.json").read_text())
@@ -188,7 +188,7 @@ def test_joblib_sweep_2x2_end_to_end_with_report(cli, tmp_path):
     assert [(r["norm"], r["batch_size"], r["n_completed"]) for r in rows] == [
         ("batch", "8", "1"), ("batch", "16", "1"), ("group", "8", "1"), ("group", "16", "1")]
     for r in rows:
-        acc = json.loads(next(sweep.glob(f"*-{r['norm']}-bs{r['batch_size']}_*/summary.json"))
+        acc = json.loads(next(sweep.glob(f"*_batch_size={r['batch_size']},norm={r['norm']}/summary.json"))
                          .read_text())["final"]["val_acc"]
         assert float(r["mean"]) == pytest.approx(100 * (1 - acc), abs=1e-3)
     for png in ("val_err_vs_batch_size.png", "curves.png", "bn_gap.png"):

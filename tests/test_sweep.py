@@ -123,7 +123,7 @@ def test_a_preset_on_another_dataset_keeps_its_sizes_or_is_refused():
     cfg = compose_config(["experiment=batch_size_sweep", "dataset=cifar10"])
     assert (cfg["dataset"]["n_train"], cfg["dataset"]["image_size"]) == (2000, 16)
     with pytest.raises(UserError, match=r"dataset.image_size \(from the preset "
-                                         r"experiment=batch_size_sweep\) is not an option of "
+                                         r"setup=shapes_small\) is not an option of "
                                          r"dataset=synthetic_text"):
         preflight(["experiment=batch_size_sweep", "dataset=synthetic_text", "model=transformer"],
                   True)
@@ -148,7 +148,7 @@ def test_threads_per_job_shares_the_cores(monkeypatch):
 def test_joblib_sweep_with_a_diverging_job_finishes_the_others(cli, tmp_path, capsys):
     # lr=1e6 without normalization: the loss is non-finite within the first log steps.
     result = cli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                 "norm=none", "lr=1e6,0.05", "seed=0,1", *TINY)
+                 "norm=none", "lr=1e6,0.05", "seed=0,1", "debug=tiny")
     assert result.returncode == 1, result.stderr[-2000:]
     runs = summaries(tmp_path)
     assert len(runs) == 4
@@ -161,14 +161,15 @@ def test_joblib_sweep_with_a_diverging_job_finishes_the_others(cli, tmp_path, ca
     # The sweep's verdict comes once, at the end, naming each job that did not complete.
     last_lines = result.stderr.strip().splitlines()[-3:]
     assert "4 jobs, 2 completed, 2 not completed" in last_lines[0]
-    assert all(line.endswith(": diverged") and "lr1000000.0" in line for line in last_lines[1:])
-    # Job folders: numbered, readable, distinct; numbered in compose_jobs' order, which is
-    # the order the pre-flight checked them in.
+    assert all(line.endswith(": diverged") and "lr=1000000.0" in line for line in last_lines[1:])
+    # Job folders: numbered in compose_jobs' order (the order the pre-flight checked them
+    # in), then the values the job was given (debug=tiny left out).
     names = sorted(runs)
     expected = compose_jobs(["norm=none", "lr=1e6,0.05", "seed=0,1", *TINY], multirun=True)
     assert [(runs[n]["lr"], runs[n]["seed"]) for n in names] == grid(expected, "lr", "seed")
     assert [n.split("_")[0] for n in names] == ["0", "1", "2", "3"]
-    assert names[0] == "0_shapes-resnet-none-bs32_lr1000000.0_s0"
+    assert names[0] == "0_lr=1000000.0,norm=none,seed=0"
+    assert runs[names[0]]["run_name"] == "shapes-resnet-none-bs32_lr=1000000.0,norm=none,seed=0"
 
     # The report marks the diverged cell and keeps it out of the mean.
     # (In-process: the 2x2 test in test_report.py runs the report through the CLI.)

@@ -20,6 +20,9 @@ from normbench.errors import UserError
 
 GROUPS = tuple(dict.fromkeys(group for group, _, _ in SCHEMAS))  # dataset, model, ...
 
+# Groups whose options are `@package _global_` presets rather than one section's options.
+PRESET_GROUPS = ("experiment", "setup", "gap_setup", "debug")
+
 
 @cache
 def schema_of_option(group: str, option: str) -> str | None:
@@ -127,7 +130,7 @@ def explain_hydra_error(error: Exception, overrides: list[str]) -> tuple[str, st
     where = "the command line"
     if source:
         where = (f"the preset {source.group(1).replace('/', '=', 1)}"
-                 if source.group(1).startswith("experiment") else f"conf/{source.group(1)}.yaml")
+                 if source.group(1).split("/")[0] in PRESET_GROUPS else f"conf/{source.group(1)}.yaml")
     value = re.search(r"Value '([^']*)' of type", details)
     if value and full_key and schema:
         key = full_key.group(1)

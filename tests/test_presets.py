@@ -1,0 +1,212 @@
+"""The config tree's presets: every preset composes on every setup it is meant for, sweeps
+expand to the intended jobs with the swept values in their folder names, the gap setups and
+the tiny debug setting select what they say, and the HParams entry shows the swept keys."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from normbench.cli import check_job, conf_dir, preflight, register_resolvers
+from normbench.dashboards import hparams_of, swept_settings, write_dashboards
+from tests.conftest import compose_config
+
+PRESETS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+SETUPS = sorted(p.stem for p in (conf_dir() / "setup").glob("*.yaml"))
+# stat_gap's gap setups each pick their own scale: a setup= would override all three.
+SCALED_PRESETS = [p for p in PRESETS if p != "stat_gap"]
+
+
+def compose_full(overrides: list[str]):
+    """The composed config with its `hydra` node, as a job of a sweep receives it."""
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """Every job's overrides: the preset's grid crossed with the command line's values, a
+    command-line key replacing the grid's (Hydra's basic sweeper does the same)."""
+    params = compose_full([o for o in overrides if "," not in o]).hydra.sweeper.params
+    grid = [f"{k}={v}" for k, v in OmegaConf.to_container(params or {}).items()]
+    by_key: dict[str, list[str]] = {}
+    for override in OverridesParser.create().parse_overrides([*grid, *overrides]):
+        key = override.get_key_element()
+        values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
+                  else [override.get_value_element_as_str()])
+        by_key[key] = [f"{key}={v}" for v in values]
+    return [list(job) for job in itertools.product(*by_key.values())]
+
+
+def job_folder(job: list[str]) -> str:
+    """A job's folder name after its number (hydra.sweep.subdir: <num>_<override_dirname>)."""
+    return compose_full(job).hydra.job.override_dirname
+
+
+def compose_job(job: list[str]) -> tuple[dict, str]:
+    """A job's resolved config and its folder name after the number, from one composition."""
+    full = compose_full(job)
+    config = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
+    return OmegaConf.to_container(config, resolve=True), str(full.hydra.job.override_dirname)
+
+
+@pytest.mark.parametrize("preset, setup", itertools.product(SCALED_PRESETS, SETUPS))
+def test_every_preset_composes_and_checks_on_every_setup(preset, setup):
+    # The first job of the preset's grid on this setup: composed and checked as a job
+    # (strict keys included), so a setup that sets a key its dataset/model does not read,
+    # or a preset that still sets a scale key, fails here.
+    job = expand_sweep([f"experiment={preset}", f"setup={setup}"])[0]
+    full = compose_full(job)
+    config = OmegaConf.to_container(check_job(full, job), resolve=True)
+    assert full.hydra.runtime.choices.setup == setup
+    if setup == "shapes_small":
+        assert (config["dataset"]["n_train"], config["dataset"]["image_size"],
+                config["model"]["depth"]) == (2000, 16, 8)
+    if setup == "cifar_resnet20":
+        assert (config["dataset"]["name"], config["dataset"]["n_train"],
+                config["dataset"]["image_size"], config["model"]["depth"]) == ("cifar10", None, 32, 20)
+    if setup == "text_char":
+        assert (config["dataset"]["kind"], config["model"]["name"]) == ("text", "transformer")
+
+
+@pytest.mark.parametrize("preset", SCALED_PRESETS)
+def test_presets_take_the_small_shapes_setup_by_default_and_set_no_scale_keys(preset):
+    config = compose_config([f"experiment={preset}"])
+    assert compose_full([f"experiment={preset}"]).hydra.runtime.choices.setup == "shapes_small"
+    assert (config["dataset"]["name"], config["model"]["name"]) == ("shapes", "resnet")
+    written = OmegaConf.load(conf_dir() / "experiment" / f"{preset}.yaml")
+    assert "dataset" not in written and "model" not in written  # the scale is the setup's
+
+
+def test_a_setup_on_the_command_line_keeps_a_chosen_dataset():
+    # experiment=stats_batch_sweep setup=cifar_resnet20 dataset=cifar100: CIFAR-100 at the
+    # setup's scale, not the setup's own CIFAR-10.
+    config = compose_config(["experiment=stats_batch_sweep", "setup=cifar_resnet20",
+                             "dataset=cifar100"])
+    assert (config["dataset"]["name"], config["model"]["depth"]) == ("cifar100", 20)
+    assert preflight(["experiment=stats_batch_sweep", "setup=cifar_resnet20",
+                      "dataset=cifar100", "seed=0"], True) is not None
+
+
+def test_stats_batch_sweep_is_bn_at_each_k_with_k_in_the_folder_names():
+    jobs = expand_sweep(["experiment=stats_batch_sweep"])
+    assert len(jobs) == 5 * 3
+    configs, folders = zip(*(compose_job(job) for job in jobs), strict=True)
+    assert {c["norm"]["name"] for c in configs} == {"batch"}
+    assert sorted({c["norm"]["stats_batch"] for c in configs}) == [2, 4, 8, 16, 32]
+    assert {c["batch_size"] for c in configs} == {32}  # the optimization batch is fixed
+    folders = set(folders)
+    assert len(folders) == len(jobs)
+    assert "norm.stats_batch=8,norm=batch,seed=1" in folders
+
+
+def test_stats_batch_references_are_gn_and_ln_once_per_seed_on_the_same_recipe():
+    jobs = expand_sweep(["experiment=stats_batch_references"])
+    assert sorted(job_folder(job) for job in jobs) == [
+        f"norm={norm},seed={seed}" for norm in ("group", "layer") for seed in (0, 1, 2)]
+    reference = compose_config(jobs[0])
+    bn = compose_config(expand_sweep(["experiment=stats_batch_sweep"])[0])
+    recipe = ("batch_size", "lr", "epochs", "dataset", "model", "optim", "sched")
+    assert {k: reference[k] for k in recipe} == {k: bn[k] for k in recipe}
+
+
+def test_other_presets_name_their_job_folders_by_the_swept_values():
+    assert job_folder(expand_sweep(["experiment=batch_size_sweep"])[7]) == \
+        "batch_size=16,norm=batch,seed=1"
+    gap_folders = sorted(job_folder(j) for j in expand_sweep(["experiment=stat_gap"]))
+    assert gap_folders[0] == "gap_setup=lstm_text,seed=0" and len(gap_folders) == 9
+    # Bookkeeping and scale keys stay out of the name; the study is in multirun.yaml.
+    assert job_folder(["experiment=lr_sweep", "setup=shapes", "debug=tiny", "resume=auto",
+                       "lr=0.4", "seed=1"]) == "lr=0.4,seed=1"
+
+
+@pytest.mark.parametrize("gap_setup, dataset, model, optim", [
+    ("resnet_images", "shapes", "resnet", "sgd"),
+    ("transformer_text", "synthetic_text", "transformer", "adamw"),
+    ("lstm_text", "synthetic_text", "lstm", "adamw"),
+])
+def test_gap_setup_selects_model_and_data(gap_setup, dataset, model, optim):
+    config = compose_config(["experiment=stat_gap", f"gap_setup={gap_setup}"])
+    assert (config["dataset"]["name"], config["model"]["name"], config["optim"]["name"],
+            config["norm"]["name"]) == (dataset, model, optim, "batch")
+    assert config["steps"] == 600 and config["epochs"] is None
+
+
+def test_debug_tiny_is_the_tiny_setting_and_shrinks_a_preset():
+    tiny = compose_config(["debug=tiny"])
+    assert (tiny["dataset"]["n_train"], tiny["dataset"]["n_val"], tiny["model"]["depth"]) == \
+        (256, 128, 8)
+    assert {k: tiny[k] for k in ("batch_size", "steps", "epochs", "eval_every", "log_every")} == \
+        {"batch_size": 32, "steps": 6, "epochs": None, "eval_every": 0, "log_every": 2}
+    preset = compose_config(["experiment=stats_batch_sweep", "debug=tiny"])
+    assert (preset["steps"], preset["epochs"], preset["dataset"]["n_train"]) == (6, None, 256)
+
+
+def test_swept_settings_are_the_job_overrides_without_excluded_keys():
+    exclude = list(compose_full([]).hydra.job.config.override_dirname.exclude_keys)
+    swept = swept_settings(["seed=1", "experiment=stats_batch_sweep", "norm.stats_batch=8",
+                            "debug=tiny", "+norm.eps=0.001"], exclude)
+    assert swept == {"norm.eps": "0.001", "norm.stats_batch": "8", "seed": "1"}
+
+
+def test_hparams_list_the_swept_keys_first_and_marked_as_differing(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+    from torch.utils.tensorboard import SummaryWriter
+
+    config = compose_config(["experiment=stat_gap", "gap_setup=lstm_text", "seed=2"])
+    config["swept"] = {"gap_setup": "lstm_text", "model.hidden": "64", "seed": "2"}
+    summary = {"dataset": "synthetic_text", "model": "lstm", "norm": "batch", "batch_size": 32,
+               "stats_batch": 32, "lr": 1e-3, "seed": 2, "n_train": 4000}
+    with SummaryWriter(tmp_path) as writer:
+        write_dashboards(writer, hparams_of(summary, config), has_bn=True, has_norm=True,
+                         has_saturation=True, swept=["gap_setup", "model.hidden", "seed"])
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    infos = [(info.name, info.differs) for info in experiment.hparam_infos]
+    # TensorBoard's HParams table ticks the first five, differing ones first.
+    assert infos[:3] == [("gap_setup", True), ("model.hidden", True), ("seed", True)]
+    assert not any(differs for _, differs in infos[3:])
+    assert {"stats_batch", "norm", "optim"} <= {name for name, _ in infos}
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    assert start.hparams["gap_setup"].string_value == "lstm_text"  # a group choice, as written
+    assert start.hparams["model.hidden"].number_value == 64  # read from the config
+    assert start.hparams["seed"].number_value == 2
+
+
+@pytest.mark.slow
+def test_stats_batch_sweep_end_to_end_names_jobs_and_shows_k_in_hparams(cli, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    result = cli("train", "-m", "experiment=stats_batch_sweep", "debug=tiny", "seed=0",
+                 "norm.stats_batch=4,8", "hydra.sweep.dir=sweep")
+    assert result.returncode == 0, result.stderr[-2000:]
+    folders = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert folders == ["0_norm.stats_batch=4,norm=batch,seed=0",
+                       "1_norm.stats_batch=8,norm=batch,seed=0"]
+    for k, folder in zip((4, 8), folders, strict=True):
+        run = tmp_path / "sweep" / folder
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["run_name"] == f"shapes-resnet-batch-bs32_{folder[2:]}"
+        assert summary["stats_batch"] == k
+        acc = EventAccumulator(str(run))
+        acc.Reload()
+        content = acc.PluginTagToContent("hparams")
+        experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+        shown = [info.name for info in experiment.hparam_infos if info.differs]
+        assert shown == ["norm", "stats_batch", "seed"]
+        start = metadata.parse_session_start_info_plugin_data(
+            content[metadata.SESSION_START_INFO_TAG])
+        assert start.hparams["stats_batch"].number_value == k
