@@ -243,7 +243,7 @@ class Probes:
                 mean, var, count, valid = bn_training_stats(module, x, mask)
                 dmu, dvar = bn_stat_gaps(module, mean, var, count)
                 tid_mu, tid_sigma, any_live = bn_tid(module, mean, var, count)
-                degenerate = collapsed_channels(var, module.eps).sum()
+                degenerate = collapsed_channels(var, module.eps, mean).sum()
             self._moments[name] = moments
             for stat, value in (("dmu", dmu), ("dvar", dvar), ("degenerate", degenerate)):
                 self._accumulate(f"bn_gap/{stat}/{name}", value, valid)

@@ -196,3 +196,30 @@ def test_a_collapsed_group_channel_gives_beta_and_passes_no_amplified_gradient()
     (y * torch.tensor([[3.0, 1.0], [-5.0, 1.0], [2.0, 1.0], [-1.0, 3.0]])).sum().backward()
     assert torch.equal(x.grad[:2, 0], torch.zeros(2))  # not 1/sqrt(eps) * (g - mean g)
     assert torch.isfinite(x.grad).all() and x.grad[2:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_padding_entry_does_not_reach_the_real_statistics(bad):
+    torch.manual_seed(3)
+    x = torch.randn(4, D) * 2 + 1
+    x[3] = bad
+    mask = torch.tensor([True, True, True, False])
+    bn = TokenBatchNorm(D, momentum=0.5)
+    y = bn(x, mask)
+    real = x[:3]
+    ref = nn.BatchNorm1d(D, momentum=0.5)
+    torch.testing.assert_close(y[:3], ref(real))
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+
+
+@pytest.mark.parametrize("value", [3000.7, -30000.7, 123.4])
+def test_a_large_constant_channel_counts_as_collapsed_in_float32(value):
+    """fp32 rounding gives a constant channel of |mean| ~ 1e3..1e4 a variance of 1e-7..1e-4,
+    above 1e-4 * eps; it is still constant, and normalizes to beta."""
+    x = torch.cat([torch.full((64, 1), value), torch.randn(64, 1)], dim=1)
+    bn = TokenBatchNorm(2, affine=False)
+    y = bn(x)
+    assert torch.equal(y[:, 0], torch.zeros(64))
+    assert bn.collapsed.tolist() == [True, False]
+    torch.testing.assert_close(y[:, 1], nn.BatchNorm1d(1, affine=False)(x[:, 1:])[:, 0])

@@ -10,10 +10,13 @@ import json
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from normbench.cli import check_job, conf_dir, preflight, register_resolvers
+from normbench.checks import check_config
+from normbench.cli import preflight
+from normbench.config.compose import compose_sweep
+from normbench.config.resolvers import register_resolvers
+from normbench.config.tree import conf_dir
 from normbench.dashboards import hparams_of, swept_settings, write_dashboards
 from tests.conftest import compose_config
 
@@ -34,17 +37,9 @@ def compose_full(overrides: list[str]):
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
-    """Every job's overrides: the preset's grid crossed with the command line's values, a
-    command-line key replacing the grid's (Hydra's basic sweeper does the same)."""
-    params = compose_full([o for o in overrides if "," not in o]).hydra.sweeper.params
-    grid = [f"{k}={v}" for k, v in OmegaConf.to_container(params or {}).items()]
-    by_key: dict[str, list[str]] = {}
-    for override in OverridesParser.create().parse_overrides([*grid, *overrides]):
-        key = override.get_key_element()
-        values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
-                  else [override.get_value_element_as_str()])
-        by_key[key] = [f"{key}={v}" for v in values]
-    return [list(job) for job in itertools.product(*by_key.values())]
+    """Every job's overrides, as the CLI's pre-flight expands the sweep (compose_jobs)."""
+    jobs, _ = compose_sweep(list(overrides), multirun=True)
+    return [list(job.overrides) for job in jobs]
 
 
 def job_folder(job: list[str]) -> str:
@@ -66,7 +61,8 @@ def test_every_preset_composes_and_checks_on_every_setup(preset, setup):
     # or a preset that still sets a scale key, fails here.
     job = expand_sweep([f"experiment={preset}", f"setup={setup}"])[0]
     full = compose_full(job)
-    config = OmegaConf.to_container(check_job(full, job), resolve=True)
+    config, _ = compose_job(job)
+    check_config(config)
     assert full.hydra.runtime.choices.setup == setup
     if setup == "shapes_small":
         assert (config["dataset"]["n_train"], config["dataset"]["image_size"],

@@ -120,7 +120,8 @@ class _GhostStats:
         mean = torch.where(valid, gs.mean, torch.where(pool_ok, pool_mean, run_mean))
         var = torch.where(valid, gs.var, torch.where(pool_ok, pool_var, run_var))
         uses_running = ~valid & ~pool_ok
-        collapsed = torch.where(uses_running, run_collapsed, collapsed_channels(var, self.eps))
+        collapsed = torch.where(uses_running, run_collapsed,
+                                collapsed_channels(var, self.eps, mean))
         # A collapsed channel gives x_hat = 0 exactly, without the 1/sqrt(eps) Jacobian that
         # would otherwise amplify the per-row gradients (module docstring).
         return mean, torch.where(collapsed, 0.0, torch.rsqrt(var + self.eps))
@@ -139,7 +140,8 @@ class _GhostStats:
             return y
         shape = [1] * y.dim()
         shape[self.channel_dim] = -1
-        return y * self.weight.reshape(shape) + self.bias.reshape(shape)
+        # In the input's dtype (bf16 under autocast), as torch's own BatchNorm returns.
+        return (y * self.weight.reshape(shape) + self.bias.reshape(shape)).to(y.dtype)
 
     @torch.no_grad()
     def _update_running(self, target: UpdateTarget) -> None:
@@ -156,7 +158,7 @@ class _GhostStats:
         self.running_var.lerp_(target.unbiased_var.to(self.running_var.dtype), weight)
         collapsed = getattr(self, "collapsed", None)
         if collapsed is not None:
-            collapsed.copy_(torch.where(valid, collapsed_channels(target.var, self.eps),
+            collapsed.copy_(torch.where(valid, collapsed_channels(target.var, self.eps, target.mean),
                                         collapsed))
 
 

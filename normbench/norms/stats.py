@@ -44,6 +44,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 # is constant as far as the layer can tell. Constant inputs (every row of a text batch
 # starts with the same character) land at ~1e-14, far below; real features sit far above.
 COLLAPSE_RATIO = 1e-4
+# The variance of a constant channel is not exactly 0 in floating point: the mean carries a
+# rounding error of a few ulps of |mean|, so a large constant (|mean| ~ 1e3) shows a
+# variance of ~1e-7 in float32. Anything under (ROUNDING_ULPS ulps of the mean)^2 is such
+# rounding, not a spread of the data.
+ROUNDING_ULPS = 16
 
 
 @dataclass
@@ -132,9 +137,12 @@ def group_stats(x: torch.Tensor, mask: torch.Tensor | None, k: int,
         ss = (xg - mean).square().sum(dims, keepdim=True)
     else:
         mg = m.reshape(groups, k, *m.shape[1:])
+        # Padding is zeroed, not only weighted by 0: an inf or NaN there (0 * inf = NaN)
+        # must not reach the statistics of the real entries.
+        real = torch.where(mg > 0, xg, 0.0)
         count = mg.sum(dims, keepdim=True)
-        mean = (xg * mg).sum(dims, keepdim=True) / count.clamp(min=1)
-        ss = ((xg - mean).square() * mg).sum(dims, keepdim=True)
+        mean = (real * mg).sum(dims, keepdim=True) / count.clamp(min=1)
+        ss = ((real - mean).square() * mg).sum(dims, keepdim=True)
     full = torch.arange(groups, device=x.device).reshape(count.shape) < n // k
     return GroupStats(xg, count, mean, ss, (count >= 2) & full, n)
 
@@ -180,9 +188,11 @@ def update_target(gs: GroupStats) -> UpdateTarget:
                         count=n / groups.clamp(min=1), valid=groups > 0)
 
 
-def collapsed_channels(var: torch.Tensor, eps: float) -> torch.Tensor:
-    """Channels whose (biased) batch variance is negligible against eps (COLLAPSE_RATIO)."""
-    return var <= COLLAPSE_RATIO * eps
+def collapsed_channels(var: torch.Tensor, eps: float, mean: torch.Tensor) -> torch.Tensor:
+    """Channels whose (biased) batch variance is negligible against eps (COLLAPSE_RATIO), or
+    no larger than the rounding error of their mean (ROUNDING_ULPS)."""
+    ulp = torch.finfo(var.dtype).eps
+    return var <= COLLAPSE_RATIO * eps + (ROUNDING_ULPS * ulp * mean).square()
 
 
 # ----------------------------------------------------------------------------- per layer
@@ -257,7 +267,7 @@ def bn_tid(module: nn.Module, mean_b: torch.Tensor, var_b: torch.Tensor, count: 
     running_var = module.running_var * (count - 1) / count
     sigma_b = torch.sqrt(var_b + module.eps)
     sigma = torch.sqrt(running_var + module.eps)
-    live = (~collapsed_channels(var_b, module.eps)).float()
+    live = (~collapsed_channels(var_b, module.eps, mean_b)).float()
     n_live = live.sum().clamp(min=1)
     tid_mu = ((module.running_mean - mean_b).abs() / sigma_b * live).sum() / n_live
     tid_sigma = ((sigma / sigma_b - 1).abs() * live).sum() / n_live
