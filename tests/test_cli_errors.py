@@ -49,6 +49,8 @@ def make_files(root: Path) -> dict[str, Path]:
 CASES = [
     ("unknown-dataset", ["dataset=cifar11"], ["unknown dataset 'cifar11'", "cifar10, cifar100"]),
     ("unknown-model", ["model=resnett"], ["unknown model 'resnett'", "resnet"]),
+    ("unknown-option-asked-for-by-a-preset", ["experiment=stat_gap", "gap_setup=lstm"],
+     ["unknown gap_setup 'lstm'", "lstm_text"]),
     ("unknown-norm", ["norm=btach"], ["unknown norm 'btach'", "did you mean norm=batch",
                                      "use one of: batch, group, layer, none"]),
     ("misspelled-key", ["batch_szie=4"], ["unknown config key 'batch_szie'", "batch_size"]),

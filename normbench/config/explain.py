@@ -116,9 +116,12 @@ def explain_hydra_error(error: Exception, overrides: list[str]) -> tuple[str, st
     text = str(error)
     cause = str(error.__cause__ or "")
     if isinstance(error, MissingConfigException) and getattr(error, "options", None) is not None:
-        match = re.search(r"'([\w/]+)/([^']+)'", text)
-        group = match.group(1) if match else (error.missing_cfg_file or "").split("/")[0]
-        choice = match.group(2) if match else "?"
+        # "In 'experiment/stat_gap': Could not find 'gap_setup/foo'": the missing file is
+        # the one after "Could not find", not the config that asked for it.
+        missing = getattr(error, "missing_cfg_file", None) or ""
+        match = re.search(r"Could not find '([\w/]+)/([^']+)'", text)
+        group, _, choice = missing.rpartition("/") if "/" in missing else (
+            (match.group(1), "/", match.group(2)) if match else ("?", "/", "?"))
         options = list(error.options)
         close = difflib.get_close_matches(choice, options, n=1)
         hint = f"did you mean {group}={close[0]}? " if close else ""
