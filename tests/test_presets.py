@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 
 from normbench.checks import check_config
 from normbench.cli import preflight
-from normbench.config.compose import compose_sweep
+from normbench.config.compose import PRIMARY, initialized
+from normbench.config.compose import expand_sweep as expand
 from normbench.config.resolvers import register_resolvers
 from normbench.config.tree import conf_dir
 from normbench.dashboards import hparams_of, swept_settings, write_dashboards
@@ -37,9 +38,12 @@ def compose_full(overrides: list[str]):
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
-    """Every job's overrides, as the CLI's pre-flight expands the sweep (compose_jobs)."""
-    jobs, _ = compose_sweep(list(overrides), multirun=True)
-    return [list(job.overrides) for job in jobs]
+    """Every job's overrides, as the CLI's pre-flight expands the sweep (compose_jobs does
+    the same, then composes each job; the tests compose only the jobs they look at)."""
+    with initialized():
+        plain = [o for o in overrides if "," not in o]
+        base = compose(PRIMARY, overrides=plain, return_hydra_config=True)
+        return expand(list(overrides), base)
 
 
 def job_folder(job: list[str]) -> str:
