@@ -128,6 +128,8 @@ def finish(exp: Experiment, status: str, elapsed: float) -> None:
     exp.tracker.write_summary(exp.summary)
     exp.tracker.close()
     exp.tracker.print_summary(exp.summary)
-    if exp.probes.degenerate_layers():  # BN outputs beta there, in training and (so) in eval
-        warn("BatchNorm channels with no batch variance (normalized to their shift) in "
-             + ", ".join(exp.probes.degenerate_layers()))
+    layers = exp.probes.degenerate_layers()
+    if layers:  # BN outputs beta there, in training and (so) in eval
+        shown = ", ".join(layers[:6]) + (f" and {len(layers) - 6} more" if len(layers) > 6 else "")
+        warn(f"BatchNorm channels with no batch variance (normalized to their shift) in {shown}; "
+             "bn_gap/degenerate/<layer> counts them")
