@@ -230,6 +230,13 @@ def test_discrepancy_is_empty_without_batchnorm():
 # ----------------------------------------------------------------------------- ghost BatchNorm
 
 
+def assert_population_of(stats, pooled: torch.Tensor) -> None:
+    """PreciseBN's mean and biased variance equal those of `pooled` (entries, channels)."""
+    var, mean = torch.var_mean(pooled.double(), dim=0, correction=0)
+    assert torch.allclose(stats.mean.double(), mean, atol=1e-6)
+    assert torch.allclose(stats.var.double(), var, rtol=1e-5)
+
+
 def test_precise_bn_under_ghost_bn_pools_all_images_including_between_groups():
     from normbench.norms import GhostBatchNorm2d
 
@@ -240,11 +247,9 @@ def test_precise_bn_under_ghost_bn_pools_all_images_including_between_groups():
         x = torch.randn(n, 3, 4, 4) * 2 + torch.arange(n).reshape(n, 1, 1, 1)  # groups differ
         batches.append(Batch(x, torch.zeros(n, dtype=torch.long)))
     stats = precise_bn_stats(net, batches)["0"]
-    pooled = torch.cat([b.x for b in batches]).transpose(0, 1).reshape(3, -1).double()
-    var, mean = torch.var_mean(pooled, dim=1, correction=0)
+    pooled = torch.cat([b.x for b in batches]).transpose(0, 1).reshape(3, -1).T
     assert stats.count == 15 * 16
-    assert torch.allclose(stats.mean.double(), mean, atol=1e-6)
-    assert torch.allclose(stats.var.double(), var, rtol=1e-5)
+    assert_population_of(stats, pooled)
 
 
 def test_precise_bn_under_ghost_bn_pools_the_real_tokens_of_uneven_batches():
@@ -265,11 +270,9 @@ def test_precise_bn_under_ghost_bn_pools_the_real_tokens_of_uneven_batches():
         batches.append(Batch(x, torch.zeros(n, t, dtype=torch.long), mask))
         real.append(x[mask])
     stats = precise_bn_stats(Net(), batches)["bn"]
-    pooled = torch.cat(real).double()
-    var, mean = torch.var_mean(pooled, dim=0, correction=0)
+    pooled = torch.cat(real)
     assert stats.count == pooled.shape[0] == 27
-    assert torch.allclose(stats.mean.double(), mean, atol=1e-6)
-    assert torch.allclose(stats.var.double(), var, rtol=1e-5)
+    assert_population_of(stats, pooled)
 
 
 def test_precise_bn_leaves_out_a_layer_without_two_real_entries():
