@@ -54,15 +54,7 @@ def check_config(config: dict) -> None:
     _probe_options(config)
     check_ranges(config)
     _batch_fits_training_set(config)
-    norm = config["norm"]
-    if norm.get("name") == "batch" and config["batch_size"] == 1:
-        raise UserError("norm=batch with batch_size=1: BatchNorm needs at least 2 samples per "
-                        "device to compute training statistics",
-                        "use batch_size=2 or more, or a per-sample norm (norm=group or norm=layer)")
-    if norm.get("name") == "batch" and norm.get("stats_batch") is not None:
-        check_stats_batch(norm["stats_batch"], config["batch_size"])
-    if norm.get("name") == "group":
-        _positive_int(norm, "num_groups")
+    _norm_combinations(config["norm"], config["batch_size"])
     _positive_int(config, "keep_checkpoints")
     _count(config, "checkpoint_every", "checkpoint_every", "100 (or 0: only at the end)")
     normalize_resume(config["resume"])
@@ -145,6 +137,31 @@ def check_stats_batch(k, batch_size: int) -> None:
                         f"choose norm.stats_batch from {divisors}")
 
 
+def _norm_combinations(norm: dict, batch_size: int) -> None:
+    name = norm.get("name")
+    # The BatchNorm family (batch, batch_renorm) is the one with a statistics batch.
+    if "stats_batch" in norm and batch_size == 1:
+        raise UserError(f"norm={name} with batch_size=1: it needs at least 2 samples per "
+                        "device to compute training statistics",
+                        "use batch_size=2 or more, or a per-sample norm (norm=group or norm=layer)")
+    if norm.get("stats_batch") is not None:
+        check_stats_batch(norm["stats_batch"], batch_size)
+    if name == "group":
+        _positive_int(norm, "num_groups")
+    if name == "weight" and not norm.get("weight_norm"):
+        raise UserError("norm=weight with norm.weight_norm=false would be no normalization at all",
+                        "use norm=none for that, or leave norm.weight_norm=true")
+    if name == "batch_renorm" and not norm.get("track_running_stats"):
+        raise UserError("norm=batch_renorm with norm.track_running_stats=false: its r and d "
+                        "are measured against the running statistics",
+                        "leave norm.track_running_stats=true, or use norm=batch")
+    if norm.get("r_max_by", 0) < norm.get("relax_from", 0) or \
+            norm.get("d_max_by", 0) < norm.get("relax_from", 0):
+        raise UserError(f"norm.r_max_by={norm['r_max_by']} and norm.d_max_by="
+                        f"{norm['d_max_by']} must not come before norm.relax_from="
+                        f"{norm['relax_from']}", "make both at least norm.relax_from")
+
+
 def placeholder_info(dataset: dict) -> DataInfo:
     """What a model needs to be built, guessed from the dataset config without loading it."""
     return DataInfo(kind=dataset.get("kind", "image"), num_classes=dataset.get("num_classes", 10),
@@ -223,6 +240,12 @@ def _norm_ranges(norm: dict) -> None:
               why="; running = (1 - momentum) * running + momentum * batch, and null is "
                   "a cumulative average")
     _in_range(norm, "num_groups", "norm.num_groups", low=1, kind=_INTEGER, example="8")
+    _in_range(norm, "r_max", "norm.r_max", low=1, example="3",
+              why=" (r is clipped to [1/r_max, r_max])")
+    _in_range(norm, "d_max", "norm.d_max", low=0, example="5")
+    for key in ("relax_from", "r_max_by", "d_max_by", "warmup_steps"):
+        _in_range(norm, key, f"norm.{key}", low=0, kind=_INTEGER, example="100")
+    _in_range(norm, "alpha_init", "norm.alpha_init", low=0, low_open=True, example="0.5")
 
 
 def _optim_ranges(optim: dict, sched: dict) -> None:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from normbench.norms.registry import Norm
 from normbench.norms.stats import (
     batch_moments,
     bn_stat_gaps,
@@ -62,10 +63,17 @@ def batchnorm_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if is_batchnorm(m)}
 
 
+def is_norm_layer(module: nn.Module) -> bool:
+    """A normalization layer the probes measure: any registered norm that says so (not the
+    identity of norm=none, not a per-step container), or one of torch's own norm layers."""
+    if isinstance(module, Norm):
+        return module.probed
+    return isinstance(module, NORM_TYPES)
+
+
 def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every normalization layer by path (BatchNorm, GroupNorm, LayerNorm and their token
-    variants); identities that stand in for norm=none are not norms."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, NORM_TYPES)}
+    """Every normalization layer by path, found by type (the loop never sees norm names)."""
+    return {name: m for name, m in model.named_modules() if is_norm_layer(m)}
 
 
 def saturating_units(model: nn.Module) -> dict[str, nn.Module]:

@@ -158,12 +158,19 @@ class LSTMConfig:
 @dataclass
 class NoNormConfig:
     name: str = MISSING
+    weight_norm: bool = MISSING  # weight normalization of every conv/linear, with any norm
 
 
 @dataclass
-class LayerNormConfig(NoNormConfig):
+class AffineNormConfig(NoNormConfig):
+    affine: bool = MISSING  # shorthand: false turns off both center and scale
+    center: bool = MISSING  # beta
+    scale: bool = MISSING  # gamma
+
+
+@dataclass
+class LayerNormConfig(AffineNormConfig):
     eps: float = MISSING
-    affine: bool = MISSING
 
 
 @dataclass
@@ -176,6 +183,38 @@ class BatchNormConfig(LayerNormConfig):
     momentum: Optional[float] = MISSING
     track_running_stats: bool = MISSING
     stats_batch: Optional[int] = MISSING
+
+
+@dataclass
+class BatchRenormConfig(BatchNormConfig):
+    r_max: float = MISSING
+    d_max: float = MISSING
+    relax_from: int = MISSING
+    r_max_by: int = MISSING
+    d_max_by: int = MISSING
+
+
+@dataclass
+class PowerNormConfig(LayerNormConfig):
+    momentum: float = MISSING
+    warmup_steps: int = MISSING
+
+
+@dataclass
+class RMSNormConfig(NoNormConfig):
+    eps: float = MISSING
+    affine: bool = MISSING  # RMSNorm has a gamma only: affine is scale here
+    scale: bool = MISSING
+
+
+@dataclass
+class FRNConfig(LayerNormConfig):
+    tlu: bool = MISSING
+
+
+@dataclass
+class DyTConfig(AffineNormConfig):
+    alpha_init: float = MISSING
 
 
 # ----------------------------------------------------------------------------- optim, sched
@@ -228,6 +267,13 @@ SCHEMAS: list[tuple[str, str, type]] = [
     ("norm", "group", GroupNormConfig),
     ("norm", "layer", LayerNormConfig),
     ("norm", "none", NoNormConfig),
+    ("norm", "instance", LayerNormConfig),
+    ("norm", "rms", RMSNormConfig),
+    ("norm", "batch_renorm", BatchRenormConfig),
+    ("norm", "power", PowerNormConfig),
+    ("norm", "frn", FRNConfig),
+    ("norm", "dyt", DyTConfig),
+    ("norm", "weight", NoNormConfig),
     ("optim", "sgd", SGDConfig),
     ("optim", "adamw", AdamWConfig),
     ("sched", "constant", ConstantScheduleConfig),

@@ -7,7 +7,7 @@ from torch import nn
 
 from normbench.data import DataInfo
 from normbench.errors import UserError
-from normbench.norms import NormSpec, check_norms, make_norm_factory
+from normbench.norms import NormSpec, apply_weight_norm, check_norms, make_norm_factory
 
 MODELS = ("resnet", "transformer", "lstm")
 # Which data kinds each model can read; anything else is an impossible pair.
@@ -65,4 +65,6 @@ def build_model(options: dict, norm: NormSpec, info: DataInfo) -> nn.Module:
                      num_classes=info.num_classes, t_max=t_max, in_channels=info.in_channels,
                      image_size=info.image_size, **options)
     check_norms(model)
+    if norm.weight_norm:
+        apply_weight_norm(model)
     return model

@@ -30,11 +30,12 @@ from normbench.norms.sample import (
     ImageLayerNorm,
     InvalidGroupNorm,
 )
+from normbench.norms.weight import WeightNormOnly, apply_weight_norm
 
 __all__ = [
     "LAYOUTS", "FeatureGroupNorm", "FeatureLayerNorm", "GhostBatchNorm2d", "Identity",
     "ImageGroupNorm", "ImageLayerNorm", "InvalidGroupNorm", "Norm", "NormFactory", "NormSpec",
     "StepBatchNorm", "TimeBatchNorm", "TokenBatchNorm", "UnbuildableNorm", "check_norms",
     "create_norm", "make_norm_factory", "make_spec", "norm_class", "norm_names", "norm_options",
-    "register", "registered",
+    "register", "registered", "WeightNormOnly", "apply_weight_norm",
 ]

@@ -58,7 +58,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normbench.norms.registry import Norm, NormSpec, register
+from normbench.norms.registry import (
+    AFFINE_OPTIONS,
+    Norm,
+    NormSpec,
+    affine_flags,
+    drop_affine_parts,
+    has_affine,
+    register,
+)
 from normbench.norms.stats import (
     GroupStats,
     UpdateTarget,
@@ -136,12 +144,14 @@ class _GhostStats:
         return self._affine(gs.ungroup((gs.xg - mean) * inv_std).to(x.dtype))
 
     def _affine(self, y: torch.Tensor) -> torch.Tensor:
-        if not self.affine:
-            return y
         shape = [1] * y.dim()
         shape[self.channel_dim] = -1
         # In the input's dtype (bf16 under autocast), as torch's own BatchNorm returns.
-        return (y * self.weight.reshape(shape) + self.bias.reshape(shape)).to(y.dtype)
+        if self.weight is not None:
+            y = (y * self.weight.reshape(shape)).to(y.dtype)
+        if self.bias is not None:
+            y = (y + self.bias.reshape(shape)).to(y.dtype)
+        return y
 
     @torch.no_grad()
     def _update_running(self, target: UpdateTarget) -> None:
@@ -163,17 +173,17 @@ class _GhostStats:
 
 
 def _bn_options(spec: NormSpec) -> dict:
-    return dict(eps=spec.eps, momentum=spec.momentum, affine=spec.affine,
+    return dict(eps=spec.eps, momentum=spec.momentum, affine=has_affine(spec),
                 track_running_stats=spec.track_running_stats, stats_batch=spec.stats_batch)
 
 
 class _BatchNormFamily(Norm):
-    options = frozenset({"eps", "momentum", "affine", "track_running_stats", "stats_batch"})
-    nullable = frozenset({"momentum", "stats_batch"})
+    options = frozenset({"eps", "momentum", "track_running_stats", "stats_batch"}) | AFFINE_OPTIONS
+    nullable = frozenset({"momentum", "stats_batch"}) | AFFINE_OPTIONS
 
     @classmethod
     def build(cls, spec: NormSpec, num_features: int, *, t_max=None) -> nn.Module:
-        return cls(num_features, **_bn_options(spec))
+        return drop_affine_parts(cls(num_features, **_bn_options(spec)), spec)
 
 
 @register("batch", "images")
@@ -255,9 +265,13 @@ class StepBatchNorm(TokenBatchNorm):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         y = super().forward(x, mask)
         owner = self.owner
-        if owner is None or owner.weight is None:
+        if owner is None:
             return y
-        return y * owner.weight + owner.bias
+        if owner.weight is not None:
+            y = y * owner.weight
+        if owner.bias is not None:
+            y = y + owner.bias
+        return y
 
 
 @register("batch", "steps")
@@ -270,6 +284,7 @@ class TimeBatchNorm(_BatchNormFamily, nn.Module):
     """
 
     INIT_SCALE = 0.1  # Cooijmans et al. 2016: a unit gamma saturates the gates
+    probed = False  # its per-step children are the layers the probes measure
 
     def __init__(self, num_features: int, t_max: int, spec: NormSpec):
         super().__init__()
@@ -281,10 +296,9 @@ class TimeBatchNorm(_BatchNormFamily, nn.Module):
             # A plain attribute, not a submodule: the owner must not appear twice in the tree.
             object.__setattr__(step, "owner", self)
             self.add_module(key, step)
-        self.weight = self.bias = None
-        if spec.affine:
-            self.weight = nn.Parameter(torch.full((num_features,), self.INIT_SCALE))
-            self.bias = nn.Parameter(torch.zeros(num_features))
+        scale, center = affine_flags(spec)
+        self.weight = nn.Parameter(torch.full((num_features,), self.INIT_SCALE)) if scale else None
+        self.bias = nn.Parameter(torch.zeros(num_features)) if center else None
 
     @classmethod
     def build(cls, spec: NormSpec, num_features: int, *, t_max=None) -> nn.Module:

@@ -48,10 +48,52 @@ class NormSpec:
     name: str
     eps: float | None = None
     momentum: float | None = None  # None *given* to BatchNorm: cumulative average (PyTorch)
-    affine: bool | None = None
+    affine: bool | None = None  # shorthand: false turns off both center and scale
+    center: bool | None = None  # the shift beta (Keras' name)
+    scale: bool | None = None  # the scale gamma (Keras' name)
     num_groups: int | None = None
     track_running_stats: bool | None = None
     stats_batch: int | None = None  # ghost BatchNorm: statistics from groups of k samples
+    weight_norm: bool | None = None  # reparametrize every conv/linear weight (any norm)
+    # Batch Renormalization (Ioffe 2017): clip limits and their relaxation schedule, in
+    # training batches seen by the layer.
+    r_max: float | None = None
+    d_max: float | None = None
+    relax_from: int | None = None
+    r_max_by: int | None = None
+    d_max_by: int | None = None
+    # PowerNorm (Shen et al. 2020): training batches normalized with their own statistics
+    # before the running ones take over.
+    warmup_steps: int | None = None
+    alpha_init: float | None = None  # Dynamic Tanh (Zhu et al. 2025)
+    tlu: bool | None = None  # FRN (Singh & Krishnan 2020): thresholded linear unit after it
+
+
+def affine_flags(spec: NormSpec) -> tuple[bool, bool]:
+    """(scale, center): whether the norm has a gamma and a beta. `affine` is the shorthand
+    for both; `center`/`scale` (Keras' switches) turn one off; unset means on."""
+    on = spec.affine is not False
+    return on and spec.scale is not False, on and spec.center is not False
+
+
+# The options of every norm with a learned affine transform (all three may be left unset).
+AFFINE_OPTIONS = frozenset({"affine", "center", "scale"})
+
+
+def has_affine(spec: NormSpec) -> bool:
+    """Whether the norm learns a gamma or a beta at all (the torch layers' `affine`)."""
+    return any(affine_flags(spec))
+
+
+def drop_affine_parts(module: nn.Module, spec: NormSpec) -> nn.Module:
+    """Remove gamma (`weight`) or beta (`bias`) from a layer built with both, as `center`
+    and `scale` ask: torch's layers take None for either one in their functional forms."""
+    scale, center = affine_flags(spec)
+    if not scale and getattr(module, "weight", None) is not None:
+        module.weight = None
+    if not center and getattr(module, "bias", None) is not None:
+        module.bias = None
+    return module
 
 
 def make_spec(**config) -> NormSpec:
@@ -72,6 +114,9 @@ class Norm:
     options: ClassVar[frozenset[str]] = frozenset()  # the NormSpec fields `build` reads
     nullable: ClassVar[frozenset[str]] = frozenset()  # options for which None is a value
     recentres: ClassVar[bool] = True
+    # Whether the probes and the act/ tags measure this module (False for an identity, and
+    # for a container whose children are the norms actually called, e.g. per time step).
+    probed: ClassVar[bool] = True
 
     @classmethod
     def build(cls, spec: NormSpec, num_features: int, *, t_max: int | None = None) -> nn.Module:
@@ -82,6 +127,8 @@ class Norm:
 
 
 _REGISTRY: dict[tuple[str, str], type[Norm]] = {}
+# (name, layout) -> why the norm has no version there (said in the pre-flight error).
+_UNSUPPORTED: dict[tuple[str, str], str] = {}
 
 
 def register(name: str, *layouts: str):
@@ -101,6 +148,17 @@ def register(name: str, *layouts: str):
         return cls
 
     return add
+
+
+def unsupported(name: str, layout: str, reason: str) -> None:
+    """Record why norm `name` has no version for `layout`: the pre-flight error says it."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    _UNSUPPORTED[name, layout] = reason
+
+
+def unsupported_reason(name: str, layout: str) -> str | None:
+    return _UNSUPPORTED.get((name, layout))
 
 
 def norm_names() -> tuple[str, ...]:
@@ -128,9 +186,10 @@ def norm_class(name: str, layout: str) -> type[Norm]:
     if name not in names:
         raise UserError(f"unknown norm '{name}'", f"use one of: {', '.join(names)}")
     usable = [n for n in names if (n, layout) in _REGISTRY]
-    raise UserError(f"norm={name} has no version for {layout} ({LAYOUT_USERS[layout]})",
+    reason = _UNSUPPORTED.get((name, layout))
+    why = f": {reason}" if reason else ""
+    raise UserError(f"norm={name} has no version for {layout} ({LAYOUT_USERS[layout]}){why}",
                     f"use one of: {', '.join(usable)}")
-
 
 
 class NormFactory:

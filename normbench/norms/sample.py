@@ -20,16 +20,26 @@ import torch
 from torch import nn
 
 from normbench.errors import UserError
-from normbench.norms.registry import Norm, NormSpec, UnbuildableNorm, register
+from normbench.norms.registry import (
+    AFFINE_OPTIONS,
+    Norm,
+    NormSpec,
+    UnbuildableNorm,
+    drop_affine_parts,
+    has_affine,
+    register,
+)
 
 
 @register("layer", "images")
 class ImageLayerNorm(Norm, nn.GroupNorm):
-    options = frozenset({"eps", "affine"})
+    options = frozenset({"eps"}) | AFFINE_OPTIONS
+    nullable = AFFINE_OPTIONS
 
     @classmethod
     def build(cls, spec: NormSpec, num_features: int, *, t_max=None) -> nn.Module:
-        return cls(1, num_features, eps=spec.eps, affine=spec.affine)
+        return drop_affine_parts(cls(1, num_features, eps=spec.eps, affine=has_affine(spec)),
+                                 spec)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return super().forward(x)
@@ -39,11 +49,13 @@ class ImageLayerNorm(Norm, nn.GroupNorm):
 class FeatureLayerNorm(Norm, nn.LayerNorm):
     """LayerNorm over the last axis D, for (..., D)."""
 
-    options = frozenset({"eps", "affine"})
+    options = frozenset({"eps"}) | AFFINE_OPTIONS
+    nullable = AFFINE_OPTIONS
 
     @classmethod
     def build(cls, spec: NormSpec, num_features: int, *, t_max=None) -> nn.Module:
-        return cls(num_features, eps=spec.eps, elementwise_affine=spec.affine)
+        return drop_affine_parts(cls(num_features, eps=spec.eps,
+                                     elementwise_affine=has_affine(spec)), spec)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return super().forward(x)
@@ -70,13 +82,15 @@ class InvalidGroupNorm(UnbuildableNorm):
 
 
 class _GroupNormBuild(Norm):
-    options = frozenset({"num_groups", "eps", "affine"})
+    options = frozenset({"num_groups", "eps"}) | AFFINE_OPTIONS
+    nullable = AFFINE_OPTIONS
 
     @classmethod
     def build(cls, spec: NormSpec, num_features: int, *, t_max=None) -> nn.Module:
         if num_features % spec.num_groups:
             return InvalidGroupNorm(num_features, spec.num_groups)
-        return cls(spec.num_groups, num_features, eps=spec.eps, affine=spec.affine)
+        return drop_affine_parts(cls(spec.num_groups, num_features, eps=spec.eps,
+                                     affine=has_affine(spec)), spec)
 
 
 @register("group", "images")
@@ -99,6 +113,7 @@ class Identity(Norm, nn.Module):
     """norm=none: the input unchanged; the layer in front keeps its bias."""
 
     recentres = False
+    probed = False
 
     @classmethod
     def build(cls, spec: NormSpec, num_features: int, *, t_max=None) -> nn.Module:
