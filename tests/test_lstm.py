@@ -206,7 +206,7 @@ TINY_TEXT = ["dataset=synthetic_text", "dataset.n_train=256", "dataset.n_val=64"
              "optim=adamw", "lr=1e-2", "model.hidden=32"]
 
 
-@pytest.mark.parametrize("norm", norm_names())
+@pytest.mark.parametrize("norm", norm_names("steps"))
 def test_every_norm_trains_on_synthetic_text(tmp_path, norm):
     config = compose_config(["model=lstm", f"norm={norm}", *TINY_TEXT])
     summary = run_experiment(config, tmp_path, live=False)

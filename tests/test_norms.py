@@ -183,9 +183,9 @@ def test_per_sample_norms_ignore_the_rest_of_the_batch():
 
 def test_unknown_norm_is_one_line_naming_the_choices():
     with pytest.raises(UserError) as err:
-        create_norm(NormSpec(name="instance"), "images", 8)
+        create_norm(NormSpec(name="bogus"), "images", 8)
     line = err.value.line()
-    assert "\n" not in line and "unknown norm 'instance'" in line
+    assert "\n" not in line and "unknown norm 'bogus'" in line
     for name in norm_names():
         assert name in line
 

@@ -15,7 +15,7 @@ def resnet(norm="batch", **options):
                        norm_spec(norm, num_groups=8), INFO)
 
 
-@pytest.mark.parametrize("norm", norm_names())
+@pytest.mark.parametrize("norm", norm_names("images"))
 def test_every_norm_trains_forward_and_backward(norm):
     torch.manual_seed(0)
     model = resnet(norm)

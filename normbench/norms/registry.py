@@ -161,9 +161,10 @@ def unsupported_reason(name: str, layout: str) -> str | None:
     return _UNSUPPORTED.get((name, layout))
 
 
-def norm_names() -> tuple[str, ...]:
-    """Every registered norm name, in registration order."""
-    return tuple(dict.fromkeys(name for name, _ in _REGISTRY))
+def norm_names(layout: str | None = None) -> tuple[str, ...]:
+    """Every registered norm name (with a version for `layout`, if given), in registration
+    order."""
+    return tuple(dict.fromkeys(name for name, lay in _REGISTRY if layout in (None, lay)))
 
 
 def registered() -> tuple[tuple[str, str], ...]:
