@@ -27,6 +27,7 @@ from normbench.guard import DivergenceWatch
 from normbench.meters import RunningMeans, Throughput
 from normbench.models import build_model
 from normbench.norms import make_spec
+from normbench.norms.counts import model_norm_counts
 from normbench.optim import build_optimizer, build_scheduler
 from normbench.probes import Probes
 from normbench.tracking import Tracker, warn
@@ -137,11 +138,14 @@ def initial_summary(config: dict, run_dir: Path, norm, model: nn.Module, data, s
         "dataset": config["dataset"]["name"], "model": config["model"]["name"],
         "norm": norm.name, "batch_size": config["batch_size"], "lr": config["lr"],
         # Samples whose statistics BatchNorm shares (None: the norm uses no batch statistics).
-        "stats_batch": (norm.stats_batch or config["batch_size"]) if norm.name == "batch" else None,
+        "stats_batch": ((norm.stats_batch or config["batch_size"])
+                        if "stats_batch" in config["norm"] else None),
         "seed": config["seed"], "steps": 0, "total_steps": steps, "device": str(device),
         # The sizes actually used: images, or text rows (training windows for a text stream).
         "n_train": data.n_train, "n_val": data.n_val,
-        "n_params": sum(p.numel() for p in model.parameters()), "status": "running",
+        "n_params": sum(p.numel() for p in model.parameters()),
+        **model_norm_counts(model),  # learned and kept-for-inference numbers in norm layers
+        "status": "running",
         "final": {},
     }
 

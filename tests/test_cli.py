@@ -44,9 +44,14 @@ def test_train_help_lists_config_groups(cli):
 def test_list_reads_the_config_tree(cli):
     out = cli("list").stdout
     for name in ("shapes", "cifar10", "cifar100", "imagefolder", "resnet", "batch", "layer",
-                 "group", "none"):
+                 "group", "none", "batch_renorm", "power", "instance", "rms", "frn", "dyt",
+                 "weight"):
         assert name in out
     assert "CIFAR ResNet" in out  # the description line of conf/model/resnet.yaml
+    # per-layer counts in each layout: learned + kept for inference
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert rows["batch"] == ["batch", "2C", "+", "2C", "2C", "+", "2C", "2C", "+", "2CT"]
+    assert rows["layer"] == ["layer", "2C", "2C", "2C"]
 
 
 def test_train_runs_end_to_end(tmp_path, cli):
@@ -56,6 +61,9 @@ def test_train_runs_end_to_end(tmp_path, cli):
     assert run_dir.name.startswith("shapes-resnet-batch-bs32_")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 6
+    # ResNet-8 with BatchNorm: 7 norm layers of 16, 32 or 64 channels, 2C learned + 2C kept
+    channels = 16 * 3 + 32 * 2 + 64 * 2
+    assert summary["norm_params"] == summary["norm_state"] == 2 * channels
     assert (run_dir / ".hydra" / "config.yaml").exists()
     assert list(run_dir.glob("events.out.tfevents.*"))
     assert "tensorboard --logdir" in result.stdout

@@ -52,7 +52,7 @@ CASES = [
     ("unknown-option-asked-for-by-a-preset", ["experiment=stat_gap", "gap_setup=lstm"],
      ["unknown gap_setup 'lstm'", "lstm_text"]),
     ("unknown-norm", ["norm=btach"], ["unknown norm 'btach'", "did you mean norm=batch",
-                                     "use one of: batch, group, layer, none"]),
+                                     "use one of: batch, batch_renorm, dyt, frn, group"]),
     ("misspelled-key", ["batch_szie=4"], ["unknown config key 'batch_szie'", "batch_size"]),
     ("batch-size-zero", ["batch_size=0"], ["batch_size=0 must be a positive integer"]),
     ("lr-negative", ["lr=-0.1"], ["lr=-0.1 must be a positive number"]),
@@ -262,6 +262,6 @@ def test_options_with_a_key_come_from_the_schemas():
     assert options_with_key("optim", "betas") == ["adamw"]
     assert options_with_key("sched", "final_lr_frac") == ["cosine"]
     assert options_with_key("dataset", "noise") == ["shapes"]
-    assert options_with_key("norm", "stats_batch") == ["batch"]
+    assert options_with_key("norm", "stats_batch") == ["batch", "batch_renorm"]
     assert options_with_key("dataset", "image_size") == ["cifar10", "cifar100", "imagefolder",
                                                          "shapes"]
