@@ -129,6 +129,32 @@ def test_other_presets_name_their_job_folders_by_the_swept_values():
                        "lr=0.4", "seed=1"]) == "lr=0.4,seed=1"
 
 
+@pytest.mark.parametrize("overrides, norms, jobs", [
+    (["experiment=batch_size_sweep", "norm=batch,group,batch_renorm,frn"],
+     {"batch", "group", "batch_renorm", "frn"}, 4 * 5 * 2),
+    (["experiment=stats_batch_sweep", "norm=batch,batch_renorm"], {"batch", "batch_renorm"},
+     2 * 5 * 3),
+    (["experiment=stats_batch_references", "norm=group,frn"], {"group", "frn"}, 2 * 3),
+    (["experiment=lr_sweep", "norm=rms,dyt,weight"], {"rms", "dyt", "weight"}, 3 * 7 * 2),
+    (["experiment=stat_gap", "norm=batch,power"], {"batch", "power"}, 2 * 3 * 3),
+])
+def test_presets_take_other_norms_from_the_command_line(overrides, norms, jobs):
+    expanded = expand_sweep(overrides)
+    assert len(expanded) == jobs
+    assert {o.split("=")[1] for job in expanded for o in job if o.startswith("norm=")} == norms
+    # the whole sweep passes the pre-flight: every job composed, checked, its model built
+    assert preflight([*overrides, "debug=tiny"], True) is not None
+
+
+def test_a_preset_refuses_a_norm_without_the_swept_option_in_one_line():
+    # stats_batch is BatchNorm's: GroupNorm has no statistics batch to sweep
+    from normbench.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        preflight(["experiment=stats_batch_sweep", "norm=batch,group"], True)
+    assert "stats_batch" in err.value.line() and "\n" not in err.value.line()
+
+
 @pytest.mark.parametrize("gap_setup, dataset, model, optim", [
     ("resnet_images", "shapes", "resnet", "sgd"),
     ("transformer_text", "synthetic_text", "transformer", "adamw"),
