@@ -51,6 +51,7 @@ def check_config(config: dict) -> None:
     _positive_int(config, "eval_batch_size")
     _positive_int(config, "threads", allow_none=True)
     _count(config, "eval_every", "eval_every", "0 (only at the end)")
+    _execution(config)
     _probe_options(config)
     check_ranges(config)
     _batch_fits_training_set(config)
@@ -135,6 +136,19 @@ def check_stats_batch(k, batch_size: int) -> None:
         divisors = [d for d in range(2, batch_size + 1) if batch_size % d == 0]
         raise UserError(f"norm.stats_batch={k} does not divide batch_size={batch_size}",
                         f"choose norm.stats_batch from {divisors}")
+
+
+def _execution(config: dict) -> None:
+    """precision, channels_last and compile."""
+    from normbench.precision import DTYPES
+
+    if config["precision"] not in DTYPES:
+        raise UserError(f"precision={config['precision']} is not known",
+                        f"use one of: {', '.join(DTYPES)}")
+    if config["compile"] and config["probes"]:
+        raise UserError("compile=true with probes=true: the probes attach hooks on every "
+                        "logging step, and each attachment would recompile the model",
+                        "add probes=false (a speed run), or leave compile=false")
 
 
 def _norm_combinations(norm: dict, batch_size: int) -> None:

@@ -29,6 +29,7 @@ from normbench.models import build_model
 from normbench.norms import make_spec
 from normbench.norms.counts import model_norm_counts
 from normbench.optim import build_optimizer, build_scheduler
+from normbench.precision import autocast, grad_scaler, prepare_input, to_memory_format
 from normbench.probes import Probes
 from normbench.tracking import Tracker, warn
 
@@ -75,6 +76,8 @@ class Experiment:
     tracker: Tracker
     summary: dict
     steps: int
+    scaler: torch.amp.GradScaler
+    runner: nn.Module  # what the forward passes call: the model, or its compiled version
     step: int = 0
     last_val: dict[str, float] = field(default_factory=dict)
     throughput: Throughput = field(default_factory=lambda: Throughput(0))
@@ -86,9 +89,22 @@ class Experiment:
 
     def parts(self) -> dict:
         """The objects whose state_dicts make up a checkpoint (see `normbench.checkpoint`)."""
-        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                "loader": self.loader, "divergence": self.watch, "running": self.running,
-                "probes": self.probes}
+        parts = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                 "loader": self.loader, "divergence": self.watch, "running": self.running,
+                 "probes": self.probes}
+        if self.scaler.is_enabled():  # fp16: the loss scale the next steps start from
+            parts["scaler"] = self.scaler
+        return parts
+
+    def autocast(self):
+        """The precision the forward passes run in."""
+        return autocast(self.device, self.config["precision"])
+
+    def prepare(self, batch):
+        """A batch in the model's memory format."""
+        if not self.config["channels_last"] or batch.x.dim() != 4:
+            return batch
+        return type(batch)(prepare_input(batch.x, True), batch.y, batch.mask)
 
     def due(self, every_key: str, step: int) -> bool:
         """Whether `step` is one of the config's every-N steps (always the last one; N = 0:
@@ -106,7 +122,8 @@ def build(config: dict, run_dir: Path, console: Console, live: bool) -> Experime
 
     data = build_dataset(**config["dataset"]).to(device)
     norm = make_spec(**config["norm"])
-    model = build_model(config["model"], norm, data.info).to(device)
+    model = to_memory_format(build_model(config["model"], norm, data.info).to(device),
+                             config["channels_last"])
     loader = data.train_loader(config["batch_size"], seed=config["seed"])
     steps = total_steps(config, loader.steps_per_epoch)
     optimizer = build_optimizer(model, config["lr"], **config["optim"])
@@ -120,7 +137,9 @@ def build(config: dict, run_dir: Path, console: Console, live: bool) -> Experime
         optimizer=optimizer, scheduler=build_scheduler(optimizer, steps, **config["sched"]),
         probes=Probes(model, enabled=config["probes"], hist_every=config["hist_every"]),
         watch=DivergenceWatch(device), running=RunningMeans(device), tracker=tracker,
-        summary=initial_summary(config, run_dir, norm, model, data, steps, device), steps=steps)
+        summary=initial_summary(config, run_dir, norm, model, data, steps, device), steps=steps,
+        scaler=grad_scaler(device, config["precision"]),
+        runner=torch.compile(model) if config["compile"] else model)
     tracker.write_config(config)
     tracker.write_summary(exp.summary)
     write_dashboards(tracker.writer, hparams_of(exp.summary, config),
@@ -141,6 +160,8 @@ def initial_summary(config: dict, run_dir: Path, norm, model: nn.Module, data, s
         "stats_batch": ((norm.stats_batch or config["batch_size"])
                         if "stats_batch" in config["norm"] else None),
         "seed": config["seed"], "steps": 0, "total_steps": steps, "device": str(device),
+        "precision": config["precision"], "channels_last": config["channels_last"],
+        "compile": config["compile"],
         # The sizes actually used: images, or text rows (training windows for a text stream).
         "n_train": data.n_train, "n_val": data.n_val,
         "n_params": sum(p.numel() for p in model.parameters()),

@@ -11,6 +11,7 @@ import math
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from normbench import checkpoint as ckpt
@@ -62,16 +63,21 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
 def train_step(exp: Experiment, step: int, log_now: bool) -> tuple[int, float]:
     """One optimizer step; returns the batch size and the learning rate the step used."""
     batch = next(exp.loader)
-    with exp.probes.watch_forward(log_now):
-        logits = forward(exp.model, batch)
+    with exp.probes.watch_forward(log_now), exp.autocast():
+        logits = forward(exp.runner, exp.prepare(batch))
     loss, correct, count = loss_and_counts(logits, batch)
     exp.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    exp.watch.observe(step, loss, grad_norm(exp.params))
+    exp.scaler.scale(loss).backward()
+    exp.scaler.unscale_(exp.optimizer)  # the true gradients, for the norm and the probes
+    norm = grad_norm(exp.params)
+    if exp.scaler.is_enabled():  # fp16: an overflow is the scaler's to skip, not a divergence
+        norm = torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))
+    exp.watch.observe(step, loss, norm)
     if log_now:
         exp.probes.record_grads()
     with exp.probes.watch_step(log_now):
-        exp.optimizer.step()
+        exp.scaler.step(exp.optimizer)
+    exp.scaler.update()
     step_lr = exp.optimizer.param_groups[0]["lr"]  # this step's rate, before the schedule moves on
     exp.scheduler.step()
     exp.running.add(loss, correct, count)
@@ -100,13 +106,15 @@ def evaluate_step(exp: Experiment, step: int) -> str:
     returns the line the terminal shows."""
     config = exp.config
     exp.model.eval()
-    exp.last_val = evaluate(exp.model, exp.data, config["eval_batch_size"])
+    with exp.autocast():
+        exp.last_val = evaluate(exp.runner, exp.data, config["eval_batch_size"])
     exp.model.train()
     if exp.probes.enabled:  # BN models: val_batchstats/, val_precise/, val_gap/
-        extra = train_eval_discrepancy(
-            exp.model, exp.data, exp.last_val, batch_size=config["batch_size"],
-            eval_batch_size=config["eval_batch_size"], seed=config["seed"],
-            precise_batches=config["precise_bn_batches"])
+        with exp.autocast():
+            extra = train_eval_discrepancy(
+                exp.model, exp.data, exp.last_val, batch_size=config["batch_size"],
+                eval_batch_size=config["eval_batch_size"], seed=config["seed"],
+                precise_batches=config["precise_bn_batches"])
         exp.tracker.scalars(extra, step)
         exp.last_val.update({k: v for k, v in extra.items() if k.startswith("val")})
     exp.tracker.scalars(exp.last_val, step)

@@ -33,6 +33,9 @@ class TrainConfig:
     epochs: Optional[float] = MISSING
     seed: int = MISSING
     device: str = MISSING
+    precision: str = MISSING  # fp32 | bf16 | fp16
+    channels_last: bool = MISSING
+    compile: bool = MISSING
     threads: Optional[int] = MISSING
     deterministic: bool = MISSING
     eval_every: int = MISSING

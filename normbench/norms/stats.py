@@ -205,7 +205,7 @@ def is_batchnorm(module: nn.Module) -> bool:
 
 def _plain_moments(x: torch.Tensor):
     """Biased mean/variance over every axis but the channel axis (1), and the count."""
-    x = x.detach()
+    x = x.detach().to(stats_dtype(x))  # fp32 statistics of a bf16 activation
     dims = [0] + list(range(2, x.dim()))
     var, mean = torch.var_mean(x, dim=dims, correction=0)
     count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)

@@ -1,0 +1,100 @@
+"""precision=, channels_last= and compile=: what runs in which precision and layout, and the
+combinations the pre-flight refuses."""
+
+import pytest
+import torch
+from rich.console import Console
+
+from normbench.checks import check_config
+from normbench.errors import UserError
+from normbench.experiment import build
+from normbench.precision import autocast, prepare_input, to_memory_format
+from normbench.train import run_experiment, train_step
+from tests.config_defaults import model_options, norm_spec
+from tests.conftest import TINY, compose_config, read_scalars
+
+
+def test_bf16_runs_convolutions_in_bf16_and_keeps_statistics_in_fp32(tmp_path):
+    config = compose_config([*TINY, "precision=bf16", "steps=1"])
+    exp = build(config, tmp_path, Console(), live=False)
+    seen = {}
+    conv, bn = exp.model.stem[0], exp.model.stem[1]
+    conv.register_forward_hook(lambda m, a, out: seen.update(conv=out.dtype))
+    train_step(exp, 1, log_now=True)
+    assert seen["conv"] == torch.bfloat16
+    # weights, running statistics and gradients stay fp32
+    assert bn.running_mean.dtype == bn.running_var.dtype == torch.float32
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32
+               for p in exp.model.parameters() if p.grad is not None)
+    values = exp.probes.flush()
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in values.items()
+               if k.startswith("bn_gap/dmu/"))
+    exp.tracker.close()
+
+
+def test_bf16_probe_statistics_are_fp32_reductions():
+    from normbench.norms.stats import batch_moments
+
+    bn = torch.nn.BatchNorm2d(3)
+    x = (torch.randn(4, 3, 5, 5) * 0.01 + 100).to(torch.bfloat16)
+    mean, var, _ = batch_moments(bn, x)
+    assert mean.dtype == var.dtype == torch.float32
+    ref_var, ref_mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(var, ref_var)
+    torch.testing.assert_close(mean, ref_mean)
+
+
+def test_fp16_scales_the_loss_and_checkpoints_the_scale(tmp_path):
+    config = compose_config([*TINY, "precision=fp16", "steps=2"])
+    exp = build(config, tmp_path, Console(), live=False)
+    assert exp.scaler.is_enabled() and "scaler" in exp.parts()
+    train_step(exp, 1, log_now=False)
+    assert exp.parts()["scaler"].state_dict()["scale"] > 1
+    assert exp.watch.first_bad_step() == 0  # 0: no bad step
+    exp.tracker.close()
+    fp32 = build(compose_config([*TINY, "steps=2"]), tmp_path / "b", Console(), live=False)
+    assert "scaler" not in fp32.parts()  # fp32 and bf16 checkpoints are unchanged
+    fp32.tracker.close()
+
+
+def test_precision_is_recorded(tmp_path):
+    summary = run_experiment(compose_config([*TINY, "precision=bf16", "steps=2"]), tmp_path,
+                             live=False)
+    assert summary["precision"] == "bf16" and summary["channels_last"] is False
+    assert summary["status"] == "completed"
+    assert "train/loss" in read_scalars(tmp_path)
+
+
+def test_channels_last_changes_the_layout_not_the_numbers():
+    from normbench.data import DataInfo
+    from normbench.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(model_options("resnet", depth=8), norm_spec("batch"),
+                        DataInfo(kind="image", num_classes=10)).eval()
+    x = torch.randn(3, 3, 16, 16)
+    expected = model(x)
+    model = to_memory_format(model, True)
+    assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x_cl = prepare_input(x, True)
+    assert x_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(model(x_cl), expected, rtol=1e-4, atol=1e-5)
+    tokens = torch.zeros(2, 5, dtype=torch.long)
+    assert prepare_input(tokens, True) is tokens
+
+
+def test_autocast_is_off_in_fp32():
+    with autocast(torch.device("cpu"), "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast(torch.device("cpu"), "bf16"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["precision=fp8"], "precision=fp8 is not known"),
+    (["compile=true"], "compile=true with probes=true"),
+])
+def test_refused_combinations(overrides, message):
+    with pytest.raises(UserError, match=message):
+        check_config(compose_config([*TINY, *overrides]))
+    check_config(compose_config([*TINY, "compile=true", "probes=false"]))
