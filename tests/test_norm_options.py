@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from normbench.checks import check_config
+from normbench.data import DataInfo
 from normbench.errors import UserError
 from normbench.models import build_model
-from normbench.data import DataInfo
 from normbench.norms import LAYOUTS, create_norm, norm_class
 from normbench.norms.counts import layer_formulas, model_norm_counts, module_counts
 from tests.config_defaults import model_options, norm_spec
