@@ -1,0 +1,287 @@
+"""Training throughput of normbench against the loops people write by hand, in one process.
+
+    python scripts/bench.py                                  # ResNet-20 on shapes, fp32 + bf16
+    python scripts/bench.py --norms batch,group --precisions fp32 --rounds 5
+    python scripts/bench.py --models transformer,lstm -- dataset=synthetic_text
+    python scripts/bench.py --memory 10                      # peak RSS at 1x and 10x the steps
+
+For each model x norm x precision, four loops train the same network from the same config,
+alternating round by round so that drifting machine load hits them alike:
+
+- `normbench`: the real loop (`run_experiment`), probes at the default interval; its rate
+  is read from its own perf/samples_per_sec intervals (the first one, warm-up, left out;
+  evaluations happen outside the intervals);
+- `normbench, probes=false`: the same without probes;
+- `bare`: the model and optimizer alone on tensors in memory: one indexed gather for a
+  batch, batched random crop + flip for images, nothing else;
+- `DataLoader` (images): torchvision's ImageFolder over the same images written as PNG
+  files, per-image RandomCrop + RandomHorizontalFlip + ToTensor + Normalize, and a
+  DataLoader with 2 worker processes, as most training scripts do.
+
+Printed: the median rate over rounds (images/s, or tokens/s on text), its ratio to the
+bare loop and to the DataLoader loop, and each loop's peak memory (resident set size
+high-water mark on CPU, reset before each loop through /proc/self/clear_refs; max allocated
+on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 resets the peak RSS (VmHWM) of the process
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def units_per_sample(batch) -> int:
+    """1 image, or the real tokens of a text row."""
+    if batch.mask is not None:
+        return float(batch.mask.sum()) / batch.x.shape[0]
+    return batch.x.shape[1] if batch.x.dim() == 2 else 1
+
+
+def normbench_rate(config: dict, run_dir: Path) -> float:
+    """Samples/s of the real loop from its own logging intervals (warm-up interval left out)."""
+    from rich.console import Console
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from normbench.train import run_experiment
+
+    run_experiment(config, run_dir, console=Console(file=open("/dev/null", "w")), live=False)  # noqa: SIM115
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    points = [(e.step, e.value) for e in acc.Scalars("perf/samples_per_sec")]
+    samples = seconds = 0.0
+    for (prev, _), (step, rate) in zip(points, points[1:], strict=False):
+        n = (step - prev) * config["batch_size"]
+        samples += n
+        seconds += n / rate
+    if not seconds:
+        raise SystemExit("too few logging intervals: raise --steps or lower log_every")
+    return samples / seconds
+
+
+def model_and_optimizer(config: dict, data, device):
+    from normbench.models import build_model
+    from normbench.norms import make_spec
+    from normbench.optim import build_optimizer
+    from normbench.precision import to_memory_format
+
+    torch.manual_seed(config["seed"])
+    model = build_model(config["model"], make_spec(**config["norm"]), data.info).to(device)
+    model = to_memory_format(model, config["channels_last"])
+    return model, build_optimizer(model, config["lr"], **config["optim"])
+
+
+def timed_loop(config: dict, model, optimizer, batches, steps: int, warmup: int,
+               device) -> float:
+    """Samples/s of a plain forward/backward/step loop over `batches` (an iterator)."""
+    from normbench.evaluation import forward, loss_and_counts
+    from normbench.precision import autocast, prepare_input
+
+    model.train()
+    start = None
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        batch = next(batches)
+        batch = type(batch)(prepare_input(batch.x, config["channels_last"]), batch.y, batch.mask)
+        with autocast(device, config["precision"]):
+            logits = forward(model, batch)
+        loss, _, _ = loss_and_counts(logits, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    sync(device)
+    return steps * config["batch_size"] / (time.perf_counter() - start)
+
+
+def bare_batches(data, batch_size: int, device):
+    """Random batches gathered from the in-memory tensors (images: crop + flip, batched)."""
+    from normbench.data.images import ImageDataset, random_crop_flip
+
+    g = torch.Generator().manual_seed(0)
+    if isinstance(data, ImageDataset):
+        Batch = type(next(iter(data.val_batches(2))))
+        while True:
+            idx = torch.randint(data.n_train, (batch_size,), generator=g).to(device)
+            x = random_crop_flip(data.train_x[idx], data.crop_pad, g)
+            yield Batch(data.normalize(x), data.train_y[idx])
+    # text: the dataset's own batches, drawn once and cycled (no per-step work at all)
+    loader = data.train_loader(batch_size, seed=0)
+    yield from itertools.cycle([next(loader) for _ in range(32)])
+
+
+def write_image_folder(data, root: Path) -> None:
+    from PIL import Image
+
+    x, y = data.train_x.cpu(), data.train_y.cpu()
+    for i in range(x.shape[0]):
+        folder = root / f"class{int(y[i]):03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(folder / f"{i:06d}.png")
+
+
+def dataloader_batches(data, root: Path, batch_size: int, device, workers: int):
+    """torchvision ImageFolder + per-image transforms + DataLoader, endlessly."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    size = data.info.image_size
+    tf = transforms.Compose([transforms.RandomCrop(size, padding=data.crop_pad),
+                             transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                             transforms.Normalize(data.mean.tolist(), data.std.tolist())])
+    loader = DataLoader(datasets.ImageFolder(str(root), transform=tf), batch_size=batch_size,
+                        shuffle=True, num_workers=workers, drop_last=True,
+                        persistent_workers=workers > 0)
+    Batch = type(next(iter(data.val_batches(2))))
+    while True:
+        for x, y in loader:
+            yield Batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+
+
+def bench(overrides: list[str], args, tmp: Path) -> list[dict]:
+    from normbench.config.compose import compose_config
+    from normbench.data import build_dataset
+    from normbench.experiment import select_device
+
+    # Evaluations and checkpoints are not timed: none until the end, and no PreciseBN.
+    base = [f"steps={args.steps}", "eval_every=0", "precise_bn_batches=0", "checkpoint_every=0",
+            *overrides]
+    config = compose_config(base)
+    device = select_device(config["device"])
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    data = build_dataset(**config["dataset"]).to(device)
+    images = data.info.kind == "image"
+    folder = tmp / f"folder-{config['dataset']['name']}-{data.n_train}"
+    if images and not folder.exists():
+        write_image_folder(data, folder)
+    probe = next(data.train_loader(config["batch_size"], seed=0))
+    unit = units_per_sample(probe)
+    loops = {"normbench": None, "normbench, probes=false": None, "bare": None}
+    if images:
+        loops["DataLoader"] = None
+    rates = {name: [] for name in loops}
+    memory = {name: 0.0 for name in loops}
+    for r in range(args.rounds):
+        for name in loops:
+            reset_peak_memory(device)
+            if name.startswith("normbench"):
+                extra = ["probes=false"] if "probes=false" in name else []
+                rate = normbench_rate(compose_config([*base, *extra]),
+                                      tmp / f"run-{len(list(tmp.iterdir()))}")
+            else:
+                model, optimizer = model_and_optimizer(config, data, device)
+                batches = (bare_batches(data, config["batch_size"], device) if name == "bare"
+                           else dataloader_batches(data, folder, config["batch_size"], device,
+                                                   args.workers))
+                rate = timed_loop(config, model, optimizer, batches, args.steps - args.warmup,
+                                  args.warmup, device)
+                del batches  # ends DataLoader workers
+            rates[name].append(rate * unit)
+            memory[name] = max(memory[name], peak_memory_mib(device))
+            print(f"  round {r + 1} {name:<24} {rate * unit:10.1f}", flush=True)
+    rows = []
+    for name in loops:
+        rows.append({"model": config["model"]["name"], "norm": config["norm"]["name"],
+                     "precision": config["precision"], "loop": name,
+                     "rate": statistics.median(rates[name]), "peak_mib": memory[name],
+                     "unit": "img/s" if images else "tok/s"})
+    bare = statistics.median(rates["bare"])
+    dl = statistics.median(rates["DataLoader"]) if images else None
+    for row in rows:
+        row["vs_bare"] = row["rate"] / bare
+        row["vs_dataloader"] = row["rate"] / dl if dl else None
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'model':<12}{'norm':<14}{'prec':<6}{'loop':<26}{'rate':>10}  unit "
+          f"{'x bare':>8}{'x DataLoader':>14}{'peak MiB':>10}")
+    for r in rows:
+        dl = f"{r['vs_dataloader']:.2f}" if r["vs_dataloader"] else "-"
+        print(f"{r['model']:<12}{r['norm']:<14}{r['precision']:<6}{r['loop']:<26}"
+              f"{r['rate']:>10.1f}  {r['unit']} {r['vs_bare']:>8.2f}{dl:>14}{r['peak_mib']:>10.0f}")
+
+
+def memory_check(factor: int, overrides: list[str], tmp: Path) -> None:
+    """Peak RSS of the default run and of one `factor` times longer, in fresh processes."""
+    import subprocess
+
+    from normbench.config.compose import compose_config
+
+    steps = compose_config(overrides)["steps"]
+    for n in (steps, factor * steps):
+        code = ("import resource, sys; from normbench.cli import main; rc = main(sys.argv[1:]); "
+                "print('peak_rss_mib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)")
+        out = subprocess.run([sys.executable, "-c", code, "train", f"steps={n}", *overrides,
+                              f"hydra.run.dir={tmp}/mem-{n}"], capture_output=True, text=True,
+                             cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+        line = [x for x in out.stdout.splitlines() if x.startswith("peak_rss_mib")]
+        print(f"steps={n}: {line[0] if line else out.stderr[-300:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet")
+    parser.add_argument("--norms", default="batch")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--steps", type=int, default=100, help="per loop and round")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps of the hand loops")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--memory", type=int, default=0,
+                        help="instead: peak RSS of the default run and of one N times longer")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every loop")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.memory:
+            memory_check(args.memory, args.overrides, Path(tmp))
+            return
+        rows = []
+        for model, norm, precision in itertools.product(args.models.split(","),
+                                                        args.norms.split(","),
+                                                        args.precisions.split(",")):
+            print(f"model={model} norm={norm} precision={precision}", flush=True)
+            rows += bench([f"model={model}", f"norm={norm}", f"precision={precision}",
+                           *args.overrides], args, Path(tmp))
+        print(f"\n{torch.__version__}, {torch.get_num_threads()} threads, "
+              f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
+        print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
