@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import Iterable
 from contextlib import contextmanager
 
@@ -236,13 +237,16 @@ def train_eval_discrepancy(model: nn.Module, data, val_metrics: dict[str, float]
     distances for a model with BN layers; {} for a model without."""
     if not batchnorm_layers(model):
         return {}
+    start = time.perf_counter()
     out = evaluate_batchstats(model, data, batch_size, seed)
+    out["perf/val_batchstats_seconds"] = time.perf_counter() - start
     for key, value in val_metrics.items():
         if key.startswith("val/"):
             stat = key[len("val/"):]
             if f"val_batchstats/{stat}" in out:
                 out[f"val_gap/{stat}"] = value - out[f"val_batchstats/{stat}"]
     if precise_batches > 0:
+        start = time.perf_counter()
         loader = data.train_loader(batch_size, seed=seed + PRECISE_SEED_OFFSET)
         with preserved_state(model):  # the loader's augmentation must not move any RNG
             stats = precise_bn_stats(model, itertools.islice(loader, precise_batches))
@@ -251,4 +255,5 @@ def train_eval_discrepancy(model: nn.Module, data, val_metrics: dict[str, float]
         out.update(layer_summaries(distances))
         with population_statistics(model, stats):
             out.update(evaluate(model, data, eval_batch_size, prefix="val_precise"))
+        out["perf/precise_bn_seconds"] = time.perf_counter() - start  # statistics + evaluation
     return out

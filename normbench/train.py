@@ -106,8 +106,10 @@ def evaluate_step(exp: Experiment, step: int) -> str:
     returns the line the terminal shows."""
     config = exp.config
     exp.model.eval()
+    start = time.perf_counter()
     with exp.autocast():
         exp.last_val = evaluate(exp.runner, exp.data, config["eval_batch_size"])
+    exp.tracker.scalars({"perf/eval_seconds": time.perf_counter() - start}, step)
     exp.model.train()
     if exp.probes.enabled:  # BN models: val_batchstats/, val_precise/, val_gap/
         with exp.autocast():
