@@ -28,3 +28,31 @@ def test_data_lives_on_the_gpu_and_training_completes(tmp_path, tiny_config):
     summary = run_experiment(tiny_config("device=cuda"), tmp_path, live=False)
     assert summary["status"] == "completed" and summary["device"].startswith("cuda")
     assert torch.isfinite(torch.tensor(summary["final"]["train_loss"]))
+
+
+def test_no_training_step_waits_on_the_host(tmp_path, tiny_config):
+    """Between logging steps nothing syncs: torch raises on any synchronizing call."""
+    from rich.console import Console
+
+    from normbench.experiment import build
+    from normbench.train import train_step
+
+    exp = build(tiny_config("device=cuda", "log_every=100", "steps=20"), tmp_path, Console(),
+                live=False)
+    train_step(exp, 1, log_now=False)  # first step: lazy initialisations may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(2, 6):
+            train_step(exp, step, log_now=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    exp.tracker.close()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_with_channels_last_trains(tmp_path, tiny_config, precision):
+    summary = run_experiment(tiny_config("device=cuda", f"precision={precision}",
+                                         "channels_last=true"), tmp_path, live=False)
+    assert summary["status"] == "completed" and summary["precision"] == precision
+    assert torch.isfinite(torch.tensor(summary["final"]["val_loss"]))
