@@ -312,3 +312,12 @@ def test_refused_layouts_say_why_in_one_line(norm, model, reason):
     assert line.startswith(f"norm={norm} has no version for {layout} (model={model})")
     assert reason in line and "\n" not in line
     assert "Fix: use one of:" in line and "rms" in line and "dyt" in line
+
+
+def test_float64_stays_float64():
+    norm = create_norm(norm_spec("rms"), "images", C).double()
+    x = images().double()
+    y = norm(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, rms_formula(x, (1, 2, 3), per_channel(norm.weight, "images")),
+                               rtol=1e-12, atol=1e-12)

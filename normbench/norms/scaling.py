@@ -30,7 +30,7 @@ each followed by gamma * y + beta per channel (RMSNorm: gamma only).
   beta, alpha one learned scalar per layer starting at `alpha_init`; no statistics at all.
 
 RMSNorm, FRN and DyT do not subtract a mean (`recentres = False`): the conv/linear in front
-keeps its bias. Statistics are computed in float32 and the output has the input's dtype.
+keeps its bias. Statistics are computed in at least float32; the output has the input's dtype.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from normbench.norms.registry import (
     register,
     unsupported,
 )
+from normbench.norms.stats import stats_dtype
 
 unsupported("instance", "tokens", "it would normalize each feature over the positions of a "
             "sequence, so a causal model would see later tokens and the padding")
@@ -81,9 +82,9 @@ def _affine(y: torch.Tensor, module: nn.Module, channel_axis: int) -> torch.Tens
 
 
 def _rms_scaled(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2 over dims) + eps), reduced in float32 (a bf16 sum of squares over
-    C*H*W entries loses most of its digits), returned in x's dtype."""
-    xf = x.float()
+    """x / sqrt(mean(x^2 over dims) + eps), reduced in at least float32 (a bf16 sum of
+    squares over C*H*W entries loses most of its digits), returned in x's dtype."""
+    xf = x.to(stats_dtype(x))
     return (xf * torch.rsqrt(xf.square().mean(dim=dims, keepdim=True) + eps)).to(x.dtype)
 
 
