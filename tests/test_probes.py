@@ -350,3 +350,23 @@ def test_a_layer_without_a_valid_call_reports_no_gap_and_others_average_valid_ca
     assert not any(t.startswith("bn_gap/") and t.endswith("/b") for t in v)
     assert v["bn_gap/max/dmu"] == v["bn_gap/dmu/a"]  # summaries over layers with values only
     assert all(math.isfinite(val) for val in v.values())
+
+
+@pytest.mark.parametrize("norm", ["instance", "rms", "frn", "dyt"])
+def test_per_sample_norms_get_act_statistics_on_every_norm_layer(tiny_config, tmp_path, norm):
+    """The act/ probes pick the layers by Norm.probed, not by name: every norm layer of the
+    ResNet logs its output's spread, and no BatchNorm family appears."""
+    from normbench.checks import placeholder_info
+    from normbench.models import build_model
+    from normbench.norms import make_spec
+
+    config = tiny_config(f"norm={norm}")
+    layers = norm_layers(build_model(config["model"], make_spec(**config["norm"]),
+                                     placeholder_info(config["dataset"])))
+    assert "stem.1" in layers and "blocks.0.norm2" in layers
+    run_experiment(config, tmp_path, live=False)
+    scalars = read_scalars(tmp_path)
+    for name in layers:
+        values = [v for _, v in scalars[f"act/out_std/{name}"]]
+        assert values and all(math.isfinite(v) and v > 0 for v in values), name
+    assert not families(scalars) & BN_ONLY

@@ -29,7 +29,8 @@ def test_every_norm_trains_forward_and_backward(norm):
 
 
 @pytest.mark.parametrize("norm,has_bias", [("batch", False), ("group", False), ("layer", False),
-                                           ("none", True)])
+                                           ("instance", False), ("none", True), ("rms", True),
+                                           ("frn", True), ("dyt", True)])
 def test_conv_bias_only_without_a_recentring_norm(norm, has_bias):
     convs = [m for m in resnet(norm).modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all((c.bias is not None) == has_bias for c in convs)

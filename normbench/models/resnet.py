@@ -4,7 +4,9 @@ Widths are 16, 32, 64 times `width`; the first block of stages 2 and 3 halves th
 resolution. The norm arrives as a factory `make_norm(channels)` for the images layout,
 resolved once by the caller, and is passed down unchanged (torchvision's `norm_layer`
 pattern). `conv_bias` is the factory's `not recentres`: a norm that re-centres its input
-cancels any bias of the conv in front of it.
+cancels any bias of the conv in front of it. A norm that ends in an activation of its own
+(FRN's TLU, the factory's `activates`) takes the place of the ReLU right after it; the ReLU
+after each residual addition stays.
 """
 
 from __future__ import annotations
@@ -21,12 +23,19 @@ def conv3x3(cin: int, cout: int, stride: int, bias: bool) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=bias)
 
 
+def relu_after(make_norm: NormFactory, inplace: bool = False) -> nn.Module:
+    """The ReLU that follows a norm, or nothing where the norm's own activation replaces it
+    (FRN + TLU in place of BN + ReLU, as in the FRN paper)."""
+    return nn.Identity() if make_norm.activates else nn.ReLU(inplace=inplace)
+
+
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, make_norm: NormFactory,
                  conv_bias: bool, shortcut: str):
         super().__init__()
         self.conv1 = conv3x3(cin, cout, stride, conv_bias)
         self.norm1 = make_norm(cout)
+        self.act1 = relu_after(make_norm)
         self.conv2 = conv3x3(cout, cout, 1, conv_bias)
         self.norm2 = make_norm(cout)
         self.shortcut = None
@@ -40,7 +49,7 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.norm1(self.conv1(x)))
+        out = self.act1(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
         if self.shortcut is not None:
             identity = self.shortcut(x)
@@ -67,7 +76,7 @@ class CifarResNet(nn.Module):
         n = (depth - 2) // 6
         widths = [16 * width, 32 * width, 64 * width]
         self.stem = nn.Sequential(conv3x3(in_channels, widths[0], 1, conv_bias),
-                                  make_norm(widths[0]), nn.ReLU(inplace=True))
+                                  make_norm(widths[0]), relu_after(make_norm, inplace=True))
         blocks, cin = [], widths[0]
         for stage, cout in enumerate(widths):
             for i in range(n):

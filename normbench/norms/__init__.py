@@ -30,11 +30,21 @@ from normbench.norms.sample import (
     ImageLayerNorm,
     InvalidGroupNorm,
 )
+from normbench.norms.scaling import (
+    FeatureDynamicTanh,
+    FeatureRMSNorm,
+    FilterResponseNorm,
+    ImageDynamicTanh,
+    ImageInstanceNorm,
+    ImageRMSNorm,
+)
 from normbench.norms.weight import WeightNormOnly, apply_weight_norm
 
 __all__ = [
-    "LAYOUTS", "FeatureGroupNorm", "FeatureLayerNorm", "GhostBatchNorm2d", "Identity",
-    "ImageGroupNorm", "ImageLayerNorm", "InvalidGroupNorm", "Norm", "NormFactory", "NormSpec",
+    "LAYOUTS", "FeatureDynamicTanh", "FeatureGroupNorm", "FeatureLayerNorm", "FeatureRMSNorm",
+    "FilterResponseNorm", "GhostBatchNorm2d", "Identity", "ImageDynamicTanh", "ImageGroupNorm",
+    "ImageInstanceNorm", "ImageLayerNorm", "ImageRMSNorm", "InvalidGroupNorm", "Norm",
+    "NormFactory", "NormSpec",
     "StepBatchNorm", "TimeBatchNorm", "TokenBatchNorm", "UnbuildableNorm", "check_norms",
     "create_norm", "make_norm_factory", "make_spec", "norm_class", "norm_names", "norm_options",
     "register", "registered", "WeightNormOnly", "apply_weight_norm",

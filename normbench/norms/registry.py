@@ -125,6 +125,12 @@ class Norm:
     def at(self, t: int) -> nn.Module:
         return self
 
+    @classmethod
+    def activates(cls, spec: NormSpec) -> bool:
+        """Whether the norm ends in an activation of its own (FRN's TLU): a model then
+        leaves out the ReLU it puts right after a norm, which the norm's activation replaces."""
+        return False
+
 
 _REGISTRY: dict[tuple[str, str], type[Norm]] = {}
 # (name, layout) -> why the norm has no version there (said in the pre-flight error).
@@ -195,7 +201,8 @@ def norm_class(name: str, layout: str) -> type[Norm]:
 
 class NormFactory:
     """`make(num_features) -> nn.Module` for one (spec, layout); `recentres` tells the model
-    whether the layer in front of the norm needs a bias."""
+    whether the layer in front of the norm needs a bias, `activates` whether the ReLU after
+    it is left out (the norm brings its own activation)."""
 
     def __init__(self, spec: NormSpec, layout: str, *, t_max: int | None = None):
         self.cls = norm_class(spec.name, layout)
@@ -210,6 +217,10 @@ class NormFactory:
     @property
     def recentres(self) -> bool:
         return self.cls.recentres
+
+    @property
+    def activates(self) -> bool:
+        return self.cls.activates(self.spec)
 
     def __call__(self, num_features: int) -> nn.Module:
         return self.cls.build(self.spec, num_features, t_max=self.t_max)
