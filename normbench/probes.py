@@ -47,9 +47,8 @@ from normbench.norms.stats import (
 )
 
 PERCENTILES = (15, 50, 85)
-# Percentiles come from about this many entries of a layer's output: sorting 2^14 values
-# costs little, sorting every activation of a batch would cost more than the step's
-# convolutions; the sampling error of a 15th percentile from 2^14 draws is ~0.3 points.
+# Percentiles from ~2^14 entries of a layer's output: cheap to sort (the whole batch would cost
+# more than the step's convolutions), and the 15th percentile's sampling error is ~0.3 points.
 PERCENTILE_SAMPLE = 1 << 14
 HIST_BINS = 50
 TANH_SATURATED = 0.97
@@ -63,17 +62,11 @@ def batchnorm_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if is_batchnorm(m)}
 
 
-def is_norm_layer(module: nn.Module) -> bool:
-    """A normalization layer the probes measure: any registered norm that says so (not the
-    identity of norm=none, not a per-step container), or one of torch's own norm layers."""
-    if isinstance(module, Norm):
-        return module.probed
-    return isinstance(module, NORM_TYPES)
-
-
 def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every normalization layer by path, found by type (the loop never sees norm names)."""
-    return {name: m for name, m in model.named_modules() if is_norm_layer(m)}
+    """Every normalization layer by path, found by type: a registered norm that says it is
+    measured (not norm=none's identity, not a per-step container), or a torch norm layer."""
+    return {name: m for name, m in model.named_modules()
+            if (m.probed if isinstance(m, Norm) else isinstance(m, NORM_TYPES))}
 
 
 def saturating_units(model: nn.Module) -> dict[str, nn.Module]:
