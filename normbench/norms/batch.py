@@ -11,9 +11,10 @@
   N/k devices would do with its own slice of the batch (Hoffer et al. 2017; the "batch size"
   of Wu & He 2018 is k). Every class here takes the option.
 - Without a mask and without ghost groups, image BN is exactly torch's BatchNorm2d.
-- Per time step (Cooijmans et al. 2016): step t < T_max has its own statistics (a child
-  `StepBatchNorm` named `tNN`); steps beyond reuse those of step T_max - 1. The scale gamma
-  is shared across time and starts at 0.1 (a unit scale saturates the LSTM's gates).
+- Per time step (Cooijmans et al. 2016; the container is `normbench.norms.steps`): step
+  t < T_max has its own statistics (a child `StepBatchNorm` named `tNN`); steps beyond
+  reuse those of step T_max - 1. The scale gamma is shared across time and starts at 0.1
+  (a unit scale saturates the LSTM's gates).
 
 Momentum follows PyTorch: ``running = (1 - momentum) * running + momentum * batch`` with
 0.1 by default. Keras/TensorFlow write the same update as ``running = m * running +
@@ -62,7 +63,6 @@ from normbench.norms.registry import (
     AFFINE_OPTIONS,
     Norm,
     NormSpec,
-    affine_flags,
     drop_affine_parts,
     has_affine,
     register,
@@ -76,6 +76,7 @@ from normbench.norms.stats import (
     pooled_moments,
     update_target,
 )
+from normbench.norms.steps import PerStepNorm, SharedAffineStep
 
 
 class _GhostStats:
@@ -118,9 +119,9 @@ class _GhostStats:
         return (self.running_mean.to(pool_mean.dtype).reshape(shape),
                 self.running_var.to(pool_var.dtype).reshape(shape), collapsed.reshape(shape))
 
-    def _group_normalizers(self, gs: GroupStats):
-        """Mean and 1/sigma per group (keepdim shapes): its own, else the batch's pool, else
-        the running statistics."""
+    def _group_moments(self, gs: GroupStats):
+        """Mean, variance and a 'collapsed' flag per group (keepdim shapes): its own, else
+        the batch's pool, else the running statistics."""
         pool_mean, pool_var, total = pooled_moments(gs)
         run_mean, run_var, run_collapsed = self._running_fallback(pool_mean, pool_var)
         pool_ok = total >= 2
@@ -130,18 +131,28 @@ class _GhostStats:
         uses_running = ~valid & ~pool_ok
         collapsed = torch.where(uses_running, run_collapsed,
                                 collapsed_channels(var, self.eps, mean))
-        # A collapsed channel gives x_hat = 0 exactly, without the 1/sqrt(eps) Jacobian that
-        # would otherwise amplify the per-row gradients (module docstring).
-        return mean, torch.where(collapsed, 0.0, torch.rsqrt(var + self.eps))
+        return mean, var, collapsed
+
+    def _correction(self, mean, var, collapsed):
+        """(r, d) with x_hat = (x - mean) / sigma * r + d, or None: plain BatchNorm. Called
+        before the running update (Batch Renormalization overrides it)."""
+        return None
 
     def _normalize(self, x: torch.Tensor, mask: torch.Tensor | None, k: int,
                    update: bool) -> torch.Tensor:
         gs = group_stats(x, mask, k, self.channel_dim)
-        if update:
+        mean, var, collapsed = self._group_moments(gs)
+        # A collapsed channel gives x_hat = 0 exactly, without the 1/sqrt(eps) Jacobian that
+        # would otherwise amplify the per-row gradients (module docstring).
+        x_hat = (gs.xg - mean) * torch.where(collapsed, 0.0, torch.rsqrt(var + self.eps))
+        correction = self._correction(mean, var, collapsed)
+        if correction is not None:
+            x_hat = x_hat * correction[0] + correction[1]
+        if update:  # after the normalizers: a group that falls back on the running
+            # statistics has no valid group beside it, so the update would be a no-op anyway
             with torch.no_grad():
                 self._update_running(update_target(gs))
-        mean, inv_std = self._group_normalizers(gs)
-        return self._affine(gs.ungroup((gs.xg - mean) * inv_std).to(x.dtype))
+        return self._affine(gs.ungroup(x_hat).to(x.dtype))
 
     def _affine(self, y: torch.Tensor) -> torch.Tensor:
         shape = [1] * y.dim()
@@ -252,7 +263,7 @@ class TokenBatchNorm(_BatchNormFamily, _GhostStats, nn.BatchNorm1d):
         return f"{super().extra_repr()}, stats_batch={self.stats_batch}"
 
 
-class StepBatchNorm(TokenBatchNorm):
+class StepBatchNorm(SharedAffineStep, TokenBatchNorm):
     """BatchNorm over the (N, D) rows of one time step; `mask` (N,) marks the real rows.
 
     Inside a `TimeBatchNorm` (its `owner`) the affine transform is the owner's, shared
@@ -260,56 +271,11 @@ class StepBatchNorm(TokenBatchNorm):
     affine is off), so that hooks on this layer see its real output.
     """
 
-    owner: TimeBatchNorm | None = None
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        y = super().forward(x, mask)
-        owner = self.owner
-        if owner is None:
-            return y
-        if owner.weight is not None:
-            y = y * owner.weight
-        if owner.bias is not None:
-            y = y + owner.bias
-        return y
-
 
 @register("batch", "steps")
-class TimeBatchNorm(_BatchNormFamily, nn.Module):
-    """Per-time-step BatchNorm statistics with one affine transform shared across time.
+class TimeBatchNorm(PerStepNorm):
+    """Per-time-step BatchNorm statistics with one affine transform shared across time
+    (`normbench.norms.steps`): step t < T_max has its own `StepBatchNorm` child `tNN`."""
 
-    Step t < T_max has its own `StepBatchNorm` child named `tNN` (zero-padded, so that names
-    sort in time order); probes find them by type, and TensorBoard shows e.g.
-    `bn_gap/dmu/layers.0.norm_h.t07`. `at(t)` is the child for step min(t, T_max - 1).
-    """
-
-    INIT_SCALE = 0.1  # Cooijmans et al. 2016: a unit gamma saturates the gates
-    probed = False  # its per-step children are the layers the probes measure
-
-    def __init__(self, num_features: int, t_max: int, spec: NormSpec):
-        super().__init__()
-        width = len(str(t_max - 1))
-        self.keys = [f"t{t:0{width}d}" for t in range(t_max)]
-        options = {**_bn_options(spec), "affine": False}
-        for key in self.keys:
-            step = StepBatchNorm(num_features, **options)
-            # A plain attribute, not a submodule: the owner must not appear twice in the tree.
-            object.__setattr__(step, "owner", self)
-            self.add_module(key, step)
-        scale, center = affine_flags(spec)
-        self.weight = nn.Parameter(torch.full((num_features,), self.INIT_SCALE)) if scale else None
-        self.bias = nn.Parameter(torch.zeros(num_features)) if center else None
-
-    @classmethod
-    def build(cls, spec: NormSpec, num_features: int, *, t_max=None) -> nn.Module:
-        if not t_max or t_max < 1:
-            raise ValueError("per-step BatchNorm needs t_max >= 1, the longest sequence")
-        return cls(num_features, t_max, spec)
-
-    def at(self, t: int) -> StepBatchNorm:
-        return getattr(self, self.keys[min(t, len(self.keys) - 1)])
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """A whole sequence (N, T, D), each step with its own statistics."""
-        return torch.stack([self.at(t)(x[:, t], None if mask is None else mask[:, t])
-                            for t in range(x.shape[1])], dim=1)
+    options, nullable = _BatchNormFamily.options, _BatchNormFamily.nullable
+    step_class = StepBatchNorm
