@@ -4,7 +4,9 @@ BatchNorm models the train/eval discrepancy (the validation set evaluated three 
 - ``val/``: eval mode, running statistics (`evaluate`).
 - ``val_batchstats/``: BN layers normalize with each batch's own statistics, as in
   training; batches of the *training* batch size, drawn in random order (a validation set
-  stored class by class would otherwise give one-class batches).
+  stored class by class would otherwise give one-class batches). "BN layers" are all the
+  layers with running statistics (`normbench.norms.stats.is_batchnorm`: Batch Renorm
+  without r and d, PowerNorm with its batch's psi_B^2).
 - ``val_precise/``: BN layers use PreciseBN population statistics (Wu & Johnson 2021),
   recomputed over `precise_bn_batches` training batches with frozen weights.
 - ``val_gap/<metric>``: ``val/<metric>`` minus ``val_batchstats/<metric>``.
@@ -29,7 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normbench.norms.stats import Population, batch_moments
+from normbench.norms.stats import (
+    BatchStatsSwitch,
+    Population,
+    batch_moments,
+    population_as_stored,
+    stored_statistics,
+)
 from normbench.probes import batchnorm_layers, layer_summaries, token_mask
 
 # PreciseBN's loader is seeded from the training seed plus this, so it neither shares nor
@@ -107,13 +115,22 @@ def batch_statistics(model: nn.Module):
     """Eval mode except for the BN layers, which normalize with batch statistics.
 
     Dropout and the like stay off, so that only BN differs from plain evaluation; the
-    running buffers the BN layers update meanwhile are restored on exit.
+    running buffers the BN layers update meanwhile are restored on exit. A layer whose
+    training forward is not plain batch normalization (Batch Renorm's r and d, PowerNorm's
+    running psi^2) is switched to its batch's own statistics (`BatchStatsSwitch`).
     """
     with preserved_state(model) as bns:
         model.eval()
+        switched = [m for m in bns.values() if isinstance(m, BatchStatsSwitch)]
         for m in bns.values():
             m.train()
-        yield bns
+        for m in switched:
+            m.use_batch_stats = True
+        try:
+            yield bns
+        finally:
+            for m in switched:
+                m.use_batch_stats = False
 
 
 class _TailMerged:
@@ -196,7 +213,7 @@ def precise_bn_stats(model: nn.Module, batches: Iterable) -> dict[str, Populatio
             continue
         mean = s1 / n
         var = (s2 / n - mean.square()).clamp(min=0)
-        dtype = bns[name].running_mean.dtype
+        dtype = stored_statistics(bns[name])["var"].dtype
         out[name] = Population(mean.to(dtype), var.to(dtype), float(n))
     return out
 
@@ -207,22 +224,22 @@ def population_statistics(model: nn.Module, stats: dict[str, Population]):
     with preserved_state(model) as bns, torch.no_grad():
         model.eval()
         for name, pop in stats.items():
-            bns[name].running_mean.copy_(pop.mean)
-            bns[name].running_var.copy_(pop.unbiased_var)
+            buffers = stored_statistics(bns[name])
+            for key, value in population_as_stored(bns[name], pop).items():
+                buffers[key].copy_(value)
         yield
 
 
 def precise_distances(model: nn.Module, stats: dict[str, Population]) -> dict[str, float]:
-    """||running - precise||_2 / d for means and (unbiased-scale) variances, per layer."""
+    """||running - precise||_2 / d for means and (unbiased-scale) variances, per layer, as
+    the buffers hold them (PowerNorm: psi^2 only, `precise_dvar`)."""
     bns = batchnorm_layers(model)
     parts = {}
     for name, pop in stats.items():
-        m = bns[name]
-        d = pop.mean.numel()
-        dmu = torch.linalg.vector_norm(m.running_mean - pop.mean) / d
-        dvar = torch.linalg.vector_norm(m.running_var - pop.unbiased_var) / d
-        parts[f"bn_gap/precise_dmu/{name}"] = dmu
-        parts[f"bn_gap/precise_dvar/{name}"] = dvar
+        running = stored_statistics(bns[name])
+        for key, value in population_as_stored(bns[name], pop).items():
+            gap = torch.linalg.vector_norm(running[key] - value) / value.numel()
+            parts[f"bn_gap/precise_d{key}/{name}"] = gap
     if not parts:
         return {}
     tags = list(parts)

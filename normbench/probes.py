@@ -7,6 +7,8 @@ is computed. Tag families:
 - ``bn_gap/{dmu,dvar,tid_mu,tid_sigma}/<layer>``: this batch's running-update target (its
   valid groups, by real counts: `norms.stats.update_target`) vs the running statistics of each
   BatchNorm layer, read before this step's update; ``bn_gap/{mean,max}/<stat>`` over layers.
+  Any norm with running statistics counts as BatchNorm here (`norms.stats.RunningStats`:
+  PowerNorm's psi^2, with no mean and so no ``dmu`` or ``tid_mu``).
 - ``bn_gap/degenerate/<layer>``: channels whose training batch variance is negligible
   (<= 1e-4 eps: BN outputs beta there); `Probes.degenerate_layers()` names the layers.
 - ``act/{in,out}_{mean,std}/<layer>``: input and output of every norm layer (the input's
@@ -36,15 +38,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from normbench.norms.registry import Norm
-from normbench.norms.stats import (
-    batch_moments,
-    bn_stat_gaps,
-    bn_tid,
-    bn_training_stats,
-    collapsed_channels,
-    is_batchnorm,
-    pooled_stats,
-)
+from normbench.norms.stats import batch_moments, bn_gap_values, is_batchnorm, pooled_stats
 
 PERCENTILES = (15, 50, 85)
 # Percentiles from ~2^14 entries of a layer's output: cheap to sort (the whole batch would cost
@@ -240,16 +234,9 @@ class Probes:
             x = args[0].detach()
             mask = token_mask(x, args, kwargs)
             with torch.no_grad():
-                moments = batch_moments(module, x, mask)
-                mean, var, count, valid = bn_training_stats(module, x, mask)
-                dmu, dvar = bn_stat_gaps(module, mean, var, count)
-                tid_mu, tid_sigma, any_live = bn_tid(module, mean, var, count)
-                degenerate = collapsed_channels(var, module.eps, mean).sum()
-            self._moments[name] = moments
-            for stat, value in (("dmu", dmu), ("dvar", dvar), ("degenerate", degenerate)):
-                self._accumulate(f"bn_gap/{stat}/{name}", value, valid)
-            for stat, value in (("tid_mu", tid_mu), ("tid_sigma", tid_sigma)):
-                self._accumulate(f"bn_gap/{stat}/{name}", value, valid & any_live)
+                self._moments[name] = batch_moments(module, x, mask)
+                for stat, (value, weight) in bn_gap_values(module, x, mask).items():
+                    self._accumulate(f"bn_gap/{stat}/{name}", value, weight)
 
         return hook
 

@@ -20,7 +20,10 @@ Three different questions have three different answers:
 On top of these, per layer: `batch_moments` and `bn_training_stats` (the two questions
 above asked of any BatchNorm layer, torch's own included), `bn_stat_gaps` and `bn_tid` (the
 batch vs the running statistics), `pooled_stats` (a whole tensor's mean/std from per-channel
-moments) and `Population` (PreciseBN's accumulated statistics).
+moments) and `Population` (PreciseBN's accumulated statistics). A norm with running
+statistics that is no torch BatchNorm (PowerNorm) answers the same questions through the
+`RunningStats` protocol; `BatchStatsSwitch` makes a layer normalize with batch statistics
+where its training forward would not.
 
 Momentum follows PyTorch: ``running = (1 - momentum) * running + momentum * batch``.
 BatchNorm normalizes with the *biased* batch variance but stores the *unbiased* one in
@@ -33,6 +36,7 @@ Everything is computed with masked sums and `torch.where`, never boolean indexin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -93,7 +97,7 @@ def stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _real_weights(x: torch.Tensor, mask: torch.Tensor | None, pad: int, dtype,
+def real_weights(x: torch.Tensor, mask: torch.Tensor | None, pad: int, dtype,
                   channel_dim: int):
     """Entry weights (1 real, 0 padding) of x's shape with a channel axis of 1, followed by
     `pad` padded samples; None when every entry is real and nothing is padded."""
@@ -123,7 +127,7 @@ def group_stats(x: torch.Tensor, mask: torch.Tensor | None, k: int,
     pad = groups * k - n
     dtype = stats_dtype(x)
     xs = x.to(dtype)
-    m = _real_weights(x, mask, pad, dtype, channel_dim)
+    m = real_weights(x, mask, pad, dtype, channel_dim)
     if pad:
         xs = torch.cat([xs, xs.new_zeros((pad,) + xs.shape[1:])])
     xg = xs.reshape(groups, k, *xs.shape[1:])
@@ -198,9 +202,86 @@ def collapsed_channels(var: torch.Tensor, eps: float, mean: torch.Tensor) -> tor
 # ----------------------------------------------------------------------------- per layer
 
 
+class BatchStatsSwitch:
+    """`use_batch_stats = True` makes a norm whose training forward is not plain batch
+    normalization (Batch Renorm's r and d, PowerNorm's running psi^2 after its warm-up)
+    normalize with each batch's own statistics. The evaluation contexts that ask for batch
+    statistics (val_batchstats, PreciseBN) set it, and restore it on exit; training mode
+    alone would not do (it means r, d and the running psi^2)."""
+
+    use_batch_stats: bool = False
+
+
+class RunningStats(BatchStatsSwitch):
+    """A norm with running statistics that is not a torch BatchNorm (PowerNorm's psi^2):
+    what the probes, PreciseBN and val_batchstats ask of it. Torch's BatchNorm layers (and
+    the BN family built on them) are read through running_mean and the unbiased running_var
+    instead; every function below takes either.
+
+    - `moments(x, mask)`: (mean, biased variance, count) of the real entries of an input
+      (``act/in_*``; PreciseBN pools them into a `Population`);
+    - `training_stats(x, mask)`: the `UpdateTarget` of this batch, on the statistic's own
+      scale (the gaps and TID compare it with `running_moments()`);
+    - `running_moments()`: the running statistics on that scale, as (mean, var);
+    - `stored()`: the running buffers themselves by name ("mu", "var": the gap tags);
+    - `population(pop)`: a PreciseBN `Population` in the form `stored()` holds it;
+    - `centred`: whether a mean is subtracted (if not, there is no mean gap to report).
+    """
+
+    centred: ClassVar[bool] = False
+    eps: float
+
+    def moments(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        raise NotImplementedError
+
+    def training_stats(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> UpdateTarget:
+        raise NotImplementedError
+
+    def running_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def population(self, pop: Population) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
 def is_batchnorm(module: nn.Module) -> bool:
     """BatchNorm-like layers: the ones with batch statistics and running buffers."""
+    if isinstance(module, RunningStats):
+        return True
     return isinstance(module, _BatchNorm) and module.track_running_stats
+
+
+def is_centred(module: nn.Module) -> bool:
+    """Whether a BatchNorm-like layer subtracts a mean (the mean gaps mean something)."""
+    return not isinstance(module, RunningStats) or module.centred
+
+
+def running_moments(module: nn.Module, count: torch.Tensor):
+    """The running statistics on the scale of a batch's biased ones: BatchNorm's
+    running_var, the EMA of *unbiased* batch variances, times (n-1)/n (n clamped to 2 so
+    that a batch without a valid group, whose gaps the probes discard, stays finite)."""
+    if isinstance(module, RunningStats):
+        return module.running_moments()
+    count = count.clamp(min=2)
+    return module.running_mean, module.running_var * (count - 1) / count
+
+
+def stored_statistics(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The running buffers of a BatchNorm-like layer by name ("mu", "var")."""
+    if isinstance(module, RunningStats):
+        return module.stored()
+    return {"mu": module.running_mean, "var": module.running_var}
+
+
+def population_as_stored(module: nn.Module, pop: Population) -> dict[str, torch.Tensor]:
+    """PreciseBN's population in the form the layer's buffers hold (BatchNorm: the
+    variance on running_var's unbiased scale)."""
+    if isinstance(module, RunningStats):
+        return module.population(pop)
+    return {"mu": pop.mean, "var": pop.unbiased_var}
 
 
 def _plain_moments(x: torch.Tensor):
@@ -235,19 +316,18 @@ def bn_training_stats(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | N
     return mean, var, count, count >= 2
 
 
-def bn_stat_gaps(module: _BatchNorm, mean_b, var_b, count):
+def bn_stat_gaps(module: nn.Module, mean_b, var_b, count):
     """Gaps between batch and running statistics, as 0-d tensors:
     ``dmu = ||mu_B - mu_run||_2 / d`` and ``dvar = ||var_B - var_run (n-1)/n||_2 / d``.
 
     `running_var` holds the EMA of *unbiased* batch variances; rescaling it by (n-1)/n
     puts it on the biased scale that BatchNorm normalizes with, so a layer whose batches
-    all have the same statistics shows a gap of zero, whatever n is. (n is clamped to 2 so
-    that a batch without a valid group, whose gaps the probes discard, stays finite.)
+    all have the same statistics shows a gap of zero, whatever n is (`running_moments`;
+    PowerNorm's psi^2 needs no rescale).
     """
     d = mean_b.numel()
-    count = count.clamp(min=2)
-    running_var = module.running_var * (count - 1) / count
-    dmu = torch.linalg.vector_norm(mean_b - module.running_mean) / d
+    running_mean, running_var = running_moments(module, count)
+    dmu = torch.linalg.vector_norm(mean_b - running_mean) / d
     dvar = torch.linalg.vector_norm(var_b - running_var) / d
     return dmu, dvar
 
@@ -263,15 +343,28 @@ def bn_tid(module: nn.Module, mean_b: torch.Tensor, var_b: torch.Tensor, count: 
     outputs beta in training and eval alike, and its sigma_B = sqrt(eps) would turn any
     lag into a ratio of hundreds. The weight is 0 when every channel is collapsed.
     """
-    count = count.clamp(min=2)
-    running_var = module.running_var * (count - 1) / count
+    running_mean, running_var = running_moments(module, count)
     sigma_b = torch.sqrt(var_b + module.eps)
     sigma = torch.sqrt(running_var + module.eps)
     live = (~collapsed_channels(var_b, module.eps, mean_b)).float()
     n_live = live.sum().clamp(min=1)
-    tid_mu = ((module.running_mean - mean_b).abs() / sigma_b * live).sum() / n_live
+    tid_mu = ((running_mean - mean_b).abs() / sigma_b * live).sum() / n_live
     tid_sigma = ((sigma / sigma_b - 1).abs() * live).sum() / n_live
     return tid_mu, tid_sigma, live.sum() > 0
+
+
+def bn_gap_values(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None):
+    """``bn_gap/<stat>`` of one training call of a BatchNorm-like layer: {stat: (value,
+    weight)}, the weight 0 where the call has nothing to measure (no valid group; no live
+    channel for TID; no mean for dmu and tid_mu, as in PowerNorm)."""
+    mean, var, count, valid = bn_training_stats(module, x, mask)
+    dmu, dvar = bn_stat_gaps(module, mean, var, count)
+    tid_mu, tid_sigma, any_live = bn_tid(module, mean, var, count)
+    degenerate = collapsed_channels(var, module.eps, mean).sum()
+    centred = is_centred(module)
+    return {"dmu": (dmu, valid & centred), "dvar": (dvar, valid),
+            "degenerate": (degenerate, valid), "tid_mu": (tid_mu, valid & any_live & centred),
+            "tid_sigma": (tid_sigma, valid & any_live)}
 
 
 def pooled_stats(mean_c: torch.Tensor, var_c: torch.Tensor) -> list[torch.Tensor]:
