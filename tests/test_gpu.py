@@ -30,15 +30,20 @@ def test_data_lives_on_the_gpu_and_training_completes(tmp_path, tiny_config):
     assert torch.isfinite(torch.tensor(summary["final"]["train_loss"]))
 
 
-def test_no_training_step_waits_on_the_host(tmp_path, tiny_config):
+@pytest.mark.parametrize("norm", ["batch", "batch_renorm", "power"])
+def test_no_training_step_waits_on_the_host(tmp_path, tiny_config, norm):
     """Between logging steps nothing syncs: torch raises on any synchronizing call."""
     from rich.console import Console
 
     from normbench.experiment import build
     from normbench.train import train_step
 
-    exp = build(tiny_config("device=cuda", "log_every=100", "steps=20"), tmp_path, Console(),
-                live=False)
+    # warm-up and relaxation end within the steps run, so both paths of each norm run
+    exp = build(tiny_config("device=cuda", "log_every=100", "steps=20", f"norm={norm}",
+                            *(("norm.warmup_steps=3",) if norm == "power" else ()),
+                            *(("norm.relax_from=2", "norm.r_max_by=4", "norm.d_max_by=4")
+                              if norm == "batch_renorm" else ())),
+                tmp_path, Console(), live=False)
     train_step(exp, 1, log_now=False)  # first step: lazy initialisations may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -6,6 +6,7 @@ family module is imported here.
 """
 
 from normbench.norms.batch import GhostBatchNorm2d, StepBatchNorm, TimeBatchNorm, TokenBatchNorm
+from normbench.norms.power import PowerNorm2d, StepPowerNorm, TimePowerNorm, TokenPowerNorm
 from normbench.norms.registry import (
     LAYOUTS,
     Norm,
@@ -21,6 +22,12 @@ from normbench.norms.registry import (
     norm_options,
     register,
     registered,
+)
+from normbench.norms.renorm import (
+    BatchRenorm2d,
+    StepBatchRenorm,
+    TimeBatchRenorm,
+    TokenBatchRenorm,
 )
 from normbench.norms.sample import (
     FeatureGroupNorm,
@@ -41,11 +48,12 @@ from normbench.norms.scaling import (
 from normbench.norms.weight import WeightNormOnly, apply_weight_norm
 
 __all__ = [
-    "LAYOUTS", "FeatureDynamicTanh", "FeatureGroupNorm", "FeatureLayerNorm", "FeatureRMSNorm",
-    "FilterResponseNorm", "GhostBatchNorm2d", "Identity", "ImageDynamicTanh", "ImageGroupNorm",
-    "ImageInstanceNorm", "ImageLayerNorm", "ImageRMSNorm", "InvalidGroupNorm", "Norm",
-    "NormFactory", "NormSpec",
-    "StepBatchNorm", "TimeBatchNorm", "TokenBatchNorm", "UnbuildableNorm", "check_norms",
+    "LAYOUTS", "BatchRenorm2d", "FeatureDynamicTanh", "FeatureGroupNorm", "FeatureLayerNorm",
+    "FeatureRMSNorm", "FilterResponseNorm", "GhostBatchNorm2d", "Identity", "ImageDynamicTanh",
+    "ImageGroupNorm", "ImageInstanceNorm", "ImageLayerNorm", "ImageRMSNorm", "InvalidGroupNorm",
+    "Norm", "NormFactory", "NormSpec", "PowerNorm2d", "StepBatchNorm", "StepBatchRenorm",
+    "StepPowerNorm", "TimeBatchNorm", "TimeBatchRenorm", "TimePowerNorm", "TokenBatchNorm",
+    "TokenBatchRenorm", "TokenPowerNorm", "UnbuildableNorm", "check_norms",
     "create_norm", "make_norm_factory", "make_spec", "norm_class", "norm_names", "norm_options",
     "register", "registered", "WeightNormOnly", "apply_weight_norm",
 ]
