@@ -282,3 +282,19 @@ def test_a_tiny_run_logs_every_batchnorm_family(tiny_config, tmp_path):
                    "bn_gap/tid_sigma/stem.1", "bn_gap/precise_dmu/stem.1",
                    "val_batchstats/acc", "val_precise/acc", "val_gap/acc"):
         assert family in tags, family
+
+
+def test_a_constant_channel_outputs_beta_on_the_plain_and_the_grouped_path():
+    from normbench.norms import create_norm
+    from tests.config_defaults import norm_spec
+
+    outputs = []
+    for k in (None, 2):
+        layer = create_norm(norm_spec("batch_renorm", relax_from=0, r_max_by=0, d_max_by=0,
+                                      stats_batch=k), "images", 2)
+        layer.running_mean.copy_(torch.tensor([0.0, 1.0]))  # d would be clipped to d_max
+        x = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+        x[:, 1] = 3.0
+        outputs.append(layer(x)[:, 1])
+    for y in outputs:  # beta = 0: x_hat = 0, not d = 5
+        assert y.abs().max() < 1e-3

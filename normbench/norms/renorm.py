@@ -41,7 +41,7 @@ from normbench.norms.batch import (
     _bn_options,
 )
 from normbench.norms.registry import NormSpec, drop_affine_parts, register
-from normbench.norms.stats import BatchStatsSwitch, stats_dtype
+from normbench.norms.stats import BatchStatsSwitch, collapsed_channels, stats_dtype
 from normbench.norms.steps import PerStepNorm, SharedAffineStep
 
 LIMITS = ("r_max", "d_max", "relax_from", "r_max_by", "d_max_by")
@@ -121,6 +121,8 @@ class BatchRenorm2d(_Renorm, GhostBatchNorm2d):
             var, mean = torch.var_mean(x.detach().to(stats_dtype(x)), dim=(0, 2, 3),
                                        correction=0)
         r, d = self.factors(mean, var, (-1,))  # before the kernel updates the buffers
+        # A collapsed channel outputs beta, as on the grouped and masked paths (d = 0 there)
+        d = torch.where(collapsed_channels(var, self.eps, mean), 0.0, d)
         self.num_batches_tracked.add_(1)
         # What nn.BatchNorm2d passes: momentum, or 1/n for a cumulative average (torch's own
         # forward reads the counter on the host there too).
