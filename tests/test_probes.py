@@ -281,7 +281,7 @@ def test_probes_off_logs_only_the_basics(tiny_config, tmp_path):
     tmp_path = tmp_path / "run"
     present = families(read_scalars(tmp_path))
     assert present == {"train/loss", "train/acc", "train/lr", "perf/samples_per_sec",
-                       "val/loss", "val/acc"}
+                       "perf/eval_seconds", "val/loss", "val/acc"}
 
 
 # ----------------------------------------------------------------------------- ghost and masked BN
