@@ -125,15 +125,18 @@ def test_precise_bn_equals_pooled_statistics_over_uneven_batches():
         assert torch.allclose(pop.unbiased_var.double(), pooled.double().var(dim=1), rtol=1e-5)
 
 
+class Net(nn.Module):
+    """One masked token BatchNorm over 3 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = TokenBatchNorm(3)
+
+    def forward(self, x, mask=None):
+        return self.bn(x, mask=mask)
+
+
 def test_precise_bn_on_masked_tokens_counts_real_tokens_only():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bn = TokenBatchNorm(3)
-
-        def forward(self, x, mask=None):
-            return self.bn(x, mask=mask)
-
     torch.manual_seed(1)
     net = Net()
     batches, real = [], []
@@ -276,14 +279,6 @@ def test_precise_bn_under_ghost_bn_pools_the_real_tokens_of_uneven_batches():
 
 
 def test_precise_bn_leaves_out_a_layer_without_two_real_entries():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bn = TokenBatchNorm(3)
-
-        def forward(self, x, mask=None):
-            return self.bn(x, mask=mask)
-
     mask = torch.tensor([[True, False], [False, False]])
     batch = Batch(torch.randn(2, 2, 3), torch.zeros(2, 2, dtype=torch.long), mask)
     assert precise_bn_stats(Net(), [batch]) == {}  # its running statistics stay in use
