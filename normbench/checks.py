@@ -139,12 +139,18 @@ def check_stats_batch(k, batch_size: int) -> None:
 
 
 def _execution(config: dict) -> None:
-    """precision, channels_last and compile."""
+    """precision, channels_last, compile and the optimizer's implementation."""
     from normbench.precision import DTYPES
 
     if config["precision"] not in DTYPES:
         raise UserError(f"precision={config['precision']} is not known",
                         f"use one of: {', '.join(DTYPES)}")
+    from normbench.optim import IMPLEMENTATIONS
+
+    implementation = config["optim"]["implementation"]
+    if implementation not in ("auto", *IMPLEMENTATIONS):
+        raise UserError(f"optim.implementation={implementation} is not known",
+                        f"use one of: auto, {', '.join(IMPLEMENTATIONS)}")
     if config["compile"] and config["probes"]:
         raise UserError("compile=true with probes=true: the probes attach hooks on every "
                         "logging step, and each attachment would recompile the model",

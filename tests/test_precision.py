@@ -98,3 +98,10 @@ def test_refused_combinations(overrides, message):
     with pytest.raises(UserError, match=message):
         check_config(compose_config([*TINY, *overrides]))
     check_config(compose_config([*TINY, "compile=true", "probes=false"]))
+
+
+def test_cudnn_autotuning_is_on_unless_deterministic():
+    from normbench.experiment import seed_everything
+
+    seed_everything(0, deterministic=False)
+    assert torch.backends.cudnn.benchmark
