@@ -16,7 +16,8 @@ from normbench.errors import UserError
 from normbench.runs import Run
 
 # Candidates for --x auto, in order: the first that takes several values is the swept one.
-AUTO_X = ("batch_size", "stats_batch", "lr", "weight_decay", "num_groups", "depth", "width")
+AUTO_X = ("batch_size", "stats_batch", "lr", "weight_decay", "num_groups", "group_size", "depth",
+          "width")
 # Metrics where a higher value is better; every other metric is minimized.
 HIGHER_IS_BETTER = {"val_acc", "train_acc"}
 ROW_KEYS = ("model", "dataset", "norm")
