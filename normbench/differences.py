@@ -138,6 +138,7 @@ def difference_rows(report: Report, differences: list[Difference]) -> list[list[
         t = d.test
         diff = "" if t.diff is None else ("+" if t.diff >= 0 else "") + fmt_number(
             t.diff, report.metric)
-        rows.append([what, where, diff, fmt_interval(t, report.metric), fmt_p(t),
-                     f"{t.n_a}, {t.n_b}", mark(t)])
+        seeds = f"{t.n_a}, {t.n_b}" if d.kind == ALONG else f"{t.n_b}, {t.n_a}"  # as labelled
+        rows.append([what, where, diff, fmt_interval(t, report.metric), fmt_p(t), seeds,
+                     mark(t)])
     return rows

@@ -151,6 +151,7 @@ def test_report_md_marks_significance_and_writes_the_findings(tmp_path):
     assert "| none | 2 → 8 | -5.00 |  | n=1, no test | 1, 1 | – |" in md
     assert "### Against the reference norm (group)" in md
     assert "| batch − group | 2 | +9.00 | [6.73, 11.27] | 3.9e-04 | 3, 3 | * |" in md
+    assert "| none − group | 8 | +13.00 |  | n=1, no test | 1, 3 | – |" in md  # row's seeds first
     assert report_command([str(tmp_path / "runs"), "--out", str(tmp_path / "off"),
                            "--no-plots", "--reference", "none"]) == 0
     assert "Against the reference" not in (tmp_path / "off" / "report.md").read_text()
