@@ -161,6 +161,9 @@ def initial_summary(config: dict, run_dir: Path, norm, model: nn.Module, data, s
         # Samples whose statistics BatchNorm shares (None: the norm uses no batch statistics).
         "stats_batch": ((norm.stats_batch or config["batch_size"])
                         if "stats_batch" in config["norm"] else None),
+        # GroupNorm's setting: whichever of the two was in effect (the other is None).
+        "num_groups": config["norm"].get("num_groups"),
+        "group_size": config["norm"].get("group_size"),
         "seed": config["seed"], "steps": 0, "total_steps": steps, "device": str(device),
         "precision": config["precision"], "channels_last": config["channels_last"],
         "compile": config["compile"],

@@ -178,7 +178,10 @@ class LayerNormConfig(AffineNormConfig):
 
 @dataclass
 class GroupNormConfig(LayerNormConfig):
-    num_groups: int = MISSING
+    # Exactly one of the two is set (conf/norm/group.yaml nulls num_groups when group_size
+    # is given; checks.py refuses both or neither).
+    num_groups: Optional[int] = MISSING
+    group_size: Optional[int] = MISSING
 
 
 @dataclass
