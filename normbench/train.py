@@ -7,7 +7,6 @@ is in use: probes find BatchNorm-like layers by type. What a run is made of is b
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
