@@ -89,8 +89,13 @@ def _probe_options(config: dict) -> None:
 
 
 def text_context(config: dict) -> int:
-    """The context length (characters per training sequence) a text config asks for."""
-    value = (config.get("dataset") or {}).get("seq_len")
+    """The context length (characters per training sequence) a text config asks for, when
+    its training samples are windows of characters; 0 otherwise: word counts and lines are
+    known only once the file is split, and the dataset checks them then (data/corpus.py)."""
+    dataset = config.get("dataset") or {}
+    if dataset.get("unit", "char") != "char" or dataset.get("sample", "window") != "window":
+        return 0
+    value = dataset.get("seq_len")
     return int(value) if isinstance(value, Integral) and value > 0 else 1
 
 
@@ -314,3 +319,7 @@ def _dataset_ranges(dataset: dict) -> None:
               high_open=True, example="0.1")
     _in_range(dataset, "noise", "dataset.noise", low=0, example="0.05")
     _in_range(dataset, "max_depth", "dataset.max_depth", low=0, kind=_INTEGER, example="2")
+    if "unit" in dataset:  # the text files' condition: unit, sample, vocab_size
+        from normbench.data.corpus import check_condition
+
+        check_condition(dataset["unit"], dataset["sample"], dataset["vocab_size"])

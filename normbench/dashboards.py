@@ -41,8 +41,8 @@ HPARAMS = ("dataset", "n_train", "model", "norm", "batch_size", "stats_batch", "
            "group_size", "lr", "seed", "optim", "precision", "channels_last", "compile")
 # The same metric list for every run: TensorBoard takes the list from one run of the
 # folder it is opened on, so it must not depend on the run (absent tags stay blank).
-METRICS = ("val/acc", "val/loss", "val/bpc", "train/loss", "train/acc", "train/bpc",
-           "val_batchstats/acc", "val_precise/acc", "val_gap/acc")
+METRICS = ("val/acc", "val/loss", "val/bpc", "val/bpt", "val/ppl", "train/loss", "train/acc",
+           "train/bpc", "train/bpt", "val_batchstats/acc", "val_precise/acc", "val_gap/acc")
 
 
 def layout(has_bn: bool, has_norm: bool, has_saturation: bool) -> dict:

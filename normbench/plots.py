@@ -23,7 +23,8 @@ from normbench.runs import Run  # noqa: E402
 SHRINKING_X = ("batch_size", "stats_batch")
 METRIC_LABELS = {"val_err": "validation error (%)", "val_acc": "validation accuracy",
                  "val_loss": "validation loss", "train_loss": "training loss",
-                 "val_bpc": "validation bits per character"}
+                 "val_bpc": "validation bits per character",
+                 "val_bpt": "validation bits per token", "val_ppl": "validation perplexity"}
 
 
 def write_plots(report: Report, out: Path) -> list[Path]:
