@@ -5,7 +5,7 @@ at the same x (`normbench.significance` does the statistics).
 The reference is a norm whose row every other row is compared with, cell by cell: by
 default the first of REFERENCE_NORMS present (GroupNorm, then LayerNorm: they use no batch
 statistics, so they are the GN paper's yardstick for BatchNorm's batch-size dependence);
-`--reference NORM` picks another and `--reference none` turns the comparison off. A
+`--reference NORM` picks another (`none` included: it is a norm) and `--reference off` turns the comparison off. A
 reference row that has no value of x (GroupNorm in a statistics-batch sweep: one cell
 under "n/a") is compared with every x value of the other rows.
 """
@@ -36,14 +36,14 @@ class Difference:
 def choose_reference(report: Report, name: str = "auto") -> str | None:
     """The reference norm's name, or None for no reference comparison."""
     norms = sorted({row[report.row_keys.index("norm")] for row in report.rows}, key=str)
-    if name == "none":
+    if name == "off":  # not "none": that is a norm's name
         return None
     if name == "auto":
         found = [n for n in REFERENCE_NORMS if n in norms]
         return found[0] if found and len(norms) > 1 else None
     if name not in norms:
         raise UserError(f"--reference {name}: no run in this report has norm={name}",
-                        f"use one of: {', '.join(norms)}, or none")
+                        f"use one of: {', '.join(norms)}, or off")
     return name
 
 

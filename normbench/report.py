@@ -230,7 +230,7 @@ def parse_args(args: list[str]) -> argparse.Namespace:
     parser.add_argument("--reference", default="auto", metavar="NORM",
                         help="the norm whose row every other row is compared with, x value by "
                              "x value (Welch's t-test, 95%% CI); auto: the first of "
-                             f"{', '.join(REFERENCE_NORMS)} present; none: no such comparison "
+                             f"{', '.join(REFERENCE_NORMS)} present; off: no such comparison "
                              "(neighbouring x values are always compared)")
     parser.add_argument("--no-plots", action="store_true", help="only the table, CSV and Markdown")
     try:

@@ -73,7 +73,14 @@ def t_two_sided_p(t: float, df: float) -> float:
         raise ValueError(f"degrees of freedom must be positive, got {df}")
     if math.isinf(t):
         return 0.0
-    return incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
+    # x = df / (df + t^2) and 1 - x = t^2 / (df + t^2), written so that neither overflows
+    # for a huge |t| nor loses its digits to 1 - x for a tiny one.
+    r = abs(t) / math.sqrt(df)
+    if r > 1.0:
+        x = 1.0 / (1.0 + r * r) if r < 1e150 else (1.0 / r) / r
+        return incomplete_beta(df / 2.0, 0.5, x)
+    y = r * r / (1.0 + r * r)  # 1 - x, computed directly
+    return 1.0 - incomplete_beta(0.5, df / 2.0, y)  # I_x(a, b) = 1 - I_{1-x}(b, a)
 
 
 def t_cdf(t: float, df: float) -> float:
@@ -151,7 +158,10 @@ def welch(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> Welch
         return Welch(n_a, n_b, diff, se=0.0, p=0.0 if diff else 1.0, half_width=0.0,
                      note="no spread in either cell: the difference is exact")
     se = math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va * va / (n_a - 1) + vb * vb / (n_b - 1))
+    # Welch–Satterthwaite, with the variances scaled to their sum first: the squares of
+    # tiny (or huge) variances would underflow (or overflow) on their own.
+    fa, fb = va / (va + vb), vb / (va + vb)
+    df = 1.0 / (fa * fa / (n_a - 1) + fb * fb / (n_b - 1))
     t = diff / se
     return Welch(n_a, n_b, diff, se=se, t=t, df=df, p=t_two_sided_p(t, df),
                  half_width=t_quantile(0.5 + level / 2.0, df) * se)

@@ -77,7 +77,8 @@ def test_neighbouring_cells_along_x(report):
 
 def test_the_reference_is_group_by_default_and_can_be_chosen_or_turned_off(report):
     assert choose_reference(report) == "group"
-    assert choose_reference(report, "none") is None
+    assert choose_reference(report, "off") is None
+    assert choose_reference(report, "none") == "none"  # the norm, not the switch
     assert choose_reference(report, "batch") == "batch"
     with pytest.raises(UserError, match="no run in this report has norm=layer.*batch, group, none"):
         choose_reference(report, "layer")
@@ -153,7 +154,7 @@ def test_report_md_marks_significance_and_writes_the_findings(tmp_path):
     assert "| batch − group | 2 | +9.00 | [6.73, 11.27] | 3.9e-04 | 3, 3 | * |" in md
     assert "| none − group | 8 | +13.00 |  | n=1, no test | 1, 3 | – |" in md  # row's seeds first
     assert report_command([str(tmp_path / "runs"), "--out", str(tmp_path / "off"),
-                           "--no-plots", "--reference", "none"]) == 0
+                           "--no-plots", "--reference", "off"]) == 0
     assert "Against the reference" not in (tmp_path / "off" / "report.md").read_text()
 
 
@@ -162,7 +163,7 @@ def test_reference_that_is_not_in_the_report_is_one_line_exit_2(cli, tmp_path):
     result = cli("report", "runs", "--no-plots", "--reference", "layer")
     assert result.returncode == 2
     assert result.stderr.strip() == ("normbench: error: --reference layer: no run in this "
-                                     "report has norm=layer. Fix: use one of: batch, or none.")
+                                     "report has norm=layer. Fix: use one of: batch, or off.")
 
 
 def _legend_clear_of_the_axes(fig) -> None:

@@ -117,3 +117,19 @@ def test_zero_variance_in_both_cells_is_an_exact_difference():
     one = welch([5.0, 5.0, 5.0], [6.0, 7.0, 8.0])
     assert one.df == pytest.approx(2.0) and one.half_width == pytest.approx(4.3027 / math.sqrt(3),
                                                                              abs=1e-4)
+
+
+def test_extreme_t_values_keep_their_digits():
+    # Reference values from the closed forms: df = 1 is Cauchy, p = 1 - 2 atan(|t|) / pi,
+    # and for |t| -> 0, p = 1 - 2 |t| f(0) with f(0) = Gamma((df+1)/2) / (sqrt(df pi) Gamma(df/2)).
+    assert t_two_sided_p(1e155, 1) == pytest.approx(2 / (math.pi * 1e155), rel=1e-9)  # no overflow
+    f0 = math.exp(math.lgamma(5000.5) - math.lgamma(5000)) / math.sqrt(1e4 * math.pi)
+    assert 1 - t_two_sided_p(1e-6, 1e4) == pytest.approx(2e-6 * f0, rel=1e-6)  # not 1 - x's rounding
+
+
+def test_welch_with_tiny_variances_has_the_satterthwaite_df():
+    # [0, e] vs [0, 2e]: variances e^2/2 and 2 e^2, each over n = 2: df = 25/17 whatever e is.
+    # At e = 1e-150 the squared variances (1e-600) underflow to 0 unless scaled first.
+    result = welch([0.0, 1e-150], [0.0, 2e-150])
+    assert result.df == pytest.approx(25 / 17, rel=1e-12)
+    assert result.t == pytest.approx(0.5 / math.sqrt(1.25), rel=1e-9)
