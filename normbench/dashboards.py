@@ -38,7 +38,7 @@ CHARTS = [
 ]
 
 HPARAMS = ("dataset", "n_train", "model", "norm", "batch_size", "stats_batch", "lr", "seed",
-           "optim", "precision", "channels_last", "compile")
+           "optim", "precision", "channels_last", "compile", "world_size", "global_batch")
 # The same metric list for every run: TensorBoard takes the list from one run of the
 # folder it is opened on, so it must not depend on the run (absent tags stay blank).
 METRICS = ("val/acc", "val/loss", "val/bpc", "train/loss", "train/acc", "train/bpc",

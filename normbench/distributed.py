@@ -158,18 +158,20 @@ def earliest(step: int) -> int:
 @contextmanager
 def main_first():
     """Rank 0 runs the block before the others do (a download or a cache it writes)."""
-    if active() and not is_main():
-        _barrier()
+    if not is_main():
+        barrier()
     try:
         yield
     finally:
-        if active() and is_main():
-            _barrier()
+        if is_main():
+            barrier()
 
 
-def _barrier() -> None:
-    # A CPU all_reduce: always gloo, whatever the device (dist.barrier would guess one).
-    dist.all_reduce(torch.zeros(1))
+def barrier() -> None:
+    """Wait for every rank. A CPU all_reduce: gloo whatever the device (dist.barrier would
+    have to guess one)."""
+    if active():
+        dist.all_reduce(torch.zeros(1))
 
 
 class StopVote:

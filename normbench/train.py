@@ -8,6 +8,7 @@ is in use: probes find BatchNorm-like layers by type. What a run is made of is b
 from __future__ import annotations
 
 import math
+import re
 import signal
 import time
 from pathlib import Path
@@ -45,6 +46,9 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
             finish(exp, "failed", time.time() - start)
             raise distributed.PeerLost(line) from None
     finish(exp, status, time.time() - start)
+    # No rank leaves before rank 0 has written everything: torchrun ends the others as soon
+    # as one process exits with an error (an interrupted run's 130 or 143).
+    distributed.barrier()
     if status == "interrupted":
         stop.forward()  # under submitit, SIGUSR2 now requeues the job
     return exp.summary
@@ -89,7 +93,8 @@ def train_loop(exp: Experiment, progress, task, stop: StopSignals,
 
 def lost_rank_line(exp: Experiment, error: BaseException) -> str:
     """One line for a run whose other processes are gone (or silent past the timeout)."""
-    cause = " ".join(str(error).split())[:160]
+    # gloo's message starts with its source location; the first sentence says what happened
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(error).split())).split(". ")[0][:160]
     saved = exp.summary.get("checkpoint")
     where = f"the last checkpoint, {saved}" if saved else "its last checkpoint, if any"
     return (f"process {distributed.rank()} of {distributed.world()} lost the others after "
