@@ -59,36 +59,39 @@ def train(model: torch.nn.Module, runner: torch.nn.Module, batches, share=None) 
     """STEPS steps of SGD; the first step's outputs and gradients, the final parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=LR, momentum=0.9)
+    device = params[0].device
     record = {}
     for step, batch in enumerate(batches):
+        batch = Batch(*(None if t is None else t.to(device) for t in (batch.x, batch.y, batch.mask)))
         with synchronized():
             logits = forward(runner, batch)
         loss, _, count = loss_and_counts(logits, batch)
         optimizer.zero_grad(set_to_none=True)
         (share(loss, count) if share else loss).backward()
         if step == 0:
-            record["outputs"] = logits.detach().clone()
-            record["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+            record["outputs"] = logits.detach().cpu()
+            record["grads"] = {n: p.grad.detach().cpu() for n, p in model.named_parameters()
                                if p.grad is not None}
         optimizer.step()
-    record["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    record["params"] = {n: p.detach().cpu() for n, p in model.named_parameters()}
     return record
 
 
-def work(rank: int, world: int, port: int, out_dir: str, cases: dict) -> None:
+def work(rank: int, world: int, port: int, out_dir: str, cases: dict, device: str = "cpu") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    distributed.init()
+    distributed.init()  # gloo for CPU tensors, NCCL for CUDA ones
+    where = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
     try:
         for name, case in cases.items():
             for mode, sync in (("per_rank", False), ("sync", True)):
-                model = build(case, {**case["norm"], "sync": sync})
+                model = build(case, {**case["norm"], "sync": sync}).to(where)
                 shard = distributed.RankShard(iter(global_batches(case, world)), rank, world)
-                runner = distributed.wrap(model, torch.device("cpu"))
+                runner = distributed.wrap(model, where)
                 record = train(model, runner, shard, share=shard.loss_share)
                 distributed.average_buffers(model)
-                record["buffers"] = {n: b.clone() for n, b in model.named_buffers()}
+                record["buffers"] = {n: b.cpu() for n, b in model.named_buffers()}
                 torch.save(record, Path(out_dir) / f"{name}_{mode}_{rank}.pt")
     finally:
         distributed.shutdown()
