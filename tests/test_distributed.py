@@ -151,3 +151,27 @@ def test_a_slurm_task_gets_the_variables_torchrun_would_set(monkeypatch):
             os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("3", "4", "1", "gpu07",
                                                                        "23456")
     assert distributed.first_host("node12") == "node12"
+
+
+def test_sync_with_ghost_groups_or_without_batch_statistics_is_refused(tiny_config):
+    from normbench.checks import check_config
+    from normbench.errors import UserError
+
+    with pytest.raises(UserError, match=r"norm.sync=true with norm.stats_batch=8.*Fix: keep one"):
+        check_config(tiny_config("norm.sync=true", "norm.stats_batch=8"))
+    with pytest.raises(UserError, match="norm.sync"):  # a key group norm would not read
+        tiny_config("norm=group", "norm.sync=true")
+    check_config(tiny_config("norm=batch_renorm", "norm.sync=true"))  # one process: plain BN
+
+
+def test_under_torchrun_a_fixed_gpu_and_a_global_batch_too_large_are_refused(tiny_config,
+                                                                             monkeypatch):
+    from normbench.checks import check_config
+    from normbench.errors import UserError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="device=cuda:1 with 2 processes.*device=cuda"):
+        check_config(tiny_config("device=cuda:1"))
+    with pytest.raises(UserError, match=r"batch_size=160 x 2 processes is larger than "
+                                        r"dataset.n_train=256.*batch_size=128 or less"):
+        check_config(tiny_config("batch_size=160"))
