@@ -206,7 +206,10 @@ class PeerLost(RuntimeError):
 
 
 def is_peer_failure(error: BaseException) -> bool:
-    """Whether an exception means another rank is gone (or never answered in time)."""
+    """Whether an exception means another rank is gone (or never answered in time); never
+    in a one-process run."""
+    if not active():
+        return False
     if isinstance(error, getattr(dist, "DistError", ())):
         return True
     text = str(error)

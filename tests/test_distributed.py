@@ -138,7 +138,8 @@ def test_rank_shard_slices_the_global_batch_and_scales_the_loss_to_the_global_to
 
 def test_a_slurm_task_gets_the_variables_torchrun_would_set(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "unset")  # recorded, so that teardown removes what is set below
+        monkeypatch.delenv(key)
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_LOCALID", "1")
