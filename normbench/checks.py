@@ -142,7 +142,8 @@ def check_stats_batch(k, batch_size: int) -> None:
 
 
 def _execution(config: dict) -> None:
-    """precision, channels_last and compile."""
+    """precision, the device under several processes, channels_last, compile and the
+    optimizer's implementation."""
     from normbench.precision import DTYPES
 
     if config["precision"] not in DTYPES:
@@ -152,6 +153,12 @@ def _execution(config: dict) -> None:
     if world_from_env() > 1 and device.startswith("cuda:"):
         raise UserError(f"device={device} with {world_from_env()} processes: each process "
                         "uses the GPU of its LOCAL_RANK", "use device=cuda or device=auto")
+    from normbench.optim import IMPLEMENTATIONS
+
+    implementation = config["optim"]["implementation"]
+    if implementation not in ("auto", *IMPLEMENTATIONS):
+        raise UserError(f"optim.implementation={implementation} is not known",
+                        f"use one of: auto, {', '.join(IMPLEMENTATIONS)}")
     if config["compile"] and config["probes"]:
         raise UserError("compile=true with probes=true: the probes attach hooks on every "
                         "logging step, and each attachment would recompile the model",

@@ -29,7 +29,7 @@ from normbench.meters import RunningMeans, Throughput
 from normbench.models import build_model
 from normbench.norms import make_spec
 from normbench.norms.counts import model_norm_counts
-from normbench.optim import build_optimizer, build_scheduler
+from normbench.optim import build_optimizer, build_scheduler, resolve_implementation
 from normbench.precision import autocast, grad_scaler, prepare_input, to_memory_format
 from normbench.probes import Probes
 from normbench.tracking import Tracker, warn
@@ -49,11 +49,13 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    # cuDNN times the candidate convolution kernels once per input shape and keeps the
+    # fastest: faster on GPUs, but the choice may differ from run to run.
+    torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; read when CUDA starts.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
 
 
 def total_steps(config: dict, steps_per_epoch: int) -> int:
@@ -187,6 +189,7 @@ def initial_summary(config: dict, run_dir: Path, norm, model: nn.Module, data, s
         "seed": config["seed"], "steps": 0, "total_steps": steps, "device": str(device),
         "precision": config["precision"], "channels_last": config["channels_last"],
         "compile": config["compile"],
+        "optim_implementation": resolve_implementation(config["optim"]["implementation"], device),
         # The sizes actually used: images, or text rows (training windows for a text stream).
         "n_train": data.n_train, "n_val": data.n_val,
         "n_params": sum(p.numel() for p in model.parameters()),

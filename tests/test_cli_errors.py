@@ -121,6 +121,8 @@ CASES = [
      ["optim.weight_decay=-0.1 must be a number, 0 or more"]),
     ("sgd-momentum-1", ["optim.momentum=1.0"],
      ["optim.momentum=1.0 must be a number, at least 0 and below 1"]),
+    ("optimizer-implementation-unknown", ["optim.implementation=fast"],
+     ["optim.implementation=fast is not known", "auto, fused, foreach, for_loop"]),
     ("adamw-beta-1", ["optim=adamw", "optim.betas=[0.9,1.0]"],
      ["optim.betas[1]=1.0 must be a number, at least 0 and below 1", "optim.betas=[0.9,0.999]"]),
     ("warmup-above-1", ["sched.warmup_frac=1.5"],
@@ -246,7 +248,7 @@ def test_every_shipped_config_file_sets_exactly_the_keys_of_its_schema():
 
 @pytest.mark.parametrize("group, lookup, fixed", [
     ("dataset", dataset_builder, {"name", "kind"}),
-    ("optim", optimizer_function, {"name", "weight_decay"}),  # build_optimizer takes these
+    ("optim", optimizer_function, {"name", "weight_decay", "implementation"}),  # build_optimizer
     ("sched", schedule_function, {"name"}),
 ])
 def test_every_schema_key_is_a_parameter_of_its_builder(group, lookup, fixed):

@@ -8,6 +8,7 @@ from rich.console import Console
 from normbench.checks import check_config
 from normbench.errors import UserError
 from normbench.experiment import build
+from normbench.norms.registry import norm_names
 from normbench.precision import autocast, prepare_input, to_memory_format
 from normbench.train import run_experiment, train_step
 from tests.config_defaults import model_options, norm_spec
@@ -60,7 +61,7 @@ def test_fp16_scales_the_loss_and_checkpoints_the_scale(tmp_path):
 def test_precision_is_recorded(tmp_path):
     summary = run_experiment(compose_config([*TINY, "precision=bf16", "steps=2"]), tmp_path,
                              live=False)
-    assert summary["precision"] == "bf16" and summary["channels_last"] is False
+    assert summary["precision"] == "bf16" and summary["channels_last"] is True  # the default
     assert summary["status"] == "completed"
     assert "train/loss" in read_scalars(tmp_path)
 
@@ -83,6 +84,37 @@ def test_channels_last_changes_the_layout_not_the_numbers():
     assert prepare_input(tokens, True) is tokens
 
 
+IMAGE_NORMS = [(name, {}) for name in norm_names("images")] + [("batch", {"stats_batch": 2})]
+
+
+@pytest.mark.parametrize("name, options", IMAGE_NORMS,
+                         ids=[n + ("-ghost" if o else "") for n, o in IMAGE_NORMS])
+def test_every_image_norm_trains_alike_in_channels_last(name, options):
+    # The default layout is NHWC: each norm must give the same outputs, gradients and
+    # buffers as in NCHW (own norms that reshape must not mix up the channel axis).
+    from normbench.data import DataInfo
+    from normbench.models import build_model
+
+    def one_step(channels_last: bool):
+        torch.manual_seed(0)
+        model = build_model(model_options("resnet", depth=8), norm_spec(name, **options),
+                            DataInfo(kind="image", num_classes=10))
+        model = to_memory_format(model, channels_last).train()
+        x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        out = model(prepare_input(x, channels_last))
+        out.square().mean().backward()
+        return out, model
+
+    out, model = one_step(False)
+    out_cl, model_cl = one_step(True)
+    torch.testing.assert_close(out_cl, out, rtol=1e-4, atol=1e-5)
+    for (key, a), b in zip(model.state_dict().items(), model_cl.state_dict().values(),
+                           strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=key)
+    for (key, p), p_cl in zip(model.named_parameters(), model_cl.parameters(), strict=True):
+        torch.testing.assert_close(p_cl.grad, p.grad, rtol=1e-3, atol=1e-5, msg=key)
+
+
 def test_autocast_is_off_in_fp32():
     with autocast(torch.device("cpu"), "fp32"):
         assert not torch.is_autocast_enabled("cpu")
@@ -98,3 +130,10 @@ def test_refused_combinations(overrides, message):
     with pytest.raises(UserError, match=message):
         check_config(compose_config([*TINY, *overrides]))
     check_config(compose_config([*TINY, "compile=true", "probes=false"]))
+
+
+def test_cudnn_autotuning_is_on_unless_deterministic():
+    from normbench.experiment import seed_everything
+
+    seed_everything(0, deterministic=False)
+    assert torch.backends.cudnn.benchmark

@@ -162,6 +162,7 @@ def test_an_infinite_gradient_norm_with_a_finite_loss_ends_diverged(tmp_path, mo
 def deterministic_mode_restored():
     yield
     torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.benchmark = True  # what a run without deterministic=true sets
 
 
 def test_deterministic_runs_with_the_same_seed_are_identical(tmp_path,
@@ -170,6 +171,7 @@ def test_deterministic_runs_with_the_same_seed_are_identical(tmp_path,
     first = run_experiment(config, tmp_path / "a", live=False)
     second = run_experiment(config, tmp_path / "b", live=False)
     assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.backends.cudnn.benchmark  # no timing-based choice of kernels
     assert first["status"] == second["status"] == "completed"
     assert first["final"] == second["final"]
     assert read_scalars(tmp_path / "a")["train/loss"] == read_scalars(tmp_path / "b")["train/loss"]

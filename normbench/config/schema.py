@@ -228,6 +228,7 @@ class DyTConfig(AffineNormConfig):
 class OptimConfig:
     name: str = MISSING
     weight_decay: float = MISSING
+    implementation: str = MISSING
 
 
 @dataclass
