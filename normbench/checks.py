@@ -92,8 +92,13 @@ def _probe_options(config: dict) -> None:
 
 
 def text_context(config: dict) -> int:
-    """The context length (characters per training sequence) a text config asks for."""
-    value = (config.get("dataset") or {}).get("seq_len")
+    """The context length (characters per training sequence) a text config asks for, when
+    its training samples are windows of characters; 0 otherwise: word counts and lines are
+    known only once the file is split, and the dataset checks them then (data/corpus.py)."""
+    dataset = config.get("dataset") or {}
+    if dataset.get("unit", "char") != "char" or dataset.get("sample", "window") != "window":
+        return 0
+    value = dataset.get("seq_len")
     return int(value) if isinstance(value, Integral) and value > 0 else 1
 
 
@@ -181,7 +186,7 @@ def _norm_combinations(norm: dict, batch_size: int) -> None:
                             "norm.sync=false (ghost BN)")
         check_stats_batch(norm["stats_batch"], batch_size)
     if name == "group":
-        _positive_int(norm, "num_groups")
+        _group_count(norm)
     if name == "weight" and not norm.get("weight_norm"):
         raise UserError("norm=weight with norm.weight_norm=false would be no normalization at all",
                         "use norm=none for that, or leave norm.weight_norm=true")
@@ -194,6 +199,23 @@ def _norm_combinations(norm: dict, batch_size: int) -> None:
         raise UserError(f"norm.r_max_by={norm['r_max_by']} and norm.d_max_by="
                         f"{norm['d_max_by']} must not come before norm.relax_from="
                         f"{norm['relax_from']}", "make both at least norm.relax_from")
+
+
+def _group_count(norm: dict) -> None:
+    """GroupNorm: exactly one of num_groups and group_size (whether each divides every
+    layer's width is checked when the model is built, naming the layers)."""
+    given = {k: norm.get(k) for k in ("num_groups", "group_size") if norm.get(k) is not None}
+    if len(given) == 2:
+        raise UserError(f"norm.num_groups={given['num_groups']} and norm.group_size="
+                        f"{given['group_size']} are both set (groups per layer, and channels "
+                        "per group: one decides the other)",
+                        "set one of them and null the other, e.g. norm.num_groups=null "
+                        f"norm.group_size={given['group_size']}")
+    if not given:
+        raise UserError("norm=group with neither norm.num_groups nor norm.group_size",
+                        "set one of them, e.g. norm.num_groups=8 or norm.group_size=16")
+    (key,) = given
+    _positive_int(norm, key)
 
 
 def placeholder_info(dataset: dict) -> DataInfo:
@@ -273,7 +295,10 @@ def _norm_ranges(norm: dict) -> None:
     _in_range(norm, "momentum", "norm.momentum", low=0, high=1, allow_none=True, example="0.1",
               why="; running = (1 - momentum) * running + momentum * batch, and null is "
                   "a cumulative average")
-    _in_range(norm, "num_groups", "norm.num_groups", low=1, kind=_INTEGER, example="8")
+    _in_range(norm, "num_groups", "norm.num_groups", low=1, kind=_INTEGER, allow_none=True,
+              example="8")
+    _in_range(norm, "group_size", "norm.group_size", low=1, kind=_INTEGER, allow_none=True,
+              example="16")
     _in_range(norm, "r_max", "norm.r_max", low=1, example="3",
               why=" (r is clipped to [1/r_max, r_max])")
     _in_range(norm, "d_max", "norm.d_max", low=0, example="5")
@@ -308,3 +333,7 @@ def _dataset_ranges(dataset: dict) -> None:
               high_open=True, example="0.1")
     _in_range(dataset, "noise", "dataset.noise", low=0, example="0.05")
     _in_range(dataset, "max_depth", "dataset.max_depth", low=0, kind=_INTEGER, example="2")
+    if "unit" in dataset:  # the text files' condition: unit, sample, vocab_size
+        from normbench.data.corpus import check_condition
+
+        check_condition(dataset["unit"], dataset["sample"], dataset["vocab_size"])

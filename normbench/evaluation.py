@@ -66,10 +66,21 @@ def loss_and_counts(logits: torch.Tensor, batch):
     return (losses * m).sum() / count.clamp(min=1), (correct * m).sum(), count
 
 
-def metrics_from(loss: float, acc: float, kind: str, prefix: str) -> dict[str, float]:
+def text_metrics(loss: float, unit: str, prefix: str) -> dict[str, float]:
+    """The loss in bits per unit, named after the unit: `bpc` (bits per character) for
+    characters, `bpt` (bits per token) and the perplexity `ppl` = e^loss, the word-level
+    convention, for words. Word-level bits are never called bpc."""
+    bits = loss / math.log(2)
+    if unit == "char":
+        return {f"{prefix}/bpc": bits}
+    return {f"{prefix}/bpt": bits, f"{prefix}/ppl": math.inf if loss > 700 else math.exp(loss)}
+
+
+def metrics_from(loss: float, acc: float, info, prefix: str) -> dict[str, float]:
+    """Loss and accuracy, and for text (`info.kind`) the bits per unit of `info.unit`."""
     out = {f"{prefix}/loss": loss, f"{prefix}/acc": acc}
-    if kind == "text":
-        out[f"{prefix}/bpc"] = loss / math.log(2)  # bits per character
+    if info.kind == "text":
+        out.update(text_metrics(loss, info.unit, prefix))
     return out
 
 
@@ -85,7 +96,7 @@ def evaluate(model: nn.Module, data, batch_size: int, prefix: str = "val",
         total_count = total_count + count
     values = torch.stack([torch.as_tensor(v, dtype=torch.float64)
                           for v in (total_loss, total_correct, total_count)]).tolist()
-    return metrics_from(values[0] / values[2], values[1] / values[2], data.info.kind, prefix)
+    return metrics_from(values[0] / values[2], values[1] / values[2], data.info, prefix)
 
 
 

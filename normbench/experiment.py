@@ -186,12 +186,17 @@ def initial_summary(config: dict, run_dir: Path, norm, model: nn.Module, data, s
         "stats_batch": ((config["batch_size"] * world if norm.sync
                          else norm.stats_batch or config["batch_size"])
                         if "stats_batch" in config["norm"] else None),
+        # GroupNorm's setting: whichever of the two was in effect (the other is None).
+        "num_groups": config["norm"].get("num_groups"),
+        "group_size": config["norm"].get("group_size"),
         "seed": config["seed"], "steps": 0, "total_steps": steps, "device": str(device),
         "precision": config["precision"], "channels_last": config["channels_last"],
         "compile": config["compile"],
         "optim_implementation": resolve_implementation(config["optim"]["implementation"], device),
         # The sizes actually used: images, or text rows (training windows for a text stream).
         "n_train": data.n_train, "n_val": data.n_val,
+        # Text: the unit, what a row is, the vocabulary size (words: <unk>'s share).
+        **(data.facts() if data.info.kind == "text" else {}),
         "n_params": sum(p.numel() for p in model.parameters()),
         **model_norm_counts(model),  # learned and kept-for-inference numbers in norm layers
         "status": "running",

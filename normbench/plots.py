@@ -23,7 +23,8 @@ from normbench.runs import Run  # noqa: E402
 SHRINKING_X = ("batch_size", "stats_batch")
 METRIC_LABELS = {"val_err": "validation error (%)", "val_acc": "validation accuracy",
                  "val_loss": "validation loss", "train_loss": "training loss",
-                 "val_bpc": "validation bits per character"}
+                 "val_bpc": "validation bits per character",
+                 "val_bpt": "validation bits per token", "val_ppl": "validation perplexity"}
 
 
 def write_plots(report: Report, out: Path) -> list[Path]:
@@ -122,9 +123,24 @@ def plot_metric_vs_x(report: Report, path: Path) -> Path:
     ax.set_title(f"{METRIC_LABELS.get(report.metric, report.metric)} vs "
                  f"{report.x.replace('_', ' ')} (mean ± std over seeds)", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(frameon=False)
+    return save(fig, [ax], path, dpi=120)
+
+
+def save(fig, axes, path: Path, dpi: int, fontsize: float | None = None) -> Path:
+    """Lay out, put one legend for all panels outside them (to the right: inside, a legend
+    covers whichever lines pass under it), write the PNG and free the figure. The saved
+    image is widened to hold the legend (bbox_inches='tight')."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    handles: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)  # panels repeat labels: each once
+    if handles:
+        boxes = [ax.get_position() for ax in axes if ax.get_visible()]
+        fig.legend(list(handles.values()), list(handles), loc="upper left", frameon=False,
+                   bbox_to_anchor=(max(b.x1 for b in boxes) + 0.01, max(b.y1 for b in boxes)),
+                   fontsize=fontsize, borderaxespad=0.0)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -194,11 +210,7 @@ def plot_curves(report: Report, scalars: dict, path: Path) -> Path:
         ax.set_xlabel("fraction of training")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("training loss")
-    axes[0].legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, axes, path, dpi=110, fontsize=8)
 
 
 def _layer_mean(scalars: dict, prefix: str):
@@ -242,8 +254,4 @@ def plot_gaps(report: Report, scalars: dict, path: Path) -> Path:
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("mean over BatchNorm layers")
-    axes[0].legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, axes, path, dpi=110, fontsize=8)

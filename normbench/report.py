@@ -8,6 +8,11 @@ batch size by default), one cell per group of seeds holding the mean ± standard
 of the metric over the completed runs. Runs that diverged or failed do not enter a cell's
 mean; the cell says how many there were.
 
+Below the table, the report says which differences are more than seed noise: Welch's t-test
+between neighbouring x values in each row and between each row and a reference norm's row
+(`normbench.differences`, `--reference`), each with its difference, 95% confidence interval,
+p-value and a mark, and a findings paragraph in words (`normbench.findings`).
+
 The default metric is the validation error in percent, `val_err` = 100 * (1 - val_acc):
 the quantity of the GroupNorm paper's Figure 1 (Wu & He 2018), lower is better. Any key of
 summary.json's `final` block works as well (val_acc, val_loss, train_loss, val_bpc, ...).
@@ -18,24 +23,54 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from normbench.differences import (
+    REFERENCE_NORMS,
+    Difference,
+    against_reference,
+    along_x,
+    choose_reference,
+    difference_rows,
+)
 from normbench.errors import UserError
+from normbench.findings import findings
 from normbench.grid import AUTO_X, Report, build_report, fmt_value, sort_key
 from normbench.runs import find_runs
+
+DIFFERENCE_COLUMNS = ("compared", "at", "difference", "95% CI", "p", "seeds", "")
+MARKS = ("* p < 0.05 (significant), ≈ within noise (p ≥ 0.05), – no test (a cell with fewer "
+         "than 2 seeds)")
 
 # ----------------------------------------------------------------------------- outputs
 
 
-def print_table(report: Report, console=None) -> None:
+@dataclass
+class Significance:
+    """What the report says about noise: the reference norm, the differences, the findings."""
+
+    reference: str | None
+    along: list[Difference]
+    against: list[Difference]
+    text: str
+
+
+def significance(report: Report, reference: str = "auto") -> Significance:
+    ref = choose_reference(report, reference)
+    return Significance(ref, along_x(report), against_reference(report, ref),
+                        findings(report, ref))
+
+
+def print_table(report: Report, console=None, sig: Significance | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     # Cells never wrap: wide enough for the table even when stdout is a file or a pipe.
     console = console or Console(width=None if sys.stdout.isatty() else 200)
     direction = "higher" if report.higher_is_better else "lower"
-    table = Table(title=f"{report.metric} ({direction} is better), mean ± std over seeds",
-                  header_style="bold")
+    table = Table(title=f"{report.metric} ({direction} is better), mean ± std over seeds "
+                        "(number of seeds)", header_style="bold")
     table.add_column(" / ".join(report.row_keys) + f" \\ {report.x}")
     for col in report.columns:
         table.add_column(fmt_value(col), justify="right", no_wrap=True)
@@ -56,11 +91,34 @@ def print_table(report: Report, console=None) -> None:
                                        key=lambda kv: tuple(map(sort_key, kv[0]))):
             console.print(f"  {' '.join(map(fmt_value, row))}: lr={fmt_value(lr)} "
                           f"({report.metric} {value:.2f})")
+    if sig is not None:
+        print_differences(report, sig, console)
     bad = [r for r in report.runs if r.status != "completed"]
     for r in bad:
         console.print(f"[red]{r.status}[/red]: {r.path}"
                       + (f" ({r.summary['error']})" if r.summary.get("error") else ""),
                       soft_wrap=True)
+
+
+def print_differences(report: Report, sig: Significance, console) -> None:
+    """The differences as one table (along x, then against the reference), then the findings."""
+    from rich.table import Table
+
+    if not sig.along and not sig.against:
+        return
+    table = Table(title=f"differences in {report.metric} (Welch; second minus first)",
+                  header_style="bold", caption=MARKS)
+    for name in DIFFERENCE_COLUMNS:
+        table.add_column(name, no_wrap=True, justify="left" if name in ("compared", "at")
+                         else "right")
+    for i, diffs in enumerate((sig.along, sig.against)):
+        for cells in difference_rows(report, diffs):
+            style = "bold" if cells[-1] == "*" else "dim" if cells[-1] == "–" else None
+            table.add_row(*cells, style=style)
+        if i == 0 and sig.along and sig.against:
+            table.add_section()
+    console.print(table)
+    console.print(sig.text, soft_wrap=False)
 
 
 def write_csv(report: Report, path: Path) -> None:
@@ -83,12 +141,39 @@ def write_csv(report: Report, path: Path) -> None:
                     " ".join(map(str, sorted(cell.seeds, key=sort_key)))])
 
 
-def write_markdown(report: Report, path: Path, plots: list[Path]) -> None:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|",
+            *("| " + " | ".join(cells) + " |" for cells in rows)]
+
+
+def markdown_differences(report: Report, sig: Significance) -> list[str]:
+    lines = ["", "## Findings", "", sig.text]
+    if not sig.along and not sig.against:
+        return lines
+    lines += ["", "## Differences", "",
+              f"Welch's t-test over seeds: the difference is the second cell's mean minus the "
+              f"first's, in `{report.metric}`, with its 95% confidence interval and two-sided "
+              f"p-value; {MARKS}."]
+    x = report.x
+    if sig.along:
+        lines += ["", f"### Along {x} (neighbouring values)", ""]
+        lines += markdown_table(["row", x, *DIFFERENCE_COLUMNS[2:]],
+                                difference_rows(report, sig.along))
+    if sig.against:
+        lines += ["", f"### Against the reference norm ({sig.reference})", ""]
+        lines += markdown_table(["row − reference", x, *DIFFERENCE_COLUMNS[2:]],
+                                difference_rows(report, sig.against))
+    return lines
+
+
+def write_markdown(report: Report, path: Path, plots: list[Path],
+                   sig: Significance | None = None) -> None:
     direction = "higher" if report.higher_is_better else "lower"
     lines = [f"# normbench report: {report.metric} vs {report.x}", "",
              f"{len(report.runs)} runs; cells are the mean ± std of `{report.metric}` "
-             f"({direction} is better) over the seeds of completed runs; runs that diverged "
-             "or failed are counted in the cell and left out of its mean.", "",
+             f"({direction} is better) over the seeds of completed runs, with the number of "
+             "seeds in brackets; runs that diverged or failed are counted in the cell and left "
+             "out of its mean.", "",
              "| " + " / ".join(report.row_keys) + f" \\ {report.x} | "
              + " | ".join(map(fmt_value, report.columns)) + " |",
              "|---" * (len(report.columns) + 1) + "|"]
@@ -96,6 +181,8 @@ def write_markdown(report: Report, path: Path, plots: list[Path]) -> None:
         texts = [(c.text() if (c := report.cells.get((row, col))) else "")
                  for col in report.columns]
         lines.append(f"| {report.row_label(row)} | " + " | ".join(texts) + " |")
+    if sig is not None:
+        lines += markdown_differences(report, sig)
     if report.best_lr:
         lines += ["", "## Best learning rate", "",
                   "| " + " / ".join(k for k in report.row_keys if k != "lr")
@@ -121,7 +208,13 @@ def write_markdown(report: Report, path: Path, plots: list[Path]) -> None:
 def parse_args(args: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="normbench report",
-        description="Tables and plots from run folders and sweep folders.")
+        description="Tables and plots from run folders and sweep folders: norms x values of "
+                    "the swept variable, each cell the mean ± std over seeds (number of seeds); "
+                    "then which differences are beyond seed noise: Welch's t-test between "
+                    "neighbouring x values in a row and against the reference norm's row, "
+                    "with the difference, its 95% confidence interval, the p-value and a mark "
+                    "(* p < 0.05, ≈ within noise, – no test: a cell with one seed), and a "
+                    "findings paragraph in words. Writes report.md, report.csv and PNG plots.")
     parser.add_argument("dirs", nargs="+", metavar="DIR",
                         help="run folders or sweep folders (searched recursively)")
     parser.add_argument("--x", default="auto",
@@ -134,6 +227,11 @@ def parse_args(args: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", default=None,
                         help="folder for report.md, report.csv and the plots (default: the "
                              "first DIR)")
+    parser.add_argument("--reference", default="auto", metavar="NORM",
+                        help="the norm whose row every other row is compared with, x value by "
+                             "x value (Welch's t-test, 95%% CI); auto: the first of "
+                             f"{', '.join(REFERENCE_NORMS)} present; none: no such comparison "
+                             "(neighbouring x values are always compared)")
     parser.add_argument("--no-plots", action="store_true", help="only the table, CSV and Markdown")
     try:
         return parser.parse_args(args)
@@ -148,6 +246,7 @@ def report_command(args: list[str]) -> int:
     opts = parse_args(args)
     runs = find_runs(opts.dirs)
     report = build_report(runs, x=opts.x, metric=opts.metric)
+    sig = significance(report, opts.reference)
     out = Path(opts.out or opts.dirs[0])
     if out.is_file():
         raise UserError(f"--out {out} is a file", "pass a folder")
@@ -157,9 +256,9 @@ def report_command(args: list[str]) -> int:
         from normbench.plots import write_plots
 
         plots = write_plots(report, out)
-    print_table(report)
+    print_table(report, sig=sig)
     write_csv(report, out / "report.csv")
-    write_markdown(report, out / "report.md", plots)
+    write_markdown(report, out / "report.md", plots, sig)
     written = ", ".join(p.name for p in [out / "report.md", out / "report.csv", *plots])
     print(f"normbench: report written to {out}: {written}")
     return 0

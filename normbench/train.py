@@ -7,7 +7,6 @@ is in use: probes find BatchNorm-like layers by type. What a run is made of is b
 
 from __future__ import annotations
 
-import math
 import re
 import signal
 import time
@@ -18,7 +17,13 @@ from rich.console import Console
 
 from normbench import checkpoint as ckpt
 from normbench import distributed
-from normbench.evaluation import evaluate, forward, loss_and_counts, train_eval_discrepancy
+from normbench.evaluation import (
+    evaluate,
+    forward,
+    loss_and_counts,
+    text_metrics,
+    train_eval_discrepancy,
+)
 from normbench.experiment import Experiment, build, checkpoint_state
 from normbench.guard import StopSignals, grad_norm
 from normbench.norms.sync import synchronized
@@ -135,8 +140,8 @@ def log_step(exp: Experiment, step: int, step_lr: float, batch_size: int) -> flo
     values = exp.probes.flush()  # the one host sync of this logging step
     exp.running.reset()
     values["train/lr"] = step_lr
-    if exp.data.info.kind == "text":  # bits per character, from the same running mean
-        values["train/bpc"] = values["train/loss"] / math.log(2)
+    if exp.data.info.kind == "text":  # bits per character (token), from the same running mean
+        values.update(text_metrics(values["train/loss"], exp.data.info.unit, "train"))
     values["perf/samples_per_sec"] = exp.throughput.rate(step, batch_size)
     exp.tracker.scalars(values, step)
     exp.tracker.histograms(exp.probes.take_histograms(), step)

@@ -63,7 +63,16 @@ CASES = [
     ("batchnorm-batch-1", ["norm=batch", "batch_size=1"],
      ["norm=batch with batch_size=1", "norm=group"]),
     ("groups-do-not-divide", ["norm=group", "norm.num_groups=3"],
-     ["num_groups=3 does not divide", "layer 'stem.1'", "[1, 2, 4, 8, 16]"]),
+     ["num_groups=3 does not divide", "16 channels of 'stem.1', 'blocks.0.norm1'",
+      "64 channels of 'blocks.2.norm1', 'blocks.2.norm2' (7 layers", "[1, 2, 4, 8, 16]"]),
+    # 32 divides the 32 and 64 channels of the later stages: only the first stage is named.
+    ("group-size-does-not-divide", ["norm=group", "norm.group_size=32"],
+     ["norm.group_size=32 does not divide the 16 channels of 'stem.1', 'blocks.0.norm1', "
+      "'blocks.0.norm2' (3 layers", "choose norm.group_size from [1, 2, 4, 8, 16]"]),
+    ("group-size-and-num-groups", ["norm=group", "norm.num_groups=4", "norm.group_size=4"],
+     ["norm.num_groups=4 and norm.group_size=4 are both set", "norm.num_groups=null"]),
+    ("group-norm-without-a-count", ["norm=group", "norm.num_groups=null"],
+     ["neither norm.num_groups nor norm.group_size"]),
     ("cifar-offline", ["dataset=cifar10", "dataset.root={no_cifar_here}"],
      ["cifar10 is not in", "could not be downloaded", "cifar-10-python.tar.gz"]),
     ("text-empty", ["TEXT:{empty}"], ["is empty", "dataset.path"]),

@@ -192,7 +192,7 @@ def test_lstm_reads_images_row_by_row():
 
 
 def test_group_count_that_does_not_divide_the_hidden_units_names_the_layer():
-    with pytest.raises(UserError, match=r"divide the 6 channels of layer 'layers.0.norm_c'"):
+    with pytest.raises(UserError, match=r"divide the 6 channels of 'layers.0.norm_c' \(1 layer;"):
         build_model(model_options("lstm", hidden=6), norm_spec("group", num_groups=4), TEXT)
     with pytest.raises(UserError, match="model.t_max=3 is shorter than dataset.seq_len=6"):
         lstm("batch", t_max=3)

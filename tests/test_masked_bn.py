@@ -98,7 +98,9 @@ def test_degenerate_groups_are_normalized_with_the_pool_and_skip_the_update():
     own_var, own_mean = torch.var_mean(x[:2].detach(), dim=0, correction=0)
     pool_var, pool_mean = torch.var_mean(x[:3].detach(), dim=0, correction=0)
     torch.testing.assert_close(y[:2], (x[:2] - own_mean) / (own_var + eps).sqrt())
-    torch.testing.assert_close(y[2:], (x[2:] - pool_mean) / (pool_var + eps).sqrt())
+    torch.testing.assert_close(y[2], (x[2] - pool_mean) / (pool_var + eps).sqrt())
+    # Padding rows are normalized as zeros (finite whatever they hold).
+    torch.testing.assert_close(y[3:], (0 - pool_mean.expand(3, D)) / (pool_var + eps).sqrt())
     (y * torch.randn(6, D)).sum().backward()
     assert torch.isfinite(x.grad).all()
     # Only the valid group moves the running statistics.
@@ -134,7 +136,8 @@ def test_a_step_with_fewer_than_two_real_rows_uses_the_running_statistics(k):
     for real in ([True, False, False, False], [False] * 4):
         x = (torch.randn(4, D) * 5).requires_grad_()
         y = bn(x, torch.tensor(real))
-        expected = (x - bn.running_mean) / (bn.running_var + bn.eps).sqrt()
+        real_x = torch.where(torch.tensor(real)[:, None], x, 0.0)  # padding counts as 0
+        expected = (real_x - bn.running_mean) / (bn.running_var + bn.eps).sqrt()
         torch.testing.assert_close(y, expected)
         y.sum().backward()
         assert torch.isfinite(x.grad).all()
@@ -211,6 +214,28 @@ def test_a_non_finite_padding_entry_does_not_reach_the_real_statistics(bad):
     torch.testing.assert_close(y[:3], ref(real))
     torch.testing.assert_close(bn.running_mean, ref.running_mean)
     torch.testing.assert_close(bn.running_var, ref.running_var)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("stats_batch", [None, 2])
+def test_a_non_finite_padding_entry_does_not_reach_the_real_gradients(bad, stats_batch):
+    # A loss on the real rows only: 0 upstream at the padding, where 0 * inf would be NaN
+    # in the gradient of the variance if the padding entered x - mean.
+    torch.manual_seed(4)
+    x = torch.randn(6, D) * 2 + 1
+    mask = torch.tensor([True, True, True, False, True, True])
+    upstream = torch.randn(6, D) * mask[:, None]
+    grads = []
+    for fill in (0.0, bad):
+        xi = x.clone()
+        xi[3] = fill
+        xi.requires_grad_(True)
+        bn = TokenBatchNorm(D, stats_batch=stats_batch)
+        (bn(xi, mask) * upstream).sum().backward()
+        grads.append((xi.grad, bn.weight.grad, bn.bias.grad))
+    for clean, dirty in zip(*grads, strict=True):
+        assert torch.isfinite(dirty).all()
+        torch.testing.assert_close(dirty, clean)
 
 
 @pytest.mark.parametrize("value", [3000.7, -30000.7, 123.4])

@@ -117,8 +117,13 @@ def test_the_config_gives_every_option_a_norm_reads():
 
 
 def test_a_spec_without_a_required_option_is_refused():
-    with pytest.raises(ValueError, match="norm=group needs eps, num_groups"):
+    with pytest.raises(ValueError, match="norm=group needs eps;"):
         create_norm(NormSpec("group", affine=True), "images", 8)
+    # GroupNorm's two counts may each be null, but not both (nor both set).
+    with pytest.raises(ValueError, match="exactly one of num_groups and group_size"):
+        create_norm(NormSpec("group", eps=1e-5), "images", 8)
+    with pytest.raises(ValueError, match="exactly one of num_groups and group_size"):
+        create_norm(NormSpec("group", eps=1e-5, num_groups=2, group_size=4), "images", 8)
 
 
 def test_factory_says_whether_the_norm_recentres():

@@ -236,3 +236,18 @@ def test_stats_batch_sweep_end_to_end_names_jobs_and_shows_k_in_hparams(cli, tmp
         start = metadata.parse_session_start_info_plugin_data(
             content[metadata.SESSION_START_INFO_TAG])
         assert start.hparams["stats_batch"].number_value == k
+
+
+def test_text_conditions_sweep_in_the_shakespeare_gap_setups_with_short_folder_names():
+    jobs = expand_sweep(["experiment=stat_gap", "gap_setup=transformer_shakespeare,lstm_shakespeare",
+                         "dataset.unit=char,word", "dataset.sample=window,line", "seed=0"])
+    configs, folders = zip(*(compose_job(job) for job in jobs), strict=True)
+    assert len(set(folders)) == 8
+    assert "dataset.sample=line,dataset.unit=word,gap_setup=lstm_shakespeare,seed=0" in folders
+    assert {(c["model"]["name"], c["dataset"]["unit"], c["dataset"]["sample"]) for c in configs} \
+        == {(m, u, s) for m in ("transformer", "lstm") for u in ("char", "word")
+            for s in ("window", "line")}
+    for c in configs:
+        assert (c["dataset"]["name"], c["dataset"]["seq_len"], c["optim"]["name"], c["lr"],
+                c["norm"]["name"], c["steps"]) == ("tinyshakespeare", 64, "adamw", 1e-3,
+                                                   "batch", 600)

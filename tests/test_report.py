@@ -55,7 +55,7 @@ def test_cells_are_mean_and_sample_std_over_seeds_of_completed_runs(tmp_path):
     assert report.cells[(("group",), 2)].std is None  # one seed: no spread
     mixed = report.cells[(("group",), 8)]
     assert mixed.values == pytest.approx([30.0]) and mixed.statuses == {"diverged": 1, "failed": 1}
-    assert mixed.text() == "30.00, 1 diverged, 1 failed"
+    assert mixed.text() == "30.00 (1), 1 diverged, 1 failed"
     assert report.best_lr == {}  # lr not swept
 
 

@@ -39,8 +39,14 @@ def floor_quotient(a: int, b: int) -> int:
     return max(1, int(a) // int(b)) if int(b) > 0 else 1
 
 
+def unless(given, default):
+    """`${nb_unless:x,v}`: v while x is null, null once x is set (GroupNorm's num_groups
+    gives way to a group_size given on its own, so that exactly one of them is in effect)."""
+    return default if given is None else None
+
+
 def register_resolvers() -> None:
     for name, function in (("nb_stamp", stamp), ("nb_mul", product), ("nb_div", quotient),
-                           ("nb_idiv", floor_quotient)):
+                           ("nb_idiv", floor_quotient), ("nb_unless", unless)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function)

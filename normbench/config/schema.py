@@ -106,18 +106,25 @@ class SyntheticTextConfig(DatasetConfig):
 
 
 @dataclass
-class TextFileConfig(DatasetConfig):
-    path: Optional[str] = MISSING
+class TextConditionConfig(DatasetConfig):
+    """What a text file's tokens and rows are (normbench/data/corpus.py)."""
+
     seq_len: int = MISSING
     val_fraction: float = MISSING
+    unit: str = MISSING  # char | word
+    sample: str = MISSING  # window | line
+    vocab_size: int = MISSING  # word units: most frequent training tokens kept, plus <unk>
 
 
 @dataclass
-class TinyShakespeareConfig(DatasetConfig):
+class TextFileConfig(TextConditionConfig):
+    path: Optional[str] = MISSING
+
+
+@dataclass
+class TinyShakespeareConfig(TextConditionConfig):
     root: str = MISSING
     download: bool = MISSING
-    seq_len: int = MISSING
-    val_fraction: float = MISSING
 
 
 # ----------------------------------------------------------------------------- model
@@ -178,7 +185,10 @@ class LayerNormConfig(AffineNormConfig):
 
 @dataclass
 class GroupNormConfig(LayerNormConfig):
-    num_groups: int = MISSING
+    # Exactly one of the two is set (conf/norm/group.yaml nulls num_groups when group_size
+    # is given; checks.py refuses both or neither).
+    num_groups: Optional[int] = MISSING
+    group_size: Optional[int] = MISSING
 
 
 @dataclass

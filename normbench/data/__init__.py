@@ -36,6 +36,7 @@ class DataInfo:
     in_channels: int = 3
     image_size: int = 32
     seq_len: int = 0  # context length for text
+    unit: str = "char"  # text: what a token is, "char" or "word" (names the bits metric)
 
 
 # name -> (module, builder); the options each reads are typed in normbench/config/schema.py.
@@ -45,8 +46,8 @@ BUILDERS = {
     "cifar100": ("normbench.data.images", "cifar_dataset"),
     "imagefolder": ("normbench.data.images", "imagefolder_dataset"),
     "synthetic_text": ("normbench.data.synthetic_text", "synthetic_text_dataset"),
-    "tinyshakespeare": ("normbench.data.text", "tinyshakespeare_dataset"),
-    "text": ("normbench.data.text", "text_dataset"),
+    "tinyshakespeare": ("normbench.data.corpus", "tinyshakespeare_dataset"),
+    "text": ("normbench.data.corpus", "text_dataset"),
 }
 
 

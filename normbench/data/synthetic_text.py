@@ -16,7 +16,7 @@ import random
 
 import torch
 
-from normbench.data.text import CharVocab, TextDataset
+from normbench.data.text import CharVocab, TextDataset, pad_rows
 from normbench.errors import UserError
 
 DETERMINERS = ("the", "a", "every", "no", "some")
@@ -77,13 +77,7 @@ def generate_sentences(n: int, seed: int, max_len: int, max_depth: int) -> list[
 
 def encode_rows(sentences: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows (n, seq_len + 1) of "\\n" + sentence + "\\n", right-padded, and real targets per row."""
-    rows = torch.zeros(len(sentences), seq_len + 1, dtype=torch.long)
-    lengths = torch.empty(len(sentences), dtype=torch.long)
-    for i, s in enumerate(sentences):  # once, at construction; batches are tensor gathers
-        tokens = VOCAB.encode(f"\n{s}\n")
-        rows[i, :tokens.numel()] = tokens
-        lengths[i] = tokens.numel() - 1
-    return rows, lengths
+    return pad_rows([VOCAB.encode(f"\n{s}\n") for s in sentences], seq_len)
 
 
 def synthetic_text_dataset(n_train: int = 4000, n_val: int = 500, seq_len: int = 48,

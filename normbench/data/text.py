@@ -1,15 +1,19 @@
-"""Character-level text for next-character prediction, held as token tensors.
+"""Text for next-token prediction, held as token tensors (characters, or words: see
+`normbench.data.tokenize`; which one a text file gives is `normbench.data.corpus`'s).
 
 Two shapes of data, one dataset class:
 
-- a *stream* (a text file, tiny-shakespeare): training batches are windows of `seq_len`
-  characters cut from the training text. Each epoch shifts the window grid by a random
-  offset and visits the windows in a fresh random order; no padding.
-- *sentences* (synthetic_text): one sentence per row, right-padded; a batch is cut to its
-  longest sentence and carries a mask that is True on real tokens.
+- a *stream* (sample=window): training batches are windows of `seq_len` tokens cut from
+  the training text. Each epoch shifts the window grid by a random offset and visits the
+  windows in a fresh random order; no padding.
+- *rows* (synthetic_text's sentences, a text file's lines): one sentence or line per row,
+  right-padded; a batch is cut to its longest row and carries a mask that is True on real
+  tokens.
 
 Validation is always a set of padded rows: for a stream, consecutive non-overlapping
 windows, the last one shorter. A row holds `seq_len + 1` tokens: x = row[:-1], y = row[1:].
+Padding holds id 0, which is also a real token (the first character, or `<unk>`): what is
+padding is said by the row lengths and the batch's mask alone, never by a token's value.
 As with images, a batch is an index into tensors; nothing loops over samples in Python.
 """
 
@@ -66,20 +70,37 @@ def stream_rows(tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch
     return rows, lengths
 
 
-class TextDataset:
-    """Train and validation tokens for a character vocabulary; see the module docstring.
+def pad_rows(sequences: list[torch.Tensor], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (n, seq_len + 1) of the sequences, each cut to its first seq_len + 1 tokens and
+    right-padded with 0, and the number of real targets in each row (its tokens minus one)."""
+    kept = [s[:seq_len + 1] for s in sequences]
+    lengths = torch.tensor([s.numel() for s in kept], dtype=torch.long)
+    rows = torch.zeros(len(kept), seq_len + 1, dtype=torch.long)
+    # Row-major boolean assignment: the real slots of row 0, then row 1, ...
+    rows[torch.arange(seq_len + 1) < lengths[:, None]] = torch.cat(kept)
+    return rows, lengths - 1
 
-    Give either `train_stream` (1-D tokens) or `train_rows` with `train_lengths`.
+
+class TextDataset:
+    """Train and validation tokens for a vocabulary; see the module docstring.
+
+    Give either `train_stream` (1-D tokens) or `train_rows` with `train_lengths`. `unit`
+    ("char" or "word") names the bits metric; `sample` says what a training row is
+    ("window" for a stream; "sentence" or "line" for rows).
     """
 
-    def __init__(self, vocab: CharVocab, seq_len: int, val_rows: torch.Tensor,
+    def __init__(self, vocab, seq_len: int, val_rows: torch.Tensor,
                  val_lengths: torch.Tensor, *, train_stream: torch.Tensor | None = None,
                  train_rows: torch.Tensor | None = None,
-                 train_lengths: torch.Tensor | None = None, name: str = "text"):
+                 train_lengths: torch.Tensor | None = None, name: str = "text",
+                 unit: str = "char", sample: str | None = None):
         if (train_stream is None) == (train_rows is None):
             raise ValueError("give exactly one of train_stream and train_rows")
         self.name = name
+        self.unit = unit
+        self.sample = sample or ("window" if train_stream is not None else "sentence")
         self.vocab = vocab
+        self.unk_fraction: float | None = None  # words: share of <unk> in validation targets
         self.seq_len = seq_len
         self.train_stream = train_stream
         self.train_rows, self.train_lengths = train_rows, train_lengths
@@ -88,7 +109,7 @@ class TextDataset:
         # no device-to-host transfer.
         self.val_lengths_dev = val_lengths
         self.train_lengths_dev = train_lengths
-        self.info = DataInfo(kind="text", num_classes=len(vocab), seq_len=seq_len)
+        self.info = DataInfo(kind="text", num_classes=len(vocab), seq_len=seq_len, unit=unit)
         if train_stream is not None:
             n_full = (train_stream.numel() - 1) // seq_len
             # One window fewer than fits leaves room to shift the grid each epoch.
@@ -102,6 +123,13 @@ class TextDataset:
     @property
     def n_val(self) -> int:
         return self.val_rows.shape[0]
+
+    def facts(self) -> dict:
+        """What summary.json records about the text besides the row counts."""
+        out = {"unit": self.unit, "sample": self.sample, "n_vocab": len(self.vocab)}
+        if self.unk_fraction is not None:
+            out["unk_fraction"] = self.unk_fraction
+        return out
 
     def to(self, device) -> TextDataset:
         for attr in ("train_stream", "train_rows", "val_rows"):
@@ -148,8 +176,8 @@ class TextTrainLoader(ShuffledEpochs):
     """
 
     def __init__(self, ds: TextDataset, batch_size: int, seed: int):
-        unit = "windows of seq_len" if ds.train_stream is not None else "sentences"
-        super().__init__(ds.n_train, batch_size, seed, f"training {unit} of {ds.name}")
+        what = "windows of seq_len" if ds.train_stream is not None else f"{ds.sample}s"
+        super().__init__(ds.n_train, batch_size, seed, f"training {what} of {ds.name}")
         self.ds = ds
         self.offset = 0
 
@@ -200,16 +228,26 @@ def read_text_file(path: Path) -> str:
     return text
 
 
-def stream_dataset(text: str, seq_len: int, val_fraction: float, name: str,
-                   source: str) -> TextDataset:
-    """Split `text` into a training head and a validation tail; build the dataset."""
+def check_split_options(seq_len: int, val_fraction: float) -> None:
     if not 0 < val_fraction < 1:
         raise UserError(f"dataset.val_fraction={val_fraction} must lie between 0 and 1",
                         "use e.g. dataset.val_fraction=0.1")
     if seq_len < 1:
         raise UserError(f"dataset.seq_len={seq_len} must be at least 1",
                         "use e.g. dataset.seq_len=128")
-    n_val = max(2, int(round(len(text) * val_fraction)))
+
+
+def validation_chars(text: str, val_fraction: float) -> int:
+    """How many characters at the end of `text` make the validation tail."""
+    return max(2, int(round(len(text) * val_fraction)))
+
+
+def stream_dataset(text: str, seq_len: int, val_fraction: float, name: str,
+                   source: str) -> TextDataset:
+    """Characters in windows (the default condition): split `text` into a training head and
+    a validation tail; build the dataset."""
+    check_split_options(seq_len, val_fraction)
+    n_val = validation_chars(text, val_fraction)
     n_train = len(text) - n_val
     if n_train < seq_len + 1:
         need = int((seq_len + 1) / (1 - val_fraction)) + 2
@@ -221,15 +259,6 @@ def stream_dataset(text: str, seq_len: int, val_fraction: float, name: str,
     val_rows, val_lengths = stream_rows(tokens[n_train:], seq_len)
     return TextDataset(vocab, seq_len, val_rows, val_lengths, train_stream=tokens[:n_train],
                        name=name)
-
-
-def text_dataset(path: str | None = None, seq_len: int = 128, val_fraction: float = 0.1) -> TextDataset:
-    """Any local UTF-8 file: the first (1 - val_fraction) for training, the rest for validation."""
-    if not path:
-        raise UserError("dataset=text needs a file", "add dataset.path=/path/to/file.txt")
-    path = Path(path).expanduser()
-    return stream_dataset(read_text_file(path), seq_len, val_fraction, name=f"text:{path.name}",
-                          source=str(path))
 
 
 # ----------------------------------------------------------------------------- tiny-shakespeare
@@ -278,10 +307,3 @@ def fetch_tinyshakespeare(root: str | Path, download: bool = True) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return target
-
-
-def tinyshakespeare_dataset(root: str = "data_cache", download: bool = True, seq_len: int = 128,
-                            val_fraction: float = 0.1) -> TextDataset:
-    path = fetch_tinyshakespeare(root, download)
-    return stream_dataset(read_text_file(path), seq_len, val_fraction, name="tinyshakespeare",
-                          source=str(path))

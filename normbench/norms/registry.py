@@ -18,8 +18,8 @@ from a `NormSpec` (`Norm.build`), says which config keys it reads (`options`) an
 it re-centres its input (`recentres`: the conv/linear in front then needs no bias).
 
 A norm that cannot be built for some width (GroupNorm whose groups do not divide it)
-returns an `UnbuildableNorm` instead of raising: `check_norms(model)` then names the
-first such layer by its path in the model, which the factory alone cannot know.
+returns an `UnbuildableNorm` instead of raising: `check_norms(model)` then names every
+such layer by its path in the model, which the factory alone cannot know.
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ class NormSpec:
     affine: bool | None = None  # shorthand: false turns off both center and scale
     center: bool | None = None  # the shift beta (Keras' name)
     scale: bool | None = None  # the scale gamma (Keras' name)
+    # GroupNorm: the number of groups G per layer, or the channels per group C/G (the GN
+    # paper's Table 3); exactly one is set (the config nulls num_groups when group_size is).
     num_groups: int | None = None
+    group_size: int | None = None
     track_running_stats: bool | None = None
     stats_batch: int | None = None  # ghost BatchNorm: statistics from groups of k samples
     sync: bool | None = None  # BatchNorm statistics pooled over every rank (several processes)
@@ -242,15 +245,18 @@ def create_norm(spec: NormSpec, layout: str, num_features: int, *,
 
 
 class UnbuildableNorm(nn.Module):
-    """Stands where a norm cannot be built; `check_norms` turns it into a UserError that
-    names its place in the model (building first and checking afterwards is what lets the
-    error say *which* layer failed, without threading names through blocks)."""
+    """Stands where a norm cannot be built; `check_norms` turns every one of them into one
+    UserError that names their places in the model (building first and checking afterwards
+    is what lets the error say *which* layers failed, without threading names through
+    blocks)."""
 
     def __init__(self, num_features: int):
         super().__init__()
         self.num_features = num_features
 
-    def user_error(self, path: str, model: nn.Module) -> UserError:
+    @classmethod
+    def user_error(cls, places: list[tuple[str, UnbuildableNorm]], model: nn.Module) -> UserError:
+        """The error for all the (path, module) pairs of this class found in `model`."""
         raise NotImplementedError
 
     def forward(self, *args, **kwargs):
@@ -258,8 +264,9 @@ class UnbuildableNorm(nn.Module):
 
 
 def check_norms(model: nn.Module) -> None:
-    """Raise a UserError naming the first layer whose norm could not be built."""
-    for path, module in model.named_modules():
-        if isinstance(module, UnbuildableNorm):
-            raise module.user_error(path, model)
-
+    """Raise one UserError naming every layer whose norm could not be built (those of the
+    first failing kind, when there are several kinds)."""
+    places = [(path, m) for path, m in model.named_modules() if isinstance(m, UnbuildableNorm)]
+    if places:
+        kind = type(places[0][1])
+        raise kind.user_error([(p, m) for p, m in places if type(m) is kind], model)

@@ -10,6 +10,10 @@ padding never matter (the mask is accepted and ignored). What each reduces over:
 LayerNorm on images follows the GroupNorm paper: one group holding all of C,H,W, with an
 affine transform per channel. In the steps layout these norms have no per-step state, so
 `at(t)` is the norm itself and a whole (N,T,D) sequence can be normalized in one call.
+
+GroupNorm takes either the number of groups G (`num_groups`, the same in every layer) or
+the channels per group C/G (`group_size`: each layer of C channels gets C/group_size
+groups), as the GN paper's Table 3 varies both.
 """
 
 from __future__ import annotations
@@ -61,35 +65,65 @@ class FeatureLayerNorm(Norm, nn.LayerNorm):
         return super().forward(x)
 
 
-class InvalidGroupNorm(UnbuildableNorm):
-    """A GroupNorm whose num_groups does not divide its channels."""
+def group_setting(spec: NormSpec) -> tuple[str, int]:
+    """("num_groups", G) or ("group_size", C/G): the one of the two the spec sets."""
+    given = [(k, getattr(spec, k)) for k in ("num_groups", "group_size")
+             if getattr(spec, k) is not None]
+    if len(given) != 1:  # the config checks say this to users; here it is a caller's bug
+        raise ValueError(f"norm=group needs exactly one of num_groups and group_size, got {given}")
+    return given[0]
 
-    def __init__(self, num_features: int, num_groups: int):
+
+def groups_for(spec: NormSpec, num_features: int) -> int | None:
+    """The number of groups of a layer of `num_features` channels; None if the spec's
+    setting does not divide the width."""
+    key, value = group_setting(spec)
+    if num_features % value:
+        return None
+    return value if key == "num_groups" else num_features // value
+
+
+class InvalidGroupNorm(UnbuildableNorm):
+    """A GroupNorm whose num_groups (or group_size) does not divide its channels."""
+
+    def __init__(self, num_features: int, key: str, value: int):
         super().__init__(num_features)
         self.num_channels = num_features
-        self.num_groups = num_groups
+        self.key, self.value = key, value
 
-    def user_error(self, path: str, model: nn.Module) -> UserError:
+    @classmethod
+    def user_error(cls, places: list[tuple[str, InvalidGroupNorm]], model: nn.Module) -> UserError:
+        # Both settings must divide every width, so the valid choices are the divisors of
+        # the widths' greatest common divisor (the same list for num_groups and group_size).
         widths = sorted({m.num_channels for m in model.modules()
                          if isinstance(m, (InvalidGroupNorm, nn.GroupNorm))})
         common = math.gcd(*widths)
         divisors = [g for g in range(1, common + 1) if common % g == 0]
+        key, value = places[0][1].key, places[0][1].value
+        by_width: dict[int, list[str]] = {}
+        for path, module in places:
+            by_width.setdefault(module.num_channels, []).append(f"'{path}'")
+        named = "; ".join(f"the {width} channels of {', '.join(paths)}"
+                          for width, paths in sorted(by_width.items()))
+        count = "1 layer" if len(places) == 1 else f"{len(places)} layers"
         return UserError(
-            f"norm.num_groups={self.num_groups} does not divide the {self.num_channels} "
-            f"channels of layer '{path}' (layer widths here: {', '.join(map(str, widths))})",
-            f"choose norm.num_groups from {divisors}",
+            f"norm.{key}={value} does not divide {named} ({count}; layer widths here: "
+            f"{', '.join(map(str, widths))})",
+            f"choose norm.{key} from {divisors}",
         )
 
 
 class _GroupNormBuild(Norm):
-    options = frozenset({"num_groups", "eps"}) | AFFINE_OPTIONS
-    nullable = AFFINE_OPTIONS
+    options = frozenset({"num_groups", "group_size", "eps"}) | AFFINE_OPTIONS
+    # Either count may be null: exactly one is set (checked in the config and in build).
+    nullable = AFFINE_OPTIONS | {"num_groups", "group_size"}
 
     @classmethod
     def build(cls, spec: NormSpec, num_features: int, *, t_max=None) -> nn.Module:
-        if num_features % spec.num_groups:
-            return InvalidGroupNorm(num_features, spec.num_groups)
-        return drop_affine_parts(cls(spec.num_groups, num_features, eps=spec.eps,
+        groups = groups_for(spec, num_features)
+        if groups is None:
+            return InvalidGroupNorm(num_features, *group_setting(spec))
+        return drop_affine_parts(cls(groups, num_features, eps=spec.eps,
                                      affine=has_affine(spec)), spec)
 
 

@@ -60,7 +60,7 @@ class GroupStats:
     """Per-group statistics in the grouped view (G, k, ...) of the batch, with keepdim shapes:
     `count` and `updates` (G, 1, ..., 1), `mean` and `ss` (G, 1, .., C, .., 1)."""
 
-    xg: torch.Tensor  # the batch as (G, k, ...), zero-padded to G * k samples
+    xg: torch.Tensor  # the batch as (G, k, ...), zero-padded to G * k samples, masked entries 0
     count: torch.Tensor  # real entries per group (the same for every channel)
     mean: torch.Tensor  # biased mean (0 for a group without real entries)
     ss: torch.Tensor  # sum of squared deviations from the group's mean
@@ -141,12 +141,14 @@ def group_stats(x: torch.Tensor, mask: torch.Tensor | None, k: int,
         ss = (xg - mean).square().sum(dims, keepdim=True)
     else:
         mg = m.reshape(groups, k, *m.shape[1:])
-        # Padding is zeroed, not only weighted by 0: an inf or NaN there (0 * inf = NaN)
-        # must not reach the statistics of the real entries.
-        real = torch.where(mg > 0, xg, 0.0)
+        # Padding is replaced by 0, not only weighted by 0: an inf or NaN there (0 * inf =
+        # NaN) must reach neither the statistics of the real entries nor their gradients
+        # (the gradients of the variance and of gamma sum upstream * x_hat over every entry,
+        # with 0 upstream at the padding). Padded outputs are those of a 0 input: finite.
+        xg = torch.where(mg > 0, xg, 0.0)
         count = mg.sum(dims, keepdim=True)
-        mean = (real * mg).sum(dims, keepdim=True) / count.clamp(min=1)
-        ss = ((real - mean).square() * mg).sum(dims, keepdim=True)
+        mean = (xg * mg).sum(dims, keepdim=True) / count.clamp(min=1)
+        ss = ((xg - mean).square() * mg).sum(dims, keepdim=True)
     full = torch.arange(groups, device=x.device).reshape(count.shape) < n // k
     return GroupStats(xg, count, mean, ss, (count >= 2) & full, n)
 
