@@ -73,17 +73,19 @@ def synced_group_stats(x: torch.Tensor, mask: torch.Tensor | None, channel_dim: 
     keep = [1] * xg.dim()
     if m is None:
         count = torch.full(keep, xg[0].numel() / xg.shape[cdim], dtype=dtype, device=x.device)
-        real, mg = xg, None
+        mg = None
     else:
         mg = m.unsqueeze(0)
-        real = torch.where(mg > 0, xg, 0.0)  # inf/NaN in padding must not reach the sums
+        # Padding is replaced by 0, as in `group_stats`: inf/NaN there reaches neither the
+        # sums nor the gradients, and padded outputs are those of a 0 input.
+        xg = torch.where(mg > 0, xg, 0.0)
         count = mg.sum(dims, keepdim=True)
-    local_sum = real.sum(dims, keepdim=True) if mg is None else (real * mg).sum(dims, keepdim=True)
+    local_sum = xg.sum(dims, keepdim=True) if mg is None else (xg * mg).sum(dims, keepdim=True)
     channels = local_sum.numel()
     packed = _SumOverRanks.apply(torch.cat([local_sum.reshape(-1), count.reshape(-1)]))
     total = packed[channels:].reshape(keep)
     mean = (packed[:channels] / total.reshape(()).clamp(min=1)).reshape(local_sum.shape)
-    deviations = (real - mean).square()
+    deviations = (xg - mean).square()
     if mg is not None:
         deviations = deviations * mg
     ss = _SumOverRanks.apply(deviations.sum(dims, keepdim=True))
