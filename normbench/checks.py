@@ -16,6 +16,7 @@ import torch
 from normbench.checkpoint import check_resume, normalize_resume
 from normbench.config.explain import show_value as _show
 from normbench.data import DataInfo
+from normbench.distributed import world_from_env
 from normbench.errors import UserError
 
 
@@ -69,10 +70,12 @@ def _batch_fits_training_set(config: dict) -> None:
     """Every step takes a full batch: a batch larger than an explicit training-set size fails
     at the first step (a size left null is checked once the data is loaded)."""
     n_train = (config.get("dataset") or {}).get("n_train")
-    if isinstance(n_train, Integral) and config["batch_size"] > n_train:
-        raise UserError(f"batch_size={config['batch_size']} is larger than dataset.n_train={n_train} "
-                        "(every step takes a full batch of training samples)",
-                        f"use batch_size={n_train} or less, or a larger dataset.n_train")
+    world = world_from_env()
+    if isinstance(n_train, Integral) and config["batch_size"] * world > n_train:
+        ranks = f" x {world} processes" if world > 1 else ""
+        raise UserError(f"batch_size={config['batch_size']}{ranks} is larger than dataset.n_train="
+                        f"{n_train} (every step takes a full batch of training samples)",
+                        f"use batch_size={n_train // world} or less, or a larger dataset.n_train")
 
 
 def _count(section: dict, key: str, label: str, example: str) -> None:
@@ -144,12 +147,17 @@ def check_stats_batch(k, batch_size: int) -> None:
 
 
 def _execution(config: dict) -> None:
-    """precision, channels_last, compile and the optimizer's implementation."""
+    """precision, the device under several processes, channels_last, compile and the
+    optimizer's implementation."""
     from normbench.precision import DTYPES
 
     if config["precision"] not in DTYPES:
         raise UserError(f"precision={config['precision']} is not known",
                         f"use one of: {', '.join(DTYPES)}")
+    device = str(config["device"])
+    if world_from_env() > 1 and device.startswith("cuda:"):
+        raise UserError(f"device={device} with {world_from_env()} processes: each process "
+                        "uses the GPU of its LOCAL_RANK", "use device=cuda or device=auto")
     from normbench.optim import IMPLEMENTATIONS
 
     implementation = config["optim"]["implementation"]
@@ -170,6 +178,12 @@ def _norm_combinations(norm: dict, batch_size: int) -> None:
                         "device to compute training statistics",
                         "use batch_size=2 or more, or a per-sample norm (norm=group or norm=layer)")
     if norm.get("stats_batch") is not None:
+        if norm.get("sync"):
+            raise UserError(f"norm.sync=true with norm.stats_batch={norm['stats_batch']}: "
+                            "synchronized statistics come from the whole global batch, ghost "
+                            f"statistics from groups of {norm['stats_batch']} samples",
+                            "keep one: norm.stats_batch=null (synchronized BN) or "
+                            "norm.sync=false (ghost BN)")
         check_stats_batch(norm["stats_batch"], batch_size)
     if name == "group":
         _group_count(norm)

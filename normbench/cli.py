@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from normbench import distributed
 from normbench.config.resolvers import STAMP_ENV, register_resolvers, stamp
 from normbench.config.tree import conf_dir, config_options, register
 from normbench.errors import UserError
@@ -36,7 +37,8 @@ __all__ = ["conf_dir", "main", "register_resolvers"]
 
 
 def fail(message: str) -> int:
-    print(f"normbench: error: {message}", file=sys.stderr)
+    if distributed.is_main():  # several processes fail alike: rank 0 says it once
+        print(f"normbench: error: {message}", file=sys.stderr)
     return EXIT_USER_ERROR
 
 
@@ -190,18 +192,41 @@ def split_args(args: list[str]) -> tuple[list[str], list[str], bool, bool]:
 
 def train_command(args: list[str]) -> int:
     os.environ.pop(STAMP_ENV, None)  # a fresh stamp for this invocation
-    stamp()
     flags, overrides, multirun, info_only = split_args(args)
+    quiet = []
+    if distributed.requested() and not info_only:
+        quiet = join_process_group(multirun)
+    stamp()
     sweep_dir = None
     if not info_only:
         sweep_dir = preflight(overrides, multirun)
-    sys.argv = ["normbench train", *args]
+    sys.argv = ["normbench train", *args, *quiet]
     import hydra
 
-    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")(_task)()
+    try:
+        hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")(_task)()
+    finally:
+        distributed.shutdown()
     if multirun and sweep_dir is not None:
         return report_sweep(sweep_dir)
     return 0
+
+
+def join_process_group(multirun: bool) -> list[str]:
+    """Under torchrun: join the other processes, take rank 0's run stamp (every rank must
+    resolve the same run folder), and return the Hydra overrides that keep ranks > 0 from
+    writing into it (its .hydra/ folder and log are rank 0's)."""
+    if multirun:
+        raise UserError("-m under torchrun: the processes of one torchrun train one job "
+                        "together", "sweep multi-device jobs with the submitit launcher and "
+                        "hydra.launcher.tasks_per_node=<devices> (README: Many devices), or run "
+                        "one torchrun per job")
+    distributed.init()
+    os.environ[STAMP_ENV] = distributed.broadcast_object(
+        stamp() if distributed.is_main() else None)
+    if distributed.is_main():
+        return []
+    return ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
 
 
 def _task(cfg) -> None:
@@ -224,20 +249,29 @@ def _task(cfg) -> None:
         config["swept"] = swept_settings(list(hydra_cfg.overrides.task),
                                          list(hydra_cfg.job.config.override_dirname.exclude_keys))
         config["run_name"] = f"{config['run_name']}_{hydra_cfg.job.override_dirname}"
+    if distributed.env_from_slurm():  # a task of a multi-task SLURM job (submitit)
+        distributed.init()
+    main = distributed.is_main()
     try:
         check_config(config)
         from normbench.train import run_experiment
 
         summary = run_experiment(config, run_dir, live=not multirun)
+    except distributed.PeerLost as e:  # summary.json already says failed, with this line
+        print(f"normbench: error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_RUN_FAILED) from None
     except UserError as e:
-        write_failed_summary(run_dir, config, e.line())
+        if main:
+            write_failed_summary(run_dir, config, e.line())
         if multirun:
             print(f"normbench: job {hydra_cfg.job.num} failed: {e.line()}", file=sys.stderr)
             return
-        print(f"normbench: error: {e.line()}", file=sys.stderr)
+        if main:
+            print(f"normbench: error: {e.line()}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
     except Exception as e:
-        write_failed_summary(run_dir, config, f"{type(e).__name__}: {e}")
+        if main:
+            write_failed_summary(run_dir, config, f"{type(e).__name__}: {e}")
         if multirun:  # isolate the failure: the other jobs still run
             import traceback
 

@@ -38,7 +38,8 @@ CHARTS = [
 ]
 
 HPARAMS = ("dataset", "n_train", "model", "norm", "batch_size", "stats_batch", "num_groups",
-           "group_size", "lr", "seed", "optim", "precision", "channels_last", "compile")
+           "group_size", "lr", "seed", "optim", "precision", "channels_last", "compile",
+           "world_size", "global_batch")
 # The same metric list for every run: TensorBoard takes the list from one run of the
 # folder it is opened on, so it must not depend on the run (absent tags stay blank).
 METRICS = ("val/acc", "val/loss", "val/bpc", "val/bpt", "val/ppl", "train/loss", "train/acc",

@@ -20,6 +20,7 @@ from rich.console import Console
 from torch import nn
 
 from normbench import checkpoint as ckpt
+from normbench import distributed
 from normbench.dashboards import hparams_of, swept_names, write_dashboards
 from normbench.data import build_dataset
 from normbench.errors import UserError
@@ -36,9 +37,11 @@ from normbench.tracking import Tracker, warn
 
 def select_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={name} but CUDA is not available here", "use device=auto or cpu")
+    if name == "cuda" and distributed.active():  # one GPU per process
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
 
 
@@ -79,9 +82,10 @@ class Experiment:
     summary: dict
     steps: int
     scaler: torch.amp.GradScaler
-    runner: nn.Module  # what the forward passes call: the model, or its compiled version
+    runner: nn.Module  # what the training forward calls: the model, in DDP, compiled
     step: int = 0
     last_val: dict[str, float] = field(default_factory=dict)
+    buffers_agreed: int = -1  # the last step at which the ranks' running statistics were averaged
     throughput: Throughput = field(default_factory=lambda: Throughput(0))
 
     @functools.cached_property
@@ -97,6 +101,18 @@ class Experiment:
         if self.scaler.is_enabled():  # fp16: the loss scale the next steps start from
             parts["scaler"] = self.scaler
         return parts
+
+    def objective(self, loss: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """What the backward pass differentiates: the loss, or under several processes this
+        rank's share of the global batch's mean loss (`distributed.RankShard.loss_share`)."""
+        share = getattr(self.loader, "loss_share", None)
+        return loss if share is None else share(loss, count)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What evaluations call: the compiled model in one process, the model itself under
+        DDP (rank 0 evaluates alone, outside DDP)."""
+        return self.model if distributed.active() else self.runner
 
     def autocast(self):
         """The precision the forward passes run in."""
@@ -122,31 +138,36 @@ def build(config: dict, run_dir: Path, console: Console, live: bool) -> Experime
         torch.set_num_threads(int(config["threads"]))
     seed_everything(config["seed"], config["deterministic"])
 
-    data = build_dataset(**config["dataset"]).to(device)
+    with distributed.main_first():  # a download or cache is written once, by rank 0
+        data = build_dataset(**config["dataset"]).to(device)
     norm = make_spec(**config["norm"])
     model = to_memory_format(build_model(config["model"], norm, data.info).to(device),
                              config["channels_last"])
-    loader = data.train_loader(config["batch_size"], seed=config["seed"])
+    loader = distributed.train_loader(data, config["batch_size"], config["seed"])
     steps = total_steps(config, loader.steps_per_epoch)
     optimizer = build_optimizer(model, config["lr"], **config["optim"])
     resumed = ckpt.resume_point(run_dir, config["resume"], warn)
     start_step = resumed[0]["step"] if resumed else 0
     # On resume, TensorBoard drops events logged after the checkpoint: one continuous curve.
     tracker = Tracker(run_dir, console=console, live=live,
-                      purge_step=start_step + 1 if resumed else None)
+                      purge_step=start_step + 1 if resumed else None, writes=distributed.is_main())
+    runner = distributed.wrap(model, device)
     exp = Experiment(
         config=config, device=device, data=data, model=model, loader=loader,
         optimizer=optimizer, scheduler=build_scheduler(optimizer, steps, **config["sched"]),
-        probes=Probes(model, enabled=config["probes"], hist_every=config["hist_every"]),
+        # Probes read rank 0's layers: per-device statistics, as each device normalizes.
+        probes=Probes(model, enabled=config["probes"] and distributed.is_main(),
+                      hist_every=config["hist_every"]),
         watch=DivergenceWatch(device), running=RunningMeans(device), tracker=tracker,
         summary=initial_summary(config, run_dir, norm, model, data, steps, device), steps=steps,
         scaler=grad_scaler(device, config["precision"]),
-        runner=torch.compile(model) if config["compile"] else model)
+        runner=torch.compile(runner) if config["compile"] else runner)
     tracker.write_config(config)
     tracker.write_summary(exp.summary)
     write_dashboards(tracker.writer, hparams_of(exp.summary, config),
                      has_bn=bool(exp.probes.bn_layers), has_norm=bool(exp.probes.norm_layers),
                      has_saturation=bool(exp.probes.saturating), swept=swept_names(config))
+    distributed.seed_rank(config["seed"])
     if resumed:
         resume(exp, *resumed)  # last: it sets the RNG states the next steps draw from
     return exp
@@ -154,12 +175,16 @@ def build(config: dict, run_dir: Path, console: Console, live: bool) -> Experime
 
 def initial_summary(config: dict, run_dir: Path, norm, model: nn.Module, data, steps: int,
                     device: torch.device) -> dict:
+    world = distributed.world()
     return {
         "run_name": config["run_name"] or Path(run_dir).name,
         "dataset": config["dataset"]["name"], "model": config["model"]["name"],
         "norm": norm.name, "batch_size": config["batch_size"], "lr": config["lr"],
+        # Processes, and the batch the optimizer sees (batch_size is per device).
+        "world_size": world, "global_batch": config["batch_size"] * world,
         # Samples whose statistics BatchNorm shares (None: the norm uses no batch statistics).
-        "stats_batch": ((norm.stats_batch or config["batch_size"])
+        "stats_batch": ((config["batch_size"] * world if norm.sync
+                         else norm.stats_batch or config["batch_size"])
                         if "stats_batch" in config["norm"] else None),
         # GroupNorm's setting: whichever of the two was in effect (the other is None).
         "num_groups": config["norm"].get("num_groups"),
@@ -181,6 +206,13 @@ def initial_summary(config: dict, run_dir: Path, norm, model: nn.Module, data, s
 
 def resume(exp: Experiment, state: dict, path: Path) -> None:
     """Put `exp` where the checkpoint `state` (read from `path`) left the run."""
+    saved_world = state.get("world_size", 1)
+    if saved_world != distributed.world():
+        raise UserError(f"the checkpoint {path} was written by {saved_world} process(es) and "
+                        f"this run has {distributed.world()}: the data shards, batch and "
+                        "per-process random states would not continue",
+                        f"resume with {saved_world} process(es) (torchrun --nproc_per_node="
+                        f"{saved_world}), batch_size per device unchanged")
     threads = adopt_thread_count(exp.config, state["threads"])
     changed = [key for key in ckpt.config_changes(state["config"], exp.config)
                if key != "threads" or not threads]
@@ -188,6 +220,10 @@ def resume(exp: Experiment, state: dict, path: Path) -> None:
         warn(f"resuming with a config that differs from the checkpoint's in "
              f"{', '.join(changed)}: the run will not match an uninterrupted one")
     ckpt.restore(state, exp.parts(), path)
+    if "ranks" in state:  # each rank continues its own random stream and running sums
+        own = state["ranks"][distributed.rank()]
+        exp.running.load_state_dict(own["running"])
+        ckpt.set_rng_state(own["rng"])
     exp.step = state["step"]
     exp.throughput = Throughput(exp.step)
     exp.summary["final"].update(state["final"])
@@ -208,9 +244,17 @@ def adopt_thread_count(config: dict, saved: int) -> bool:
     return True
 
 
-def checkpoint_state(exp: Experiment) -> dict:
+def checkpoint_state(exp: Experiment) -> dict | None:
     """What `resume` needs besides the parts: the loop's own values, the config, and the
-    CPU thread count the steps ran with."""
+    CPU thread count the steps ran with. Under several processes, also what differs between
+    them (random states, running loss sums), gathered on rank 0; None on the other ranks."""
+    ranks = None
+    if distributed.active():
+        ranks = distributed.gather_to_main({"rng": ckpt.rng_state(),
+                                            "running": exp.running.state_dict()})
+        if not distributed.is_main():
+            return None
+    extra = {"ranks": ranks, "world_size": distributed.world()} if ranks else {}
     return ckpt.capture(exp.parts(), final=dict(exp.summary["final"]),
                         last_val=dict(exp.last_val), config=exp.config,
-                        threads=torch.get_num_threads())
+                        threads=torch.get_num_threads(), **extra)

@@ -20,6 +20,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from normbench import distributed
+
 SUMMARY_FILE = "summary.json"
 # The resolved config a run was trained with: what `normbench report` reads, so that it
 # needs neither Hydra nor the CLI to know a run's settings.
@@ -27,6 +29,8 @@ CONFIG_FILE = "config.json"
 
 
 def warn(message: str) -> None:
+    if not distributed.is_main():  # several processes: rank 0 speaks for them
+        return
     print(f"normbench: warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -61,18 +65,35 @@ def read_config(run_dir: Path) -> dict | None:
     return read_json(Path(run_dir) / CONFIG_FILE)
 
 
+class _NoWriter:
+    """A SummaryWriter that writes nothing: every attribute, call and result is itself."""
+
+    def __getattr__(self, name):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+
 class Tracker:
-    """One run's outputs: a SummaryWriter in the run folder, a console, summary.json."""
+    """One run's outputs: a SummaryWriter in the run folder, a console, summary.json.
+
+    `writes=False` (every process but rank 0 of a multi-process run) keeps the interface and
+    writes and prints nothing: one run folder, one event file, one summary."""
 
     def __init__(self, run_dir: Path, console: Console | None = None, live: bool = True,
-                 purge_step: int | None = None):
+                 purge_step: int | None = None, writes: bool = True):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        # purge_step (on resume): TensorBoard hides this folder's events from that step on.
-        self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
-        self.console = console or Console()
+        self.writes = writes
+        if writes:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            # purge_step (on resume): TensorBoard hides this folder's events from that step on.
+            self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
+            self.console = console or Console()
+        else:
+            self.writer, self.console = _NoWriter(), Console(quiet=True)
         self.live = live and self.console.is_terminal
 
     def scalars(self, values: dict[str, float], step: int) -> None:
@@ -92,12 +113,16 @@ class Tracker:
             console=self.console, disable=not self.live, transient=False)
 
     def write_summary(self, summary: dict) -> None:
-        write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
+        if self.writes:
+            write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
 
     def write_config(self, config: dict) -> None:
-        write_json_atomic(self.run_dir / CONFIG_FILE, config)
+        if self.writes:
+            write_json_atomic(self.run_dir / CONFIG_FILE, config)
 
     def print_summary(self, summary: dict) -> None:
+        if not self.writes:
+            return
         table = Table(title=str(summary.get("run_name") or self.run_dir.name),
                       show_header=True, header_style="bold")
         table.add_column("metric")

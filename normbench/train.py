@@ -7,6 +7,8 @@ is in use: probes find BatchNorm-like layers by type. What a run is made of is b
 
 from __future__ import annotations
 
+import re
+import signal
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch
 from rich.console import Console
 
 from normbench import checkpoint as ckpt
+from normbench import distributed
 from normbench.evaluation import (
     evaluate,
     forward,
@@ -23,6 +26,7 @@ from normbench.evaluation import (
 )
 from normbench.experiment import Experiment, build, checkpoint_state
 from normbench.guard import StopSignals, grad_norm
+from normbench.norms.sync import synchronized
 from normbench.tracking import warn
 
 
@@ -32,47 +36,85 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
     `run_dir` (resuming from its checkpoints when config["resume"] says so)."""
     start = time.time()
     exp = build(config, Path(run_dir), console or Console(), live)
-    status, summary = "completed", exp.summary
+    vote = distributed.StopVote()
     with exp.tracker.progress() as progress, StopSignals() as stop:
-        task = progress.add_task(summary["run_name"], total=exp.steps, status="",
+        task = progress.add_task(exp.summary["run_name"], total=exp.steps, status="",
                                  completed=exp.step)
-        while exp.step < exp.steps:
-            step = exp.step + 1
-            log_now, save_now = exp.due("log_every", step), exp.due("checkpoint_every", step)
-            batch_size, step_lr = train_step(exp, step, log_now)
-            progress.advance(task)
-            # The device-side divergence flag is read only where the loop syncs anyway.
-            if (log_now or save_now or stop.requested) and exp.watch.first_bad_step():
-                status, summary["diverged_at_step"] = "diverged", exp.watch.first_bad_step()
-                exp.tracker.console.print(f"[red]diverged[/red]: non-finite loss or gradient "
-                                          f"norm at step {summary['diverged_at_step']}")
-                break
-            if log_now:
-                loss = log_step(exp, step, step_lr, batch_size)
-                progress.update(task, status=f"loss {loss:.3f}")
-            if exp.due("eval_every", step):
-                progress.console.print(evaluate_step(exp, step))
-            if save_now or stop.requested:
-                summary["checkpoint"] = str(save_step(exp, step))
-            if stop.requested and step < exp.steps:
-                status, summary["signal"] = "interrupted", stop.name
-                exp.tracker.console.print(f"[yellow]interrupted[/yellow] by {stop.name} at step "
-                                          f"{step}; checkpoint {summary['checkpoint']}")
-                break
+        try:
+            status = train_loop(exp, progress, task, stop, vote)
+            vote.close()
+        except Exception as e:
+            if not distributed.is_peer_failure(e):
+                raise
+            line = lost_rank_line(exp, e)
+            exp.summary["error"] = line
+            finish(exp, "failed", time.time() - start)
+            raise distributed.PeerLost(line) from None
     finish(exp, status, time.time() - start)
+    # No rank leaves before rank 0 has written everything: torchrun ends the others as soon
+    # as one process exits with an error (an interrupted run's 130 or 143).
+    distributed.barrier()
     if status == "interrupted":
         stop.forward()  # under submitit, SIGUSR2 now requeues the job
-    return summary
+    return exp.summary
+
+
+def train_loop(exp: Experiment, progress, task, stop: StopSignals,
+               vote: distributed.StopVote) -> str:
+    """The steps; returns the run's status. Under several processes every decision here
+    (log, evaluate, save, stop, diverged) is the same on every rank, or they would wait
+    for each other forever: the steps are counted alike, and the signals and the
+    divergence are agreed on."""
+    summary = exp.summary
+    while exp.step < exp.steps:
+        step = exp.step + 1
+        log_now, save_now = exp.due("log_every", step), exp.due("checkpoint_every", step)
+        batch_size, step_lr = train_step(exp, step, log_now)
+        progress.advance(task)
+        signal_number = vote(stop.received or 0)
+        # The device-side divergence flag is read only where the loop syncs anyway.
+        if (log_now or save_now or signal_number) and \
+                (bad := distributed.earliest(exp.watch.first_bad_step())):
+            summary["diverged_at_step"] = bad
+            exp.tracker.console.print(f"[red]diverged[/red]: non-finite loss or gradient "
+                                      f"norm at step {bad}")
+            return "diverged"
+        if log_now:
+            loss = log_step(exp, step, step_lr, batch_size)
+            progress.update(task, status=f"loss {loss:.3f}")
+        if exp.due("eval_every", step):
+            line = evaluate_step(exp, step)
+            if line:
+                progress.console.print(line)
+        if save_now or signal_number:
+            summary["checkpoint"] = str(save_step(exp, step))
+        if signal_number and step < exp.steps:
+            summary["signal"] = signal.Signals(signal_number).name
+            exp.tracker.console.print(f"[yellow]interrupted[/yellow] by {summary['signal']} at "
+                                      f"step {step}; checkpoint {summary['checkpoint']}")
+            return "interrupted"
+    return "completed"
+
+
+def lost_rank_line(exp: Experiment, error: BaseException) -> str:
+    """One line for a run whose other processes are gone (or silent past the timeout)."""
+    # gloo's message starts with its source location; the first sentence says what happened
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(error).split())).split(". ")[0][:160]
+    saved = exp.summary.get("checkpoint")
+    where = f"the last checkpoint, {saved}" if saved else "its last checkpoint, if any"
+    return (f"process {distributed.rank()} of {distributed.world()} lost the others after "
+            f"step {exp.step} ({type(error).__name__}: {cause}). Fix: the first failing "
+            f"process's output says why; rerun with resume=auto to continue from {where}")
 
 
 def train_step(exp: Experiment, step: int, log_now: bool) -> tuple[int, float]:
     """One optimizer step; returns the batch size and the learning rate the step used."""
     batch = next(exp.loader)
-    with exp.probes.watch_forward(log_now), exp.autocast():
+    with exp.probes.watch_forward(log_now), exp.autocast(), synchronized():
         logits = forward(exp.runner, exp.prepare(batch))
     loss, correct, count = loss_and_counts(logits, batch)
     exp.optimizer.zero_grad(set_to_none=True)
-    exp.scaler.scale(loss).backward()
+    exp.scaler.scale(exp.objective(loss, count)).backward()  # DDP averages over the ranks
     exp.scaler.unscale_(exp.optimizer)  # the true gradients, for the norm and the probes
     norm = grad_norm(exp.params)
     if exp.scaler.is_enabled():  # fp16: an overflow is the scaler's to skip, not a divergence
@@ -87,11 +129,12 @@ def train_step(exp: Experiment, step: int, log_now: bool) -> tuple[int, float]:
     exp.scheduler.step()
     exp.running.add(loss, correct, count)
     exp.step = step
-    return batch.size, step_lr
+    return batch.size * distributed.world(), step_lr
 
 
 def log_step(exp: Experiment, step: int, step_lr: float, batch_size: int) -> float:
     """Write the running means, the probes and the throughput; returns the training loss."""
+    distributed.sum_([exp.running.loss, exp.running.correct, exp.running.count])  # every rank's
     exp.probes.add("train/loss", exp.running.means()[0])
     exp.probes.add("train/acc", exp.running.means()[1])
     values = exp.probes.flush()  # the one host sync of this logging step
@@ -108,12 +151,16 @@ def log_step(exp: Experiment, step: int, step_lr: float, batch_size: int) -> flo
 
 def evaluate_step(exp: Experiment, step: int) -> str:
     """Validation metrics (and, for BN models with probes, the train/eval discrepancy);
-    returns the line the terminal shows."""
+    returns the line the terminal shows. Under several processes the ranks' running
+    statistics are averaged first, and rank 0 evaluates alone (the others return "")."""
+    agree_buffers(exp, step)
+    if not distributed.is_main():
+        return ""
     config = exp.config
     exp.model.eval()
     start = time.perf_counter()
     with exp.autocast():
-        exp.last_val = evaluate(exp.runner, exp.data, config["eval_batch_size"])
+        exp.last_val = evaluate(exp.eval_model, exp.data, config["eval_batch_size"])
     exp.tracker.scalars({"perf/eval_seconds": time.perf_counter() - start}, step)
     exp.model.train()
     if exp.probes.enabled:  # BN models: val_batchstats/, val_precise/, val_gap/
@@ -129,11 +176,23 @@ def evaluate_step(exp: Experiment, step: int) -> str:
                                                       for k, v in exp.last_val.items())
 
 
-def save_step(exp: Experiment, step: int) -> Path:
-    path = ckpt.save_checkpoint(exp.tracker.run_dir, step, checkpoint_state(exp),
-                                exp.config["keep_checkpoints"])
+def save_step(exp: Experiment, step: int) -> Path | None:
+    """A checkpoint of `step`, written by rank 0 (None on the other ranks)."""
+    agree_buffers(exp, step)
+    state = checkpoint_state(exp)
+    if state is None:
+        return None
+    path = ckpt.save_checkpoint(exp.tracker.run_dir, step, state, exp.config["keep_checkpoints"])
     exp.tracker.writer.flush()  # the event files match the checkpoint
     return path
+
+
+def agree_buffers(exp: Experiment, step: int) -> None:
+    """Average the ranks' running statistics, once per step that evaluates or saves. Every
+    run does it at the same steps, so a resumed run matches an uninterrupted one."""
+    if exp.buffers_agreed != step:
+        distributed.average_buffers(exp.model)
+        exp.buffers_agreed = step
 
 
 def finish(exp: Experiment, status: str, elapsed: float) -> None:

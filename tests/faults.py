@@ -1,9 +1,12 @@
-"""Run the CLI with a fault injected at one training step; used by test_resume.py.
+"""Run the CLI with a fault injected at one training step; used by test_resume.py and
+test_torchrun.py.
 
     NB_FAULT=kill|term|nan NB_FAULT_STEP=k python -m tests.faults train [overrides]
 
 kill: SIGKILL at step k (nothing can be saved); term: SIGTERM at step k (delivered to the
-process as from outside, while step k runs); nan: the loss of step k is NaN.
+process as from outside, while step k runs); nan: the loss of step k is NaN. Under torchrun
+NB_FAULT_RANK=r limits the fault to rank r, and NB_FAULT_MARK=FILE records the time of the
+fault there (how long the others take to end is measured from it).
 The fault hooks into the loss computation, which the loop calls once per training step
 before the final evaluation (the tests run with eval_every=0).
 """
@@ -13,11 +16,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import normbench.train as train
 from normbench.cli import main
 
 FAULT = os.environ["NB_FAULT"]
+if os.environ.get("NB_FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+    FAULT = "none"
 STEP = int(os.environ["NB_FAULT_STEP"])
 _original = train.loss_and_counts
 _calls = 0
@@ -28,6 +34,9 @@ def faulty_loss_and_counts(logits, batch):
     _calls += 1
     loss, correct, count = _original(logits, batch)
     if _calls == STEP:
+        if os.environ.get("NB_FAULT_MARK") and FAULT != "none":
+            with open(os.environ["NB_FAULT_MARK"], "w") as f:
+                f.write(repr(time.time()))
         if FAULT == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif FAULT == "term":

@@ -196,6 +196,7 @@ class BatchNormConfig(LayerNormConfig):
     momentum: Optional[float] = MISSING
     track_running_stats: bool = MISSING
     stats_batch: Optional[int] = MISSING
+    sync: bool = MISSING
 
 
 @dataclass

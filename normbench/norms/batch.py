@@ -77,12 +77,14 @@ from normbench.norms.stats import (
     update_target,
 )
 from normbench.norms.steps import PerStepNorm, SharedAffineStep
+from normbench.norms.sync import synced_group_stats, synchronizing
 
 
 class _GhostStats:
     """Shared by the BatchNorm variants here: grouped training statistics and their update."""
 
     stats_batch: int | None
+    sync: bool = False
     channel_dim: int
 
     def _uses_batch_stats(self) -> bool:
@@ -93,6 +95,10 @@ class _GhostStats:
 
     def _group_size(self, n: int) -> int:
         return self.stats_batch if self._ghosted(n) else n
+
+    def _synced(self) -> bool:
+        """Training statistics pooled over every rank (`normbench.norms.sync`)."""
+        return self.sync and self.training and synchronizing()
 
     def moments(self, x: torch.Tensor, mask: torch.Tensor | None = None):
         """Population moments of all real entries of the batch, whatever the grouping:
@@ -140,7 +146,8 @@ class _GhostStats:
 
     def _normalize(self, x: torch.Tensor, mask: torch.Tensor | None, k: int,
                    update: bool) -> torch.Tensor:
-        gs = group_stats(x, mask, k, self.channel_dim)
+        gs = (synced_group_stats(x, mask, self.channel_dim) if self._synced()
+              else group_stats(x, mask, k, self.channel_dim))
         mean, var, collapsed = self._group_moments(gs)
         # A collapsed channel gives x_hat = 0 exactly, without the 1/sqrt(eps) Jacobian that
         # would otherwise amplify the per-row gradients (module docstring).
@@ -185,12 +192,14 @@ class _GhostStats:
 
 def _bn_options(spec: NormSpec) -> dict:
     return dict(eps=spec.eps, momentum=spec.momentum, affine=has_affine(spec),
-                track_running_stats=spec.track_running_stats, stats_batch=spec.stats_batch)
+                track_running_stats=spec.track_running_stats, stats_batch=spec.stats_batch,
+                sync=bool(spec.sync))
 
 
 class _BatchNormFamily(Norm):
-    options = frozenset({"eps", "momentum", "track_running_stats", "stats_batch"}) | AFFINE_OPTIONS
-    nullable = frozenset({"momentum", "stats_batch"}) | AFFINE_OPTIONS
+    options = (frozenset({"eps", "momentum", "track_running_stats", "stats_batch", "sync"})
+               | AFFINE_OPTIONS)
+    nullable = frozenset({"momentum", "stats_batch", "sync"}) | AFFINE_OPTIONS
 
     @classmethod
     def build(cls, spec: NormSpec, num_features: int, *, t_max=None) -> nn.Module:
@@ -204,18 +213,20 @@ class GhostBatchNorm2d(_BatchNormFamily, _GhostStats, nn.BatchNorm2d):
 
     channel_dim = 1
 
-    def __init__(self, num_features: int, stats_batch: int | None = None, **kwargs):
+    def __init__(self, num_features: int, stats_batch: int | None = None, sync: bool = False,
+                 **kwargs):
         super().__init__(num_features, **kwargs)
-        self.stats_batch = stats_batch
+        self.stats_batch, self.sync = stats_batch, sync
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if not self._uses_batch_stats() or (mask is None and not self._ghosted(x.shape[0])):
+        if not self._uses_batch_stats() or (mask is None and not self._ghosted(x.shape[0])
+                                            and not self._synced()):
             return super().forward(x)  # exactly torch's BatchNorm2d
         return self._normalize(x, mask, self._group_size(x.shape[0]),
                                self.training and self.track_running_stats)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, stats_batch={self.stats_batch}"
+        return f"{super().extra_repr()}, stats_batch={self.stats_batch}, sync={self.sync}"
 
 
 @register("batch", "tokens")
@@ -232,9 +243,10 @@ class TokenBatchNorm(_BatchNormFamily, _GhostStats, nn.BatchNorm1d):
 
     channel_dim = -1
 
-    def __init__(self, num_features: int, stats_batch: int | None = None, **kwargs):
+    def __init__(self, num_features: int, stats_batch: int | None = None, sync: bool = False,
+                 **kwargs):
         super().__init__(num_features, **kwargs)
-        self.stats_batch = stats_batch
+        self.stats_batch, self.sync = stats_batch, sync
         if self.track_running_stats:
             self.register_buffer("collapsed", torch.zeros(num_features, dtype=torch.bool))
         else:
@@ -260,7 +272,7 @@ class TokenBatchNorm(_BatchNormFamily, _GhostStats, nn.BatchNorm1d):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, stats_batch={self.stats_batch}"
+        return f"{super().extra_repr()}, stats_batch={self.stats_batch}, sync={self.sync}"
 
 
 class StepBatchNorm(SharedAffineStep, TokenBatchNorm):

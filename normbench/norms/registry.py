@@ -57,6 +57,7 @@ class NormSpec:
     group_size: int | None = None
     track_running_stats: bool | None = None
     stats_batch: int | None = None  # ghost BatchNorm: statistics from groups of k samples
+    sync: bool | None = None  # BatchNorm statistics pooled over every rank (several processes)
     weight_norm: bool | None = None  # reparametrize every conv/linear weight (any norm)
     # Batch Renormalization (Ioffe 2017): clip limits and their relaxation schedule, in
     # training batches seen by the layer.

@@ -112,7 +112,8 @@ class BatchRenorm2d(_Renorm, GhostBatchNorm2d):
     with r and d folded into its affine (gamma r, gamma d + beta), as BatchNorm2d does."""
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self._renorming() and mask is None and not self._ghosted(x.shape[0]):
+        if (self._renorming() and mask is None and not self._ghosted(x.shape[0])
+                and not self._synced()):
             return self._renorm_plain(x)
         return super().forward(x, mask)
 
