@@ -16,7 +16,8 @@ OPTIMIZERS = {"sgd": {"momentum": 0.9, "nesterov": True}, "adamw": {"betas": (0.
 def small_model() -> nn.Module:
     torch.manual_seed(0)
     # No conv bias before the BN: its gradient is ~0, which Adam would blow up to rounding noise.
-    return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 16, 5))
+    return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Flatten(),
+                         nn.Linear(8 * 16, 5))
 
 
 def train(model: nn.Module, name: str, implementation: str, steps: int = 4) -> nn.Module:
