@@ -6,8 +6,9 @@ The reference is a norm whose row every other row is compared with, cell by cell
 default the first of REFERENCE_NORMS present (GroupNorm, then LayerNorm: they use no batch
 statistics, so they are the GN paper's yardstick for BatchNorm's batch-size dependence);
 `--reference NORM` picks another (`none` included: it is a norm) and `--reference off`
-turns the comparison off. A reference row that has no value of x (GroupNorm in a statistics-batch sweep: one cell
-under "n/a") is compared with every x value of the other rows.
+turns the comparison off. A reference row that has no value of x (GroupNorm in a
+statistics-batch sweep: one cell under "n/a") is compared with every x value of the other
+rows.
 """
 
 from __future__ import annotations
