@@ -44,6 +44,9 @@ def check_config(config: dict) -> None:
     """
     _positive_int(config, "batch_size")
     _positive_number(config, "lr")
+    if config.get("epochs") is None and config.get("steps") is None:
+        raise UserError("steps and epochs are both null: nothing says how long to train",
+                        "set one of them, e.g. steps=140 or epochs=10")
     if config.get("epochs") is None:
         _positive_int(config, "steps")
     else:

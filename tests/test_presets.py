@@ -20,6 +20,7 @@ from normbench.config.resolvers import register_resolvers
 from normbench.config.tree import conf_dir
 from normbench.dashboards import hparams_of, swept_settings, write_dashboards
 from tests.conftest import compose_config
+from tests.test_data_images import write_imagefolder
 
 PRESETS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
 SETUPS = sorted(p.stem for p in (conf_dir() / "setup").glob("*.yaml"))
@@ -58,24 +59,56 @@ def compose_job(job: list[str]) -> tuple[dict, str]:
     return OmegaConf.to_container(config, resolve=True), str(full.hydra.job.override_dirname)
 
 
+# What each setup promises: (dataset, model, image_size or None for text, depth, epochs, base_lr).
+SETUP_SCALES = {
+    "shapes_small": ("shapes", "resnet", 16, 8, 18, 0.2),
+    "shapes": ("shapes", "resnet", 32, 20, 10, 0.1),
+    "cifar10": ("cifar10", "resnet", 32, 20, 15, 0.1),
+    "cifar100": ("cifar100", "resnet", 32, 20, 15, 0.1),
+    "imagefolder": ("imagefolder", "resnet", 32, 20, 15, 0.1),
+    "text_char": ("synthetic_text", "transformer", None, 2, 10, 1e-3),
+    "tinyshakespeare": ("tinyshakespeare", "transformer", None, 2, 5, 1e-3),
+    "text": ("text", "transformer", None, 2, 5, 1e-3),
+}
+# Recipe and scale keys belong to the setups: a preset that set one would override every setup.
+SETUP_KEYS = {"dataset", "model", "optim", "epochs", "steps", "lr", "base_lr", "base_batch_size"}
+
+
+@pytest.fixture(scope="module")
+def data_paths(tmp_path_factory):
+    """The files the setups that read local data need: an image folder and a text file."""
+    root = tmp_path_factory.mktemp("data")
+    write_imagefolder(root / "images", per_class=2)
+    (root / "corpus.txt").write_text("To be, or not to be: that is the question.\n" * 40)
+    return {"imagefolder": [f"dataset.root={root / 'images'}"],
+            "text": [f"dataset.path={root / 'corpus.txt'}"]}
+
+
+def test_every_setup_is_listed():
+    assert sorted(SETUP_SCALES) == SETUPS
+
+
 @pytest.mark.parametrize("preset, setup", itertools.product(SCALED_PRESETS, SETUPS))
-def test_every_preset_composes_and_checks_on_every_setup(preset, setup):
+def test_every_preset_composes_and_checks_on_every_setup(preset, setup, data_paths):
     # The first job of the preset's grid on this setup: composed and checked as a job
-    # (strict keys included), so a setup that sets a key its dataset/model does not read,
-    # or a preset that still sets a scale key, fails here.
-    job = expand_sweep([f"experiment={preset}", f"setup={setup}"])[0]
+    # (strict keys included), so a setup that sets a key its dataset/model does not read
+    # fails here; and the job trains at the setup's scale with the setup's recipe.
+    job = expand_sweep([f"experiment={preset}", f"setup={setup}", *data_paths.get(setup, [])])[0]
     full = compose_full(job)
     config, _ = compose_job(job)
     check_config(config)
     assert full.hydra.runtime.choices.setup == setup
+    dataset, model, image_size, depth, epochs, base_lr = SETUP_SCALES[setup]
+    assert (config["dataset"]["name"], config["model"]["name"], config["model"]["depth"]) == \
+        (dataset, model, depth)
+    assert config["dataset"].get("image_size") == image_size
+    assert (config["epochs"], config["steps"], config["base_lr"]) == (epochs, None, base_lr)
+    if preset != "lr_sweep":  # the lr sweep gives lr itself
+        assert config["lr"] == pytest.approx(base_lr * config["batch_size"] / 32)
     if setup == "shapes_small":
-        assert (config["dataset"]["n_train"], config["dataset"]["image_size"],
-                config["model"]["depth"]) == (2000, 16, 8)
-    if setup == "cifar_resnet20":
-        assert (config["dataset"]["name"], config["dataset"]["n_train"],
-                config["dataset"]["image_size"], config["model"]["depth"]) == ("cifar10", None, 32, 20)
-    if setup == "text_char":
-        assert (config["dataset"]["kind"], config["model"]["name"]) == ("text", "transformer")
+        assert (config["dataset"]["n_train"], config["dataset"]["n_val"]) == (2000, 1000)
+    if setup.startswith("cifar"):
+        assert (config["dataset"]["n_train"], config["dataset"]["n_val"]) == (None, None)
 
 
 @pytest.mark.parametrize("preset", SCALED_PRESETS)
@@ -84,17 +117,104 @@ def test_presets_take_the_small_shapes_setup_by_default_and_set_no_scale_keys(pr
     assert compose_full([f"experiment={preset}"]).hydra.runtime.choices.setup == "shapes_small"
     assert (config["dataset"]["name"], config["model"]["name"]) == ("shapes", "resnet")
     written = OmegaConf.load(conf_dir() / "experiment" / f"{preset}.yaml")
-    assert "dataset" not in written and "model" not in written  # the scale is the setup's
+    assert not SETUP_KEYS & set(written), "the scale and the recipe are the setup's"
+    overridden = {next(iter(d)).split("/")[-1] for d in written.get("defaults", [])
+                  if isinstance(d, dict)}
+    assert not {"dataset", "model", "optim"} & overridden
+
+
+def test_setup_cifar10_gives_each_preset_resnet20_at_32px_with_its_epochs_and_lr():
+    # The issue's case: no hand overrides of image_size, depth, epochs or lr.
+    stats = [compose_config(job) for job in expand_sweep(
+        ["experiment=stats_batch_sweep", "setup=cifar10"])[:3]]
+    for config in stats:
+        assert (config["dataset"]["image_size"], config["model"]["depth"], config["epochs"],
+                config["lr"], config["batch_size"]) == (32, 20, 15, 0.1, 32)
+    jobs = expand_sweep(["experiment=batch_size_sweep", "setup=cifar10", "norm=batch", "seed=0"])
+    lrs = {c["batch_size"]: c["lr"] for c in map(compose_config, jobs)}
+    assert lrs == {2: 0.00625, 4: 0.0125, 8: 0.025, 16: 0.05, 32: 0.1}  # linear in the batch
+    assert {compose_config(j)["epochs"] for j in jobs} == {15}
+    # A value on the command line still wins over the setup's.
+    given = compose_config(["experiment=stats_batch_sweep", "setup=cifar10", "epochs=6", "lr=0.05"])
+    assert (given["epochs"], given["lr"]) == (6, 0.05)
 
 
 def test_a_setup_on_the_command_line_keeps_a_chosen_dataset():
-    # experiment=stats_batch_sweep setup=cifar_resnet20 dataset=cifar100: CIFAR-100 at the
+    # experiment=stats_batch_sweep setup=cifar10 dataset=cifar100: CIFAR-100 at the
     # setup's scale, not the setup's own CIFAR-10.
-    config = compose_config(["experiment=stats_batch_sweep", "setup=cifar_resnet20",
+    config = compose_config(["experiment=stats_batch_sweep", "setup=cifar10",
                              "dataset=cifar100"])
     assert (config["dataset"]["name"], config["model"]["depth"]) == ("cifar100", 20)
-    assert preflight(["experiment=stats_batch_sweep", "setup=cifar_resnet20",
+    assert preflight(["experiment=stats_batch_sweep", "setup=cifar10",
                       "dataset=cifar100", "seed=0"], True) is not None
+
+
+def test_both_lengths_null_is_one_line():
+    from normbench.errors import UserError
+
+    config = compose_config(["setup=shapes", "epochs=null"])
+    with pytest.raises(UserError, match="steps and epochs are both null"):
+        check_config(config)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def run_first_job(overrides, run_dir):
+    """The sweep's first job, composed and checked as the CLI does and run in this process
+    (so that a monkeypatched dataset checksum applies); its config.json and summary.json."""
+    from normbench.train import run_experiment
+
+    config = compose_config(expand_sweep(overrides)[0])
+    check_config(config)
+    run_experiment(config, run_dir, live=False)
+    return (json.loads((run_dir / "config.json").read_text()),
+            json.loads((run_dir / "summary.json").read_text()))
+
+
+# The setting's own image size and depth; only the length and the data are cut down.
+TINY_BUDGET = ["steps=3", "epochs=null", "dataset.n_train=64", "dataset.n_val=32", "log_every=1",
+               "precise_bn_batches=1", "seed=0"]
+
+
+@pytest.fixture
+def cifar_root(tmp_path, monkeypatch):
+    import torchvision
+
+    from tests.test_data_images import md5, write_cifar10_fixture
+
+    root = tmp_path / "cache"
+    write_cifar10_fixture(root, n_per_batch=40)  # 200 training and 40 test images
+    folder = root / "cifar-10-batches-py"
+    cls = torchvision.datasets.CIFAR10
+    monkeypatch.setattr(cls, "train_list", [[f"data_batch_{i}", md5(folder / f"data_batch_{i}")]
+                                            for i in range(1, 6)])
+    monkeypatch.setattr(cls, "test_list", [["test_batch", md5(folder / "test_batch")]])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(folder / "batches.meta")})
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["stats_batch_sweep", "batch_size_sweep"])
+def test_presets_run_on_cifar10_in_its_on_disk_format(preset, cifar_root, tmp_path):
+    config, summary = run_first_job([f"experiment={preset}", "setup=cifar10",
+                                     f"dataset.root={cifar_root}", "dataset.download=false",
+                                     *TINY_BUDGET], tmp_path / "run")
+    assert summary["status"] == "completed"
+    assert (summary["dataset"], summary["n_train"], summary["n_val"]) == ("cifar10", 64, 32)
+    assert (config["dataset"]["image_size"], config["model"]["depth"]) == (32, 20)
+    assert config["lr"] == pytest.approx(0.1 * config["batch_size"] / 32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["stats_batch_sweep", "batch_size_sweep"])
+def test_presets_run_on_an_image_folder(preset, tmp_path):
+    write_imagefolder(tmp_path / "images", per_class=24)  # 3 classes: 72 images per split
+    config, summary = run_first_job([f"experiment={preset}", "setup=imagefolder",
+                                     f"dataset.root={tmp_path / 'images'}", *TINY_BUDGET],
+                                    tmp_path / "run")
+    assert summary["status"] == "completed"
+    assert (summary["dataset"], summary["n_train"]) == ("imagefolder", 64)
+    assert (config["dataset"]["image_size"], config["model"]["depth"]) == (32, 20)
 
 
 def test_stats_batch_sweep_is_bn_at_each_k_with_k_in_the_folder_names():

@@ -66,12 +66,13 @@ def test_a_preset_sweeps_its_params_and_the_command_line_replaces_one_in_place()
     seeds = [int(s) for s in params["seed"].split(",")]
     assert grid(jobs, "norm.name", "lr", "seed") == [
         (n, lr, s) for n in norms for lr in (0.1, 0.2) for s in seeds]
-    assert {(job["epochs"], job["batch_size"]) for job in jobs} == {(12, 32)}
+    assert {(job["epochs"], job["batch_size"]) for job in jobs} == {(18, 32)}  # the setup's epochs
 
 
 def test_without_multirun_a_preset_is_one_job():
     (job,) = compose_jobs(["experiment=lr_sweep"])
-    assert job["lr"] == 0.1 and job["norm"]["name"] == "batch"  # the defaults, not the grid
+    # the setup's lr at batch 32 and the default norm, not the grid
+    assert job["lr"] == 0.2 and job["norm"]["name"] == "batch"
 
 
 @pytest.mark.parametrize("batch_size, lr", [(2, 0.0125), (4, 0.025), (8, 0.05), (16, 0.1),

@@ -29,7 +29,7 @@ class TrainConfig:
     sched: Any = MISSING
     batch_size: int = MISSING
     lr: float = MISSING
-    steps: int = MISSING
+    steps: Optional[int] = MISSING  # null where epochs decide (a setup's)
     epochs: Optional[float] = MISSING
     seed: int = MISSING
     device: str = MISSING
@@ -48,7 +48,7 @@ class TrainConfig:
     keep_checkpoints: int = MISSING
     resume: Any = MISSING  # false | true | auto (OmegaConf has no bool-or-string type)
     run_name: str = MISSING
-    # Linear learning-rate scaling (Goyal et al. 2017): a preset writes
+    # Linear learning-rate scaling (Goyal et al. 2017): a setup (conf/setup/) writes
     # lr: ${nb_mul:${base_lr},${nb_div:${batch_size},${base_batch_size}}}; null elsewhere.
     base_lr: Optional[float] = MISSING
     base_batch_size: Optional[int] = MISSING
