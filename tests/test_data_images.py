@@ -115,17 +115,23 @@ def md5(path):
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture
-def cifar_fixture(tmp_path, monkeypatch):
-    root = tmp_path / "cache"
-    files = write_cifar10_fixture(root)
+def install_cifar10_fixture(root, monkeypatch, **options):
+    """`write_cifar10_fixture` into `root`, with torchvision's checksums pointed at its files
+    (so CIFAR10's integrity check accepts them); returns what the writer returns."""
+    files = write_cifar10_fixture(root, **options)
     folder = root / "cifar-10-batches-py"
     cls = torchvision.datasets.CIFAR10
     monkeypatch.setattr(cls, "train_list", [[f"data_batch_{i}", md5(folder / f"data_batch_{i}")]
                                             for i in range(1, 6)])
     monkeypatch.setattr(cls, "test_list", [["test_batch", md5(folder / "test_batch")]])
     monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(folder / "batches.meta")})
-    return root, files
+    return files
+
+
+@pytest.fixture
+def cifar_fixture(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    return root, install_cifar10_fixture(root, monkeypatch)
 
 
 def test_cifar_loads_from_its_on_disk_format(cifar_fixture):

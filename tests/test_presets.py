@@ -178,18 +178,10 @@ TINY_BUDGET = ["steps=3", "epochs=null", "dataset.n_train=64", "dataset.n_val=32
 
 @pytest.fixture
 def cifar_root(tmp_path, monkeypatch):
-    import torchvision
-
-    from tests.test_data_images import md5, write_cifar10_fixture
+    from tests.test_data_images import install_cifar10_fixture
 
     root = tmp_path / "cache"
-    write_cifar10_fixture(root, n_per_batch=40)  # 200 training and 40 test images
-    folder = root / "cifar-10-batches-py"
-    cls = torchvision.datasets.CIFAR10
-    monkeypatch.setattr(cls, "train_list", [[f"data_batch_{i}", md5(folder / f"data_batch_{i}")]
-                                            for i in range(1, 6)])
-    monkeypatch.setattr(cls, "test_list", [["test_batch", md5(folder / "test_batch")]])
-    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(folder / "batches.meta")})
+    install_cifar10_fixture(root, monkeypatch, n_per_batch=40)  # 200 training, 40 test images
     return root
 
 
