@@ -197,10 +197,10 @@ def train_command(args: list[str]) -> int:
     if distributed.requested() and not info_only:
         quiet = join_process_group(multirun)
     stamp()
-    sweep_dir = None
+    sweep_dir, hydra_overrides = None, overrides
     if not info_only:
-        sweep_dir = preflight(overrides, multirun)
-    sys.argv = ["normbench train", *args, *quiet]
+        sweep_dir, hydra_overrides = preflight(overrides, multirun)
+    sys.argv = ["normbench train", *flags, *hydra_overrides, *quiet]
     import hydra
 
     try:
@@ -322,19 +322,19 @@ def report_sweep(sweep_dir: Path) -> int:
 # ----------------------------------------------------------------------------- pre-flight
 
 
-def preflight(overrides: list[str], multirun: bool) -> Path | None:
+def preflight(overrides: list[str], multirun: bool) -> tuple[Path | None, list[str]]:
     """Compose and check every job's config; raise UserError on the first problem.
 
-    Returns the sweep folder in multirun mode.
+    Returns the sweep folder in multirun mode, and the overrides to hand to Hydra.
     """
     from normbench.checks import check_config, check_run_dir, check_sweep_dir
     from normbench.config.compose import compose_sweep
 
-    jobs, sweep_dir = compose_sweep(overrides, multirun)
-    for job in jobs:
+    sweep = compose_sweep(overrides, multirun)
+    for job in sweep.jobs:
         check_config(job.config)
     if multirun:
-        check_sweep_dir(sweep_dir, jobs[0].config["resume"] if jobs else False)
+        check_sweep_dir(sweep.dir, sweep.jobs[0].config["resume"] if sweep.jobs else False)
     else:
-        check_run_dir(jobs[0].run_dir, jobs[0].config["resume"])
-    return sweep_dir
+        check_run_dir(sweep.jobs[0].run_dir, sweep.jobs[0].config["resume"])
+    return sweep.dir, sweep.hydra_overrides

@@ -135,6 +135,37 @@ def test_a_preset_on_another_dataset_keeps_its_sizes_or_is_refused():
         preflight(["experiment=lr_sweep", "++norm.stats_batch=4"], True)
 
 
+def test_a_key_only_the_swept_options_have_is_applied_per_job():
+    # The sweep's base composes the default option (dataset=shapes, no root): the key is
+    # held out of the base and handed to Hydra as a one-value sweep, applied per job.
+    from normbench.config.compose import compose_sweep
+
+    sweep = compose_sweep(["dataset=cifar10,cifar100", "dataset.root=/data/x", "seed=0"], True)
+    assert [(j.config["dataset"]["name"], j.config["dataset"]["root"]) for j in sweep.jobs] == [
+        ("cifar10", "/data/x"), ("cifar100", "/data/x")]
+    assert sweep.hydra_overrides == ["dataset=cifar10,cifar100", "dataset.root=choice(/data/x)",
+                                     "seed=0"]
+    # Keys the base has stay as they were; a job whose option lacks the key is refused.
+    assert compose_sweep(["norm=batch,group", "seed=0"], True).hydra_overrides == [
+        "norm=batch,group", "seed=0"]
+    with pytest.raises(UserError, match=r"dataset.root \(from the command line\) is not an "
+                                         r"option of dataset=shapes"):
+        compose_sweep(["dataset=cifar10,shapes", "dataset.root=/data/x"], True)
+
+
+def test_cli_sweeps_a_group_whose_options_take_a_key_the_default_lacks(cli, tmp_path):
+    # stat_gap's default gap_setup trains on images (no dataset.seq_len); both text setups
+    # read it. Hydra alone would refuse the base config of this sweep.
+    result = cli("train", "-m", "experiment=stat_gap", "gap_setup=transformer_text,lstm_text",
+                 "dataset.seq_len=40", "seed=0", "debug=tiny")
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = summaries(tmp_path)
+    assert sorted((s["model"], s["status"]) for s in runs.values()) == [
+        ("lstm", "completed"), ("transformer", "completed")]
+    configs = sorted((tmp_path / "runs" / "sweeps").glob("*/*/config.json"))
+    assert [json.loads(c.read_text())["dataset"]["seq_len"] for c in configs] == [40, 40]
+
+
 def test_threads_per_job_shares_the_cores(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
     joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"

@@ -9,6 +9,7 @@ the jobs that Hydra will run.
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,7 @@ class Job:
 
 def compose_jobs(overrides: list[str] = (), multirun: bool = False) -> list[dict]:
     """The resolved config of every job `normbench train [-m] OVERRIDES` would run."""
-    jobs, _ = compose_sweep(list(overrides), multirun)
-    return [job.config for job in jobs]
+    return [job.config for job in compose_sweep(list(overrides), multirun).jobs]
 
 
 def compose_config(overrides: list[str] = ()) -> dict:
@@ -40,8 +40,17 @@ def compose_config(overrides: list[str] = ()) -> dict:
     return config
 
 
-def compose_sweep(overrides: list[str], multirun: bool) -> tuple[list[Job], Path | None]:
-    """Every job, composed and resolved, and the sweep folder (None without multirun).
+@dataclass
+class Sweep:
+    """What `normbench train [-m] OVERRIDES` runs, and how to hand it to Hydra."""
+
+    jobs: list[Job]
+    dir: Path | None  # the sweep folder (None without multirun)
+    hydra_overrides: list[str]  # the command line's overrides as Hydra must receive them
+
+
+def compose_sweep(overrides: list[str], multirun: bool) -> Sweep:
+    """Every job, composed and resolved, and the sweep folder.
 
     Raises UserError (one line) for anything Hydra refuses: a bad override, an unknown
     option or key, a value of the wrong type, an interpolation that cannot be computed."""
@@ -50,15 +59,17 @@ def compose_sweep(overrides: list[str], multirun: bool) -> tuple[list[Job], Path
     from omegaconf.errors import InterpolationResolutionError
 
     parsed = parse_overrides(overrides)
+    hydra_overrides = list(overrides)
     try:
         with initialized():
             if not multirun:
                 job_overrides, sweep_dir = [list(overrides)], None
             else:
-                plain = [o.input_line for o in parsed if not o.is_sweep_override()]
-                base = compose(PRIMARY, overrides=plain, return_hydra_config=True)
+                base, deferred = sweep_base(parsed)
                 sweep_dir = Path(str(base.hydra.sweep.dir))
                 job_overrides = expand_sweep(overrides, base)
+                hydra_overrides = [as_one_value_sweep(o) if o.input_line in deferred
+                                   else o.input_line for o in parsed]
             jobs = []
             for job in job_overrides:
                 cfg = compose(PRIMARY, overrides=job, return_hydra_config=True)
@@ -72,7 +83,41 @@ def compose_sweep(overrides: list[str], multirun: bool) -> tuple[list[Job], Path
             cause = inner  # nested interpolations wrap the real error
         raise UserError(f"cannot compute {e.full_key}: {type(cause).__name__}: {cause}",
                         "check the values it is computed from") from None
-    return jobs, sweep_dir
+    return Sweep(jobs, sweep_dir, hydra_overrides)
+
+
+def sweep_base(parsed: list) -> tuple[DictConfig, list[str]]:
+    """The base config of a sweep, and the plain overrides it had to leave out.
+
+    Hydra composes a sweep's base from the command line without its sweeps: the default
+    options of the swept groups. A plain key that only the swept options have
+    (dataset.root with gap_setup=a,b, a and b reading files but the default not) cannot
+    compose there. Such overrides are left out of the base, one by one as Hydra names
+    them, and each job still receives them (and fails with the usual error where its
+    option lacks the key)."""
+    from hydra import compose
+    from hydra.errors import ConfigCompositionException
+
+    plain = [o for o in parsed if not o.is_sweep_override()]
+    deferred: list[str] = []
+    while True:
+        try:
+            return compose(PRIMARY, overrides=[o.input_line for o in plain
+                                               if o.input_line not in deferred],
+                           return_hydra_config=True), deferred
+        except ConfigCompositionException as e:
+            key = re.search(r"full_key: (\S+)", f"{e}\n{e.__cause__ or ''}")
+            culprit = [o.input_line for o in plain if key and not o.is_hydra_override()
+                       and o.get_key_element() == key.group(1)
+                       and o.input_line not in deferred]
+            if not culprit:
+                raise
+            deferred += culprit
+
+
+def as_one_value_sweep(override) -> str:
+    """key=value as key=choice(value): Hydra applies it per job, not to the sweep's base."""
+    return f"{override.get_key_element()}=choice({override.get_value_element_as_str()})"
 
 
 def make_job(cfg: DictConfig, overrides: list[str], single: bool) -> Job:
