@@ -59,6 +59,14 @@ def _worse_is_b(report: Report, d: Difference) -> bool:
     return (d.test.diff < 0) if report.higher_is_better else (d.test.diff > 0)
 
 
+def _words(report: Report, text: str) -> str:
+    """Worse/better in the report's terms; higher/lower for a metric with no better side
+    (treated as lower-is-better, so 'worse' is the higher one)."""
+    if report.directed:
+        return text
+    return text.replace("worse", "higher").replace("better", "lower")
+
+
 def along_sentence(report: Report, row: tuple) -> str:
     label, x = report.row_label(row), report.x
     cols = [c for c in report.columns if (row, c) in report.cells]
@@ -77,7 +85,8 @@ def along_sentence(report: Report, row: tuple) -> str:
         d = max(significant, key=lambda d: abs(d.test.diff))
         worse_is_b = _worse_is_b(report, d)
         worse, better = (d.b[1], d.a[1]) if worse_is_b else (d.a[1], d.b[1])
-        return (f"{label} at {x} {fmt_value(worse)} is {_amount(report, d)} worse than at "
+        return (f"{label} at {x} {fmt_value(worse)} is {_amount(report, d)} "
+                f"{_words(report, 'worse')} than at "
                 f"{fmt_value(better)} ({_evidence(d, first_is_a=not worse_is_b)}){untested}.")
     if not tested:
         return f"{label}: no test along {x} (each cell has fewer than 2 seeds)."
@@ -114,5 +123,5 @@ def reference_sentence(report: Report, row: tuple, diffs: list[Difference],
                     f"{_evidence(d, first_is_a=False)})"
         elif name == "no test":
             text += " (fewer than 2 seeds in a cell)"
-        parts.append(text)
+        parts.append(_words(report, text))
     return f"{report.row_label(row)} vs {reference} (reference): {'; '.join(parts)}."

@@ -24,7 +24,10 @@ ROW_KEYS = ("model", "dataset", "norm")
 
 
 def sort_key(value):
-    """Numbers in numeric order, then everything else as text; None last."""
+    """Numbers in numeric order, then everything else as text; None last (tuples of
+    several swept values: element by element)."""
+    if isinstance(value, tuple):
+        return (1, tuple(map(sort_key, value)))
     if isinstance(value, bool) or value is None:
         return (2, str(value))
     if isinstance(value, (int, float)):
@@ -37,6 +40,8 @@ def fmt_value(value) -> str:
         return "n/a"
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, tuple):  # several swept values (--x unit,sample)
+        return ", ".join(map(fmt_value, value))
     return str(value)
 
 
@@ -77,10 +82,14 @@ class Cell:
         # Sample standard deviation over seeds; one seed has none.
         return statistics.stdev(self.values) if len(self.values) > 1 else None
 
-    def text(self, digits: int = 2) -> str:
-        """'12.30 ± 0.40 (3)': mean ± std over the completed seeds, and how many there were."""
+    def text(self, digits: int | None = None) -> str:
+        """'12.30 ± 0.40 (3)': mean ± std over the completed seeds, and how many there were.
+        Two decimals, or three significant digits for a mean below 1 (a gap of 0.0374)."""
         parts = []
         if self.mean is not None:
+            if digits is None:
+                size = abs(self.mean)
+                digits = 2 if size >= 1 or size == 0 else min(8, 2 - math.floor(math.log10(size)))
             parts.append(f"{self.mean:.{digits}f}" + (
                 f" ± {self.std:.{digits}f}" if self.std is not None else "")
                 + f" ({len(self.values)})")
@@ -103,6 +112,19 @@ class Report:
     def higher_is_better(self) -> bool:
         return self.metric in HIGHER_IS_BETTER
 
+    @property
+    def directed(self) -> bool:
+        """Whether one direction of the metric is better: not for a logged probe (a gap,
+        a gradient norm), which is only higher or lower."""
+        return "/" not in self.metric
+
+    @property
+    def direction_note(self) -> str:
+        """'lower is better', or '' for an undirected metric."""
+        if not self.directed:
+            return ""
+        return f"{'higher' if self.higher_is_better else 'lower'} is better"
+
     def row_label(self, row: tuple) -> str:
         shown = [(k, v) for k, v in zip(self.row_keys, row, strict=True)]
         return " ".join(f"{k}={fmt_value(v)}" if k == "lr" else fmt_value(v) for k, v in shown)
@@ -112,11 +134,18 @@ def build_report(runs: list[Run], x: str = "auto", metric: str = "val_err") -> R
     x = choose_x(runs, x)
     completed = [r for r in runs if r.status == "completed"]
     if completed and all(r.metric(metric) is None for r in completed):
+        if "/" in metric:  # a TensorBoard tag
+            tags = sorted({t for r in completed for t in r.scalars()})
+            close = difflib.get_close_matches(metric, tags, n=3)
+            raise UserError(f"no completed run logged the scalar '{metric}' in the second half "
+                            "of its training", f"use --metric with a logged tag, e.g. "
+                            f"{', '.join(close or [t for t in tags if '/mean/' in t][:3] or tags[:3])}")
         names = sorted({k for r in completed for k in (r.summary.get("final") or {})})
         if "val_acc" in names:
             names.append("val_err")
         raise UserError(f"no completed run has the metric '{metric}'",
-                        f"use --metric with one of: {', '.join(names)}")
+                        f"use --metric with one of: {', '.join(names)}, or a TensorBoard tag "
+                        "such as bn_gap/mean/tid_sigma (its mean over the second half of training)")
     # Rows: the norm, plus model/dataset when they vary, plus lr when it varies among runs
     # that share a row and an x value (an lr grid crossed with x rather than tied to it).
     row_keys = [k for k in ROW_KEYS if k == "norm" or len({r.get(k) for r in runs}) > 1]

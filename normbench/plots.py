@@ -28,8 +28,8 @@ METRIC_LABELS = {"val_err": "validation error (%)", "val_acc": "validation accur
 
 
 def write_plots(report: Report, out: Path) -> list[Path]:
-    paths = [plot_metric_vs_x(report, out / f"{report.metric}_vs_{report.x}.png")]
-    scalars = {id(r): read_scalars(r.path) for r in report.runs}
+    paths = [plot_metric_vs_x(report, out / f"{safe_name(report.metric)}_vs_{safe_name(report.x)}.png")]
+    scalars = {id(r): r.scalars() for r in report.runs}
     if any("train/loss" in s for s in scalars.values()):
         paths.append(plot_curves(report, scalars, out / "curves.png"))
     if any(t.startswith("bn_gap/") for s in scalars.values() for t in s):
@@ -37,20 +37,9 @@ def write_plots(report: Report, out: Path) -> list[Path]:
     return paths
 
 
-def read_scalars(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """tag -> (steps, values) from a run folder's TensorBoard event files ({} if none)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    try:
-        acc.Reload()
-    except Exception:  # unreadable or missing event files: the run simply has no curves
-        return {}
-    out = {}
-    for tag in acc.Tags().get("scalars", []):
-        events = acc.Scalars(tag)
-        out[tag] = (np.array([e.step for e in events]), np.array([e.value for e in events]))
-    return out
+def safe_name(name: str) -> str:
+    """A metric or x name as part of a file name (bn_gap/mean/tid_sigma, unit,sample)."""
+    return name.replace("/", "_").replace(",", "+")
 
 
 def _x_positions(report: Report):

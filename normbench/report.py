@@ -15,7 +15,11 @@ p-value and a mark, and a findings paragraph in words (`normbench.findings`).
 
 The default metric is the validation error in percent, `val_err` = 100 * (1 - val_acc):
 the quantity of the GroupNorm paper's Figure 1 (Wu & He 2018), lower is better. Any key of
-summary.json's `final` block works as well (val_acc, val_loss, train_loss, val_bpc, ...).
+summary.json's `final` block works as well (val_acc, val_loss, train_loss, val_bpc, ...), and
+so does any TensorBoard scalar the runs logged (`bn_gap/mean/tid_sigma`: BatchNorm's
+batch-vs-running gap averaged over layers), averaged over the second half of training. `--x`
+takes several keys joined by commas (`dataset.unit,dataset.sample`), one column per
+combination.
 """
 
 from __future__ import annotations
@@ -68,8 +72,8 @@ def print_table(report: Report, console=None, sig: Significance | None = None) -
 
     # Cells never wrap: wide enough for the table even when stdout is a file or a pipe.
     console = console or Console(width=None if sys.stdout.isatty() else 200)
-    direction = "higher" if report.higher_is_better else "lower"
-    table = Table(title=f"{report.metric} ({direction} is better), mean ± std over seeds "
+    direction = f" ({report.direction_note})" if report.directed else ""
+    table = Table(title=f"{report.metric}{direction}, mean ± std over seeds "
                         "(number of seeds)", header_style="bold")
     table.add_column(" / ".join(report.row_keys) + f" \\ {report.x}")
     for col in report.columns:
@@ -168,10 +172,12 @@ def markdown_differences(report: Report, sig: Significance) -> list[str]:
 
 def write_markdown(report: Report, path: Path, plots: list[Path],
                    sig: Significance | None = None) -> None:
-    direction = "higher" if report.higher_is_better else "lower"
+    direction = f"({report.direction_note}) " if report.directed else ""
     lines = [f"# normbench report: {report.metric} vs {report.x}", "",
              f"{len(report.runs)} runs; cells are the mean ± std of `{report.metric}` "
-             f"({direction} is better) over the seeds of completed runs, with the number of "
+             + ("(each run's mean over the second half of training) " if "/" in report.metric
+                else "")
+             + f"{direction}over the seeds of completed runs, with the number of "
              "seeds in brackets; runs that diverged or failed are counted in the cell and left "
              "out of its mean.", "",
              "| " + " / ".join(report.row_keys) + f" \\ {report.x} | "
@@ -219,11 +225,15 @@ def parse_args(args: list[str]) -> argparse.Namespace:
                         help="run folders or sweep folders (searched recursively)")
     parser.add_argument("--x", default="auto",
                         help="the swept variable: a summary or config key (batch_size, "
-                             "stats_batch, lr, ...); auto: the first of "
+                             "stats_batch, lr, ...), or several joined by commas "
+                             "(dataset.unit,dataset.sample: one column per combination); "
+                             "auto: the first of "
                              f"{', '.join(AUTO_X)} that varies")
     parser.add_argument("--metric", default="val_err",
-                        help="a key of summary.json's final block, or val_err = 100*(1-val_acc) "
-                             "(the default, as in the GroupNorm paper's Figure 1)")
+                        help="a key of summary.json's final block, val_err = 100*(1-val_acc) "
+                             "(the default, as in the GroupNorm paper's Figure 1), or a "
+                             "TensorBoard scalar tag such as bn_gap/mean/tid_sigma: its mean "
+                             "over the second half of training")
     parser.add_argument("--out", default=None,
                         help="folder for report.md, report.csv and the plots (default: the "
                              "first DIR)")

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from normbench.errors import UserError
 from normbench.tracking import SUMMARY_FILE, read_config, read_summary
 
@@ -20,6 +22,7 @@ class Run:
     path: Path
     summary: dict
     config: dict = field(default_factory=dict)
+    _scalars: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def status(self) -> str:
@@ -27,7 +30,15 @@ class Run:
 
     def get(self, key: str):
         """A value by name: summary.json first, then the config (dotted keys, or a bare key
-        found in one of its sections, e.g. `stats_batch` -> norm.stats_batch)."""
+        found in one of its sections, e.g. `stats_batch` -> norm.stats_batch). Several
+        names joined by commas (`unit,sample`) give a tuple of their values (None if the
+        run has none of them)."""
+        if "," in key:
+            values = tuple(self._get(k.strip()) for k in key.split(","))
+            return None if all(v is None for v in values) else values
+        return self._get(key)
+
+    def _get(self, key: str):
         if key in self.summary and not isinstance(self.summary[key], dict):
             return self.summary[key]
         node = self.config
@@ -45,12 +56,52 @@ class Run:
         return None
 
     def metric(self, name: str) -> float | None:
+        """A key of summary.json's final block, val_err, or a TensorBoard scalar tag (a
+        name with '/', e.g. bn_gap/mean/tid_sigma): the mean of its values logged in the
+        second half of training (steps > total_steps / 2), where a run's statistics have
+        settled rather than their start-up."""
+        if "/" in name:
+            return self.late_mean(name)
         final = self.summary.get("final") or {}
         if name == "val_err" and "val_err" not in final:
             acc = final.get("val_acc")
             return None if acc is None else 100.0 * (1.0 - float(acc))
         value = final.get(name)
         return None if value is None else float(value)
+
+
+    def scalars(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """tag -> (steps, values) from the run's TensorBoard event files (read once)."""
+        if self._scalars is None:
+            self._scalars = read_scalars(self.path)
+        return self._scalars
+
+    def late_mean(self, tag: str) -> float | None:
+        series = self.scalars().get(tag)
+        if series is None:
+            return None
+        steps, values = series
+        total = self.summary.get("total_steps") or self.summary.get("steps") or (
+            int(steps.max()) if len(steps) else 0)
+        late = values[steps > total / 2]
+        late = late[np.isfinite(late)]
+        return float(late.mean()) if len(late) else None
+
+
+def read_scalars(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """tag -> (steps, values) from a run folder's TensorBoard event files ({} if none)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    try:
+        acc.Reload()
+    except Exception:  # unreadable or missing event files: the run simply has no curves
+        return {}
+    out = {}
+    for tag in acc.Tags().get("scalars", []):
+        events = acc.Scalars(tag)
+        out[tag] = (np.array([e.step for e in events]), np.array([e.value for e in events]))
+    return out
 
 
 def load_run(run_dir: Path) -> Run | None:

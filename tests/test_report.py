@@ -197,3 +197,58 @@ def test_joblib_sweep_2x2_end_to_end_with_report(cli, tmp_path):
         assert image.std() > 0.01  # not blank
     md = (sweep / "report.md").read_text()
     assert "| batch |" in md and "![curves](curves.png)" in md
+
+
+def write_scalars(run: Path, tag: str, points: list[tuple[int, float]]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(run)) as writer:
+        for step, value in points:
+            writer.add_scalar(tag, value, step)
+
+
+def test_a_logged_tag_as_metric_is_its_mean_over_the_second_half_of_training(tmp_path):
+    # steps 10: the values logged at steps > 5 count (6 and 10), the start-up ones do not.
+    tag = "bn_gap/mean/tid_sigma"
+    for seed, late in enumerate([(0.2, 0.4), (0.3, 0.5)]):
+        run = fake_run(tmp_path, f"s{seed}", seed=seed, steps=10)
+        write_scalars(run, tag, [(2, 9.0), (5, 9.0), (6, late[0]), (10, late[1])])
+    write_scalars(fake_run(tmp_path, "nan", seed=2, steps=10), tag, [(6, float("nan")), (8, 1.0)])
+    report = build_report(find_runs([tmp_path]), metric=tag)
+    cell = report.cells[(("batch",), 32)]
+    assert sorted(cell.values) == pytest.approx([0.3, 0.4, 1.0])  # a NaN point is skipped
+    assert cell.text() == f"{statistics.fmean([0.3, 0.4, 1.0]):.3f} ± " \
+                          f"{statistics.stdev([0.3, 0.4, 1.0]):.3f} (3)"
+    assert not report.directed and report.direction_note == ""
+    with pytest.raises(UserError, match=r"no completed run logged the scalar "
+                                         r"'bn_gap/mean/tid_sigmaa'.*e\.g\. bn_gap/mean/tid_sigma"):
+        build_report(find_runs([tmp_path]), metric="bn_gap/mean/tid_sigmaa")
+
+
+def test_small_means_keep_three_significant_digits():
+    from normbench.grid import Cell
+
+    assert Cell(values=[0.0374, 0.0380]).text() == "0.0377 ± 0.0004 (2)"
+    assert Cell(values=[12.3, 12.7]).text() == "12.50 ± 0.28 (2)"
+    assert Cell(values=[0.0]).text() == "0.00 (1)"
+
+
+def test_several_keys_as_x_give_one_column_per_combination(tmp_path):
+    # Text runs under four conditions and an image run that has neither key (n/a).
+    for unit in ("char", "word"):
+        for sample in ("window", "line"):
+            for seed in (0, 1):
+                fake_run(tmp_path, f"{unit}{sample}{seed}", model="transformer", seed=seed,
+                         unit=unit, sample=sample, val_acc=0.5 + 0.1 * (unit == "word"))
+    fake_run(tmp_path, "resnet", model="resnet")
+    report = build_report(find_runs([tmp_path]), x="unit,sample")
+    assert report.columns == [("char", "line"), ("char", "window"), ("word", "line"),
+                              ("word", "window"), None]
+    assert report.rows == [("resnet", "batch"), ("transformer", "batch")]
+    assert report.cells[(("transformer", "batch"), ("word", "line"))].mean == pytest.approx(40.0)
+    assert report.cells[(("resnet", "batch"), None)].values == pytest.approx([50.0])
+    assert report_command([str(tmp_path), "--x", "unit,sample"]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "| model / norm \\ unit,sample | char, line | char, window | word, line | " \
+           "word, window | n/a |" in md
+    assert (tmp_path / "val_err_vs_unit+sample.png").is_file()

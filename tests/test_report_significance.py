@@ -193,3 +193,16 @@ def test_legends_are_placed_outside_the_axes(tmp_path, report, monkeypatch):
     # One legend entry per x value in the curves, not one per panel.
     assert [t.get_text() for t in figures[1].legends[0].get_texts()] == [
         "batch_size=2", "batch_size=8", "batch_size=32"]
+
+
+def test_findings_for_a_metric_without_a_better_side_say_higher_and_lower(tmp_path):
+    from tests.test_report import fake_run, write_scalars
+
+    for norm, values in {"batch": [0.10, 0.11, 0.12], "group": [0.30, 0.31, 0.32]}.items():
+        for seed, value in enumerate(values):
+            run = fake_run(tmp_path, f"{norm}{seed}", norm=norm, seed=seed, steps=10)
+            write_scalars(run, "grad/global_norm", [(10, value)])
+    assert report_command([str(tmp_path), "--metric", "grad/global_norm", "--no-plots"]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "batch vs group (reference): lower at batch_size 32 (by 0.2 ± 0.0227 " in md
+    assert "worse" not in md and "better" not in md
