@@ -340,3 +340,40 @@ def _dataset_ranges(dataset: dict) -> None:
         from normbench.data.corpus import check_condition
 
         check_condition(dataset["unit"], dataset["sample"], dataset["vocab_size"])
+
+
+# Keys no part of the run reads except through an interpolation (the setups' and lr_sweep's
+# lr), so a literal value of that interpolation's key leaves them without effect.
+INTERPOLATION_INPUTS = ("lr_factor", "base_lr", "base_batch_size")
+
+
+def check_sweep_varies(jobs: list) -> None:
+    """Refuse a swept key whose values give identical jobs: another value fixes what it
+    sets (lr=0.1 beside experiment=lr_sweep's lr_factor grid), and the sweep would train
+    the same job several times under different names."""
+    def setting(overrides: list[str]) -> dict[str, str]:
+        return dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+
+    def without(config: dict, key: str) -> dict:
+        config = {k: v for k, v in config.items() if k not in ("swept", "run_name")}
+        head, _, rest = key.partition(".")
+        if head in config:
+            config[head] = without(config[head], rest) if rest and isinstance(
+                config[head], dict) else None
+        return config
+
+    settings = [setting(job.overrides) for job in jobs]
+    keys = {k for s in settings for k in s
+            if k in INTERPOLATION_INPUTS and len({t.get(k) for t in settings}) > 1}
+    for key in sorted(keys):
+        seen: dict[str, tuple] = {}
+        for job, s in zip(jobs, settings, strict=True):
+            others = repr(sorted((k, v) for k, v in s.items() if k != key))
+            config = repr(without(job.config, key))
+            if others in seen and seen[others][0] == config and seen[others][1] != s.get(key):
+                raise UserError(
+                    f"{key}={seen[others][1]} and {key}={s.get(key)} give the same job: "
+                    f"another setting fixes what {key} would change",
+                    f"sweep the key that setting gives (e.g. lr_factor=... with "
+                    f"experiment=lr_sweep, not lr=...), or give {key} one value")
+            seen.setdefault(others, (config, s.get(key)))

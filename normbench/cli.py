@@ -193,6 +193,11 @@ def split_args(args: list[str]) -> tuple[list[str], list[str], bool, bool]:
 def train_command(args: list[str]) -> int:
     os.environ.pop(STAMP_ENV, None)  # a fresh stamp for this invocation
     flags, overrides, multirun, info_only = split_args(args)
+    shown = [f for f in flags if f.split("=")[0] in ("--cfg", "-c", "--info", "-i")]
+    if multirun and shown:
+        raise UserError(f"-m with {shown[0]}: Hydra shows the config of one job, not of a sweep",
+                        "leave out -m and give each swept key one value (e.g. norm=batch "
+                        "seed=0) to see that job's config")
     quiet = []
     if distributed.requested() and not info_only:
         quiet = join_process_group(multirun)
@@ -327,13 +332,14 @@ def preflight(overrides: list[str], multirun: bool) -> tuple[Path | None, list[s
 
     Returns the sweep folder in multirun mode, and the overrides to hand to Hydra.
     """
-    from normbench.checks import check_config, check_run_dir, check_sweep_dir
+    from normbench.checks import check_config, check_run_dir, check_sweep_dir, check_sweep_varies
     from normbench.config.compose import compose_sweep
 
     sweep = compose_sweep(overrides, multirun)
     for job in sweep.jobs:
         check_config(job.config)
     if multirun:
+        check_sweep_varies(sweep.jobs)
         check_sweep_dir(sweep.dir, sweep.jobs[0].config["resume"] if sweep.jobs else False)
     else:
         check_run_dir(sweep.jobs[0].run_dir, sweep.jobs[0].config["resume"])

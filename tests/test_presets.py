@@ -103,8 +103,9 @@ def test_every_preset_composes_and_checks_on_every_setup(preset, setup, data_pat
         (dataset, model, depth)
     assert config["dataset"].get("image_size") == image_size
     assert (config["epochs"], config["steps"], config["base_lr"]) == (epochs, None, base_lr)
-    if preset != "lr_sweep":  # the lr sweep gives lr itself
-        assert config["lr"] == pytest.approx(base_lr * config["batch_size"] / 32)
+    factor = config["lr_factor"] or 1.0  # lr_sweep's grid: multiples of the setup's lr
+    assert (factor == 1.0) == (preset != "lr_sweep")
+    assert config["lr"] == pytest.approx(factor * base_lr * config["batch_size"] / 32)
     if setup == "shapes_small":
         assert (config["dataset"]["n_train"], config["dataset"]["n_val"]) == (2000, 1000)
     if setup.startswith("cifar"):
@@ -117,7 +118,12 @@ def test_presets_take_the_small_shapes_setup_by_default_and_set_no_scale_keys(pr
     assert compose_full([f"experiment={preset}"]).hydra.runtime.choices.setup == "shapes_small"
     assert (config["dataset"]["name"], config["model"]["name"]) == ("shapes", "resnet")
     written = OmegaConf.load(conf_dir() / "experiment" / f"{preset}.yaml")
-    assert not SETUP_KEYS & set(written), "the scale and the recipe are the setup's"
+    written_keys = SETUP_KEYS & set(written)
+    if preset == "lr_sweep":  # its lr is a multiple of the setup's, not a value of its own
+        lr = OmegaConf.to_container(written)["lr"]
+        assert "${lr_factor}" in lr and "${base_lr}" in lr
+        written_keys -= {"lr"}
+    assert not written_keys, "the scale and the recipe are the setup's"
     overridden = {next(iter(d)).split("/")[-1] for d in written.get("defaults", [])
                   if isinstance(d, dict)}
     assert not {"dataset", "model", "optim"} & overridden

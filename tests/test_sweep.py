@@ -61,11 +61,11 @@ def test_a_preset_sweeps_its_params_and_the_command_line_replaces_one_in_place()
     # Hydra's sweeper: the preset's params first, then the command line; a key given twice
     # keeps its first place and takes its last value.
     params = sweeper_params("lr_sweep")
-    jobs = compose_jobs(["experiment=lr_sweep", "lr=0.1,0.2"], multirun=True)
+    jobs = compose_jobs(["experiment=lr_sweep", "lr_factor=0.5,2"], multirun=True)
     norms = params["norm"].split(",")
     seeds = [int(s) for s in params["seed"].split(",")]
     assert grid(jobs, "norm.name", "lr", "seed") == [
-        (n, lr, s) for n in norms for lr in (0.1, 0.2) for s in seeds]
+        (n, lr, s) for n in norms for lr in (0.1, 0.4) for s in seeds]  # x the setup's 0.2
     assert {(job["epochs"], job["batch_size"]) for job in jobs} == {(18, 32)}  # the setup's epochs
 
 
@@ -93,17 +93,33 @@ def test_batch_size_sweep_grid_is_norms_by_batch_sizes_by_seeds():
     assert len(params["seed"].split(",")) >= 2
 
 
-def test_lr_sweep_grid():
+@pytest.mark.parametrize("setup, base_lr", [("shapes_small", 0.2), ("cifar10", 0.1),
+                                             ("tinyshakespeare", 1e-3), ("text_char", 1e-3)])
+def test_lr_sweep_grid_is_relative_to_the_setups_lr(setup, base_lr):
+    # SGD setups get an SGD grid, the AdamW text setups an AdamW one: 1/8 to 8 times base_lr.
     params = sweeper_params("lr_sweep")
     assert params["norm"].split(",") == ["batch", "group", "layer", "none"]
-    lrs = [float(v) for v in params["lr"].split(",")]
-    assert len(lrs) >= 5 and lrs == sorted(lrs)
+    jobs = compose_jobs(["experiment=lr_sweep", f"setup={setup}", "norm=batch", "seed=0"],
+                        multirun=True)
+    assert [job["lr"] for job in jobs] == pytest.approx([base_lr * 2.0 ** k for k in range(-3, 4)])
+    assert {job["optim"]["name"] for job in jobs} == {"adamw" if base_lr < 0.01 else "sgd"}
+
+
+def test_a_swept_key_that_a_fixed_value_overrules_is_refused():
+    # lr=0.1 fixes what lr_sweep's lr_factor would set: 7 identical jobs per norm and seed.
+    with pytest.raises(UserError, match=r"lr_factor=0.125 and lr_factor=0.25 give the same job"):
+        preflight(["experiment=lr_sweep", "lr=0.1"], True)
+    with pytest.raises(UserError, match=r"base_lr=0.1 and base_lr=0.2 give the same job"):
+        preflight(["setup=shapes_small", "base_lr=0.1,0.2", "lr=0.3", "debug=tiny"], True)
+    # A swept lr itself, or a factor that reaches lr, is a real sweep.
+    assert preflight(["norm=batch", "lr=0.1,0.2", "debug=tiny"], True)
+    assert preflight(["setup=shapes_small", "base_lr=0.1,0.2", "debug=tiny"], True)
 
 
 def test_preflight_expands_preset_params_and_checks_every_job():
     # A command-line value replaces the preset's sweep of the same key (as in Hydra's
     # sweeper), and every job is composed and checked before any runs.
-    assert preflight(["experiment=lr_sweep", "norm=group", "seed=0", "lr=0.1"], True) is not None
+    assert preflight(["experiment=lr_sweep", "norm=group", "seed=0", "lr_factor=0.5"], True)
     with pytest.raises(UserError, match="lr=-1.0 must be a positive number"):
         preflight(["experiment=lr_sweep", "lr=0.1,-1.0"], True)
     with pytest.raises(UserError, match="batch_size=0 must be a positive integer"):

@@ -52,6 +52,8 @@ class TrainConfig:
     # lr: ${nb_mul:${base_lr},${nb_div:${batch_size},${base_batch_size}}}; null elsewhere.
     base_lr: Optional[float] = MISSING
     base_batch_size: Optional[int] = MISSING
+    # experiment=lr_sweep's grid: multiples of the setup's lr, so one grid suits SGD and AdamW.
+    lr_factor: Optional[float] = MISSING
     # Filled in by the CLI in -m mode: the values the sweep gave this job (HParams, run name).
     swept: dict[str, str] = MISSING
 
