@@ -211,8 +211,15 @@ def write_markdown(report: Report, path: Path, plots: list[Path],
 # ----------------------------------------------------------------------------- command
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as normbench's one line, without its usage block."""
+
+    def error(self, message: str):
+        raise UserError(f"normbench report: {message}", "run 'normbench report --help'")
+
+
 def parse_args(args: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="normbench report",
         description="Tables and plots from run folders and sweep folders: norms x values of "
                     "the swept variable, each cell the mean ± std over seeds (number of seeds); "
@@ -242,19 +249,31 @@ def parse_args(args: list[str]) -> argparse.Namespace:
                              "x value (Welch's t-test, 95%% CI); auto: the first of "
                              f"{', '.join(REFERENCE_NORMS)} present; off: no such comparison "
                              "(neighbouring x values are always compared)")
+    parser.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                        help="keep only the runs whose KEY (as for --x) has this value, e.g. "
+                             "--only norm=batch; repeat for several conditions")
     parser.add_argument("--no-plots", action="store_true", help="only the table, CSV and Markdown")
-    try:
-        return parser.parse_args(args)
-    except SystemExit as e:
-        if e.code == 0:  # --help
-            raise
-        raise UserError(f"bad arguments to 'normbench report': {' '.join(args) or '(none)'}",
-                        "run 'normbench report --help'") from None
+    return parser.parse_args(args)
+
+
+def select(runs: list, only: list[str]) -> list:
+    """The runs matching every KEY=VALUE of --only (values compared as the report prints them)."""
+    for condition in only:
+        key, sep, value = condition.partition("=")
+        if not sep or not key:
+            raise UserError(f"--only {condition}: expected KEY=VALUE", "e.g. --only norm=batch")
+        kept = [r for r in runs if fmt_value(r.get(key)) == value]
+        if not kept:
+            seen = sorted({fmt_value(r.get(key)) for r in runs})
+            raise UserError(f"--only {condition}: no run has {key}={value}",
+                            f"the runs have {key} = {', '.join(seen)}")
+        runs = kept
+    return runs
 
 
 def report_command(args: list[str]) -> int:
     opts = parse_args(args)
-    runs = find_runs(opts.dirs)
+    runs = select(find_runs(opts.dirs), opts.only)
     report = build_report(runs, x=opts.x, metric=opts.metric)
     sig = significance(report, opts.reference)
     out = Path(opts.out or opts.dirs[0])

@@ -151,6 +151,31 @@ def test_report_cli_on_a_folder_without_runs_is_one_line_exit_2(cli, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_bad_argument_is_one_line_without_the_usage_block(cli, tmp_path):
+    fake_run(tmp_path, "r")
+    result = cli("report", ".", "--reference")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("normbench: error: normbench report: argument --reference: "
+                                     "expected one argument. Fix: run 'normbench report --help'.")
+
+
+def test_only_keeps_the_runs_with_a_value(tmp_path):
+    for norm in ("batch", "group"):
+        for bs in (2, 8):
+            fake_run(tmp_path, f"{norm}{bs}", norm=norm, batch_size=bs)
+    assert report_command([str(tmp_path), "--only", "norm=batch", "--no-plots"]) == 0
+    assert {r["norm"] for r in read_csv(tmp_path / "report.csv")} == {"batch"}
+    assert report_command([str(tmp_path), "--only", "norm=group", "--only", "batch_size=8",
+                           "--no-plots", "--x", "batch_size"]) == 0
+    assert [(r["norm"], r["batch_size"]) for r in read_csv(tmp_path / "report.csv")] == [
+        ("group", "8")]
+    with pytest.raises(UserError, match=r"no run has norm=layer.*the runs have norm = batch, "
+                                         r"group"):
+        report_command([str(tmp_path), "--only", "norm=layer"])
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        report_command([str(tmp_path), "--only", "norm"])
+
+
 def test_several_dirs_and_out(tmp_path):
     fake_run(tmp_path / "one", "r", batch_size=2)
     fake_run(tmp_path / "two", "r", batch_size=4)
