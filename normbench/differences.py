@@ -5,7 +5,8 @@ at the same x (`normbench.significance` does the statistics).
 The reference is a norm whose row every other row is compared with, cell by cell: by
 default the first of REFERENCE_NORMS present (GroupNorm, then LayerNorm: they use no batch
 statistics, so they are the GN paper's yardstick for BatchNorm's batch-size dependence);
-`--reference NORM` picks another (`none` included: it is a norm) and `--reference off`
+`--reference NORM` picks another (`none` included: it is a norm), `--reference VALUE` a
+row by another key's value (`--reference resnet`: the model), and `--reference off`
 turns the comparison off. A reference row that has no value of x (GroupNorm in a
 statistics-batch sweep: one cell under "n/a") is compared with every x value of the other
 rows.
@@ -35,26 +36,45 @@ class Difference:
 
 
 def choose_reference(report: Report, name: str = "auto") -> str | None:
-    """The reference norm's name, or None for no reference comparison."""
+    """The reference's name (a norm, or a value of another row key such as a model), or
+    None for no reference comparison."""
     norms = sorted({row[report.row_keys.index("norm")] for row in report.rows}, key=str)
     if name == "off":  # not "none": that is a norm's name
         return None
     if name == "auto":
         found = [n for n in REFERENCE_NORMS if n in norms]
         return found[0] if found and len(norms) > 1 else None
-    if name not in norms:
-        raise UserError(f"--reference {name}: no run in this report has norm={name}",
-                        f"use one of: {', '.join(norms)}, or off")
+    if reference_key(report, name) is None:
+        values = [f"{key}={', '.join(sorted({fmt_value(row[i]) for row in report.rows}))}"
+                  for i, key in enumerate(report.row_keys)]
+        raise UserError(f"--reference {name}: no row of this report has {name}",
+                        f"use a norm or another row's value ({'; '.join(values)}), or off")
     return name
 
 
+def reference_key(report: Report, name: str) -> int | None:
+    """The position in the row of the key that takes the value `name`: the norm if a norm
+    is so called, else the first row key (model, dataset) that is."""
+    order = sorted(range(len(report.row_keys)), key=lambda i: report.row_keys[i] != "norm")
+    for i in order:
+        if any(fmt_value(row[i]) == name for row in report.rows):
+            return i
+    return None
+
+
 def reference_row(report: Report, row: tuple, reference: str) -> tuple | None:
-    """The reference norm's row with the same other keys (model, dataset, lr) as `row`."""
-    i = report.row_keys.index("norm")
-    if row[i] == reference:
+    """The reference's row with the same other keys (model, dataset, lr) as `row`. A
+    reference that is not a norm (--reference resnet) and has a single row is every other
+    row's reference, whatever its other keys (the ResNet's dataset is not the text's)."""
+    i = reference_key(report, reference)
+    if i is None or fmt_value(row[i]) == reference:
         return None
-    candidate = (*row[:i], reference, *row[i + 1:])
-    return candidate if candidate in report.rows else None
+    candidate = next((r for r in report.rows if fmt_value(r[i]) == reference
+                      and r[:i] + r[i + 1:] == row[:i] + row[i + 1:]), None)
+    if candidate is not None or report.row_keys[i] == "norm":
+        return candidate
+    sole = [r for r in report.rows if fmt_value(r[i]) == reference]
+    return sole[0] if len(sole) == 1 else None
 
 
 def along_x(report: Report) -> list[Difference]:

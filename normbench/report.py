@@ -246,7 +246,8 @@ def parse_args(args: list[str]) -> argparse.Namespace:
                              "first DIR)")
     parser.add_argument("--reference", default="auto", metavar="NORM",
                         help="the norm whose row every other row is compared with, x value by "
-                             "x value (Welch's t-test, 95%% CI); auto: the first of "
+                             "x value (Welch's t-test, 95%% CI), or another row key's value "
+                             "(--reference resnet: the model); auto: the first of "
                              f"{', '.join(REFERENCE_NORMS)} present; off: no such comparison "
                              "(neighbouring x values are always compared)")
     parser.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",

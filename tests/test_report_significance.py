@@ -80,7 +80,7 @@ def test_the_reference_is_group_by_default_and_can_be_chosen_or_turned_off(repor
     assert choose_reference(report, "off") is None
     assert choose_reference(report, "none") == "none"  # the norm, not the switch
     assert choose_reference(report, "batch") == "batch"
-    with pytest.raises(UserError, match="no run in this report has norm=layer.*batch, group, none"):
+    with pytest.raises(UserError, match="no row of this report has layer.*norm=batch, group, none"):
         choose_reference(report, "layer")
 
 
@@ -162,8 +162,9 @@ def test_reference_that_is_not_in_the_report_is_one_line_exit_2(cli, tmp_path):
     make_grid(tmp_path / "runs", {"batch": GRID["batch"]})
     result = cli("report", "runs", "--no-plots", "--reference", "layer")
     assert result.returncode == 2
-    assert result.stderr.strip() == ("normbench: error: --reference layer: no run in this "
-                                     "report has norm=layer. Fix: use one of: batch, or off.")
+    assert result.stderr.strip() == ("normbench: error: --reference layer: no row of this "
+                                     "report has layer. Fix: use a norm or another row's value "
+                                     "(norm=batch), or off.")
 
 
 def _legend_clear_of_the_axes(fig) -> None:
@@ -206,3 +207,26 @@ def test_findings_for_a_metric_without_a_better_side_say_higher_and_lower(tmp_pa
     md = (tmp_path / "report.md").read_text()
     assert "batch vs group (reference): lower at batch_size 32 (by 0.2 ± 0.0227 " in md
     assert "worse" not in md and "better" not in md
+
+
+def test_a_model_as_the_reference_is_compared_with_every_condition(tmp_path):
+    # The stat_gap layout: a ResNet on images (one cell, no text condition) against text
+    # models under two conditions, on another dataset: --reference resnet.
+    from tests.test_report import fake_run
+
+    values = {("transformer", "window"): [0.10, 0.11, 0.12], ("transformer", "line"): [0.40, 0.41, 0.42],
+              ("resnet", None): [0.40, 0.41, 0.42]}
+    for (model, sample), accs in values.items():
+        for seed, acc in enumerate(accs):
+            extra = {"sample": sample, "dataset": "text"} if sample else {}
+            fake_run(tmp_path, f"{model}{sample}{seed}", model=model, seed=seed, val_acc=acc,
+                     **extra)
+    assert report_command([str(tmp_path), "--x", "sample", "--reference", "resnet",
+                           "--no-plots"]) == 0
+    md = (tmp_path / "report.md").read_text()
+    # val_err: resnet 59 points, transformer 89 at window (30 worse), 59 at line (same).
+    assert "transformer text batch vs resnet (reference): worse at sample window (by 30.00 ± " in md
+    assert "within noise at sample line" in md
+    with pytest.raises(UserError, match=r"no row of this report has vgg.*model=resnet, "
+                                         r"transformer"):
+        report_command([str(tmp_path), "--x", "sample", "--reference", "vgg", "--no-plots"])
