@@ -123,7 +123,8 @@ STUDIES = [
          Sweep("stat_gap_resnet", ["experiment=stat_gap", "gap_setup=resnet_images",
                                    "seed=0,1,2"])],
         [Report("stat_gap", ["stat_gap_text", "stat_gap_resnet"],
-                ["--metric", "bn_gap/mean/tid_sigma", "--x", "dataset.unit,dataset.sample"],
+                ["--metric", "bn_gap/mean/tid_sigma", "--x", "dataset.unit,dataset.sample",
+                 "--reference", "resnet"],
                 "tid_sigma per model and text condition (unit, sample); the ResNet on "
                 "images has no text condition (n/a).")]),
 ]
@@ -192,7 +193,7 @@ def embed(report_md: Path, image_dir: str) -> list[str]:
     out = []
     for line in lines:
         if line.startswith("#"):
-            line = "###" + line
+            line = "##" + line
         if line.startswith("![") and "](" in line:
             label, target = line[2:].split("](", 1)
             line = f"![{label}]({image_dir}/{target}"
