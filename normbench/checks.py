@@ -373,7 +373,8 @@ def check_sweep_varies(jobs: list) -> None:
             if others in seen and seen[others][0] == config and seen[others][1] != s.get(key):
                 raise UserError(
                     f"{key}={seen[others][1]} and {key}={s.get(key)} give the same job: "
-                    f"another setting fixes what {key} would change",
-                    f"sweep the key that setting gives (e.g. lr_factor=... with "
-                    f"experiment=lr_sweep, not lr=...), or give {key} one value")
+                    f"nothing reads {key} here (lr is set directly, or no setup= computes "
+                    f"lr from it)", f"sweep lr_factor=... with experiment=lr_sweep or "
+                    f"base_lr=... with a setup=, and leave lr off the command line; or give "
+                    f"{key} one value")
             seen.setdefault(others, (config, s.get(key)))

@@ -48,41 +48,69 @@ def choose_reference(report: Report, name: str = "auto") -> str | None:
         values = [f"{key}={', '.join(sorted({fmt_value(row[i]) for row in report.rows}))}"
                   for i, key in enumerate(report.row_keys)]
         raise UserError(f"--reference {name}: no row of this report has {name}",
-                        f"use a norm or another row's value ({'; '.join(values)}), or off")
+                        f"use a norm or another row's value ({'; '.join(values)}; KEY=VALUE "
+                        "picks the key), or off")
     return name
 
 
-def reference_key(report: Report, name: str) -> int | None:
-    """The position in the row of the key that takes the value `name`: the norm if a norm
-    is so called, else the first row key (model, dataset) that is."""
+def reference_key(report: Report, name: str) -> tuple[int, str] | None:
+    """(position in the row, value) of the reference: `KEY=VALUE` names the key; a bare
+    name is a norm if a norm is so called, else the first row key (model, dataset) that
+    takes that value."""
+    key, sep, value = name.partition("=")
+    if sep:
+        if key not in report.row_keys:
+            return None
+        i = report.row_keys.index(key)
+        return (i, value) if any(fmt_value(row[i]) == value for row in report.rows) else None
     order = sorted(range(len(report.row_keys)), key=lambda i: report.row_keys[i] != "norm")
     for i in order:
         if any(fmt_value(row[i]) == name for row in report.rows):
-            return i
+            return i, name
     return None
 
 
 def reference_row(report: Report, row: tuple, reference: str) -> tuple | None:
-    """The reference's row with the same other keys (model, dataset, lr) as `row`. A
-    reference that is not a norm (--reference resnet) and has a single row is every other
-    row's reference, whatever its other keys (the ResNet's dataset is not the text's)."""
-    i = reference_key(report, reference)
-    if i is None or fmt_value(row[i]) == reference:
+    """The reference's row for `row`. A norm reference: the row with the same other keys
+    (model, dataset, lr). Another key's value (--reference resnet): the reference row that
+    shares the most other keys with `row` (the same norm, whatever the dataset), if one
+    does so alone."""
+    found = reference_key(report, reference)
+    if found is None:
         return None
-    candidate = next((r for r in report.rows if fmt_value(r[i]) == reference
-                      and r[:i] + r[i + 1:] == row[:i] + row[i + 1:]), None)
-    if candidate is not None or report.row_keys[i] == "norm":
-        return candidate
-    sole = [r for r in report.rows if fmt_value(r[i]) == reference]
-    return sole[0] if len(sole) == 1 else None
+    i, value = found
+    if fmt_value(row[i]) == value:
+        return None
+    others = row[:i] + row[i + 1:]
+    candidates = [r for r in report.rows if fmt_value(r[i]) == value]
+    if report.row_keys[i] == "norm":
+        return next((r for r in candidates if r[:i] + r[i + 1:] == others), None)
+    def shared(r: tuple) -> int:
+        return sum(a == b for a, b in zip(r[:i] + r[i + 1:], others, strict=True))
+
+    best = max(map(shared, candidates), default=None)
+    top = [r for r in candidates if shared(r) == best]
+    return top[0] if len(top) == 1 else None
 
 
 def along_x(report: Report) -> list[Difference]:
-    """Each row's neighbouring x values that both have a cell: b is the larger value."""
+    """Each row's neighbouring x values that both have a cell: b is the larger value. With
+    several keys as x (unit, sample), neighbours differ in one key only, the others fixed:
+    char/line -> char/window and char/line -> word/line, never char/window -> word/line."""
     found = []
     for row in report.rows:
         cols = [c for c in report.columns if c is not None and (row, c) in report.cells]
-        for left, right in pairwise(cols):
+        if not any(isinstance(c, tuple) for c in cols):
+            pairs = list(pairwise(cols))
+        else:
+            pairs = []
+            for i in range(len(cols[0])):
+                lines: dict[tuple, list] = {}  # the other keys' values -> columns along key i
+                for c in cols:
+                    lines.setdefault(c[:i] + c[i + 1:], []).append(c)
+                for line in lines.values():
+                    pairs += pairwise(line)  # columns are sorted, so each line is too
+        for left, right in pairs:
             found.append(_compare(report, ALONG, (row, left), (row, right)))
     return found
 

@@ -40,8 +40,8 @@ def fmt_value(value) -> str:
         return "n/a"
     if isinstance(value, float):
         return f"{value:g}"
-    if isinstance(value, tuple):  # several swept values (--x unit,sample)
-        return ", ".join(map(fmt_value, value))
+    if isinstance(value, tuple):  # several swept values (--x unit,sample): char/line
+        return "/".join(map(fmt_value, value))
     return str(value)
 
 
@@ -87,12 +87,16 @@ class Cell:
         Two decimals, or three significant digits for a mean below 1 (a gap of 0.0374)."""
         parts = []
         if self.mean is not None:
-            if digits is None:
-                size = abs(self.mean)
-                digits = 2 if size >= 1 or size == 0 else min(8, 2 - math.floor(math.log10(size)))
-            parts.append(f"{self.mean:.{digits}f}" + (
-                f" ± {self.std:.{digits}f}" if self.std is not None else "")
-                + f" ({len(self.values)})")
+            size = abs(self.mean)
+            if digits is None and 0 < size < 1e-3:  # 3.74e-05 ± 2.1e-06
+                mean, std = f"{self.mean:.3g}", f"{self.std:.2g}" if self.std is not None else ""
+            else:
+                if digits is None:  # 3 significant digits below 1; 2 decimals above
+                    digits = 2 if round(size, 3) >= 1 or size == 0 else (
+                        2 - math.floor(math.log10(size)))
+                mean = f"{self.mean:.{digits}f}"
+                std = f"{self.std:.{digits}f}" if self.std is not None else ""
+            parts.append(mean + (f" ± {std}" if std else "") + f" ({len(self.values)})")
         parts += [f"{n} {status}" for status, n in sorted(self.statuses.items())]
         return ", ".join(parts) if parts else "-"
 
@@ -177,8 +181,8 @@ def build_report(runs: list[Run], x: str = "auto", metric: str = "val_err") -> R
 def best_lrs(report: Report) -> dict[tuple, tuple[float, float]]:
     """Per row (without lr), the learning rate with the best mean metric over its completed
     runs — only when lr was swept (as x, or as an independent row key)."""
-    if report.x != "lr" and "lr" not in report.row_keys:
-        return {}
+    if (report.x != "lr" and "lr" not in report.row_keys) or not report.directed:
+        return {}  # no sweep of lr, or a metric with no better side (a logged gap)
     keys = [k for k in report.row_keys if k != "lr"]
     by_lr: dict[tuple, dict[float, list[float]]] = {}
     for r in report.runs:

@@ -94,7 +94,7 @@ def print_table(report: Report, console=None, sig: Significance | None = None) -
         for row, (lr, value) in sorted(report.best_lr.items(),
                                        key=lambda kv: tuple(map(sort_key, kv[0]))):
             console.print(f"  {' '.join(map(fmt_value, row))}: lr={fmt_value(lr)} "
-                          f"({report.metric} {value:.2f})")
+                          f"({report.metric} {value:.4g})")
     if sig is not None:
         print_differences(report, sig, console)
     bad = [r for r in report.runs if r.status != "completed"]
@@ -127,11 +127,11 @@ def print_differences(report: Report, sig: Significance, console) -> None:
 
 def write_csv(report: Report, path: Path) -> None:
     """One line per cell (row x value): the long format spreadsheets and pandas expect."""
-    statuses = ("diverged", "failed", "interrupted", "running")
+    statuses = ("diverged", "failed", "interrupted", "running", "no metric")
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow([*report.row_keys, report.x, "metric", "mean", "std", "n_completed",
-                         *(f"n_{s}" for s in statuses), "seeds"])
+                         *(f"n_{s.replace(' ', '_')}" for s in statuses), "seeds"])
         for row in report.rows:
             for col in report.columns:
                 cell = report.cells.get((row, col))
@@ -164,7 +164,7 @@ def markdown_differences(report: Report, sig: Significance) -> list[str]:
         lines += markdown_table(["row", x, *DIFFERENCE_COLUMNS[2:]],
                                 difference_rows(report, sig.along))
     if sig.against:
-        lines += ["", f"### Against the reference norm ({sig.reference})", ""]
+        lines += ["", f"### Against the reference ({sig.reference})", ""]
         lines += markdown_table(["row − reference", x, *DIFFERENCE_COLUMNS[2:]],
                                 difference_rows(report, sig.against))
     return lines
@@ -195,7 +195,7 @@ def write_markdown(report: Report, path: Path, plots: list[Path],
                   + f" | lr | {report.metric} |", "|---|---|---|"]
         for row, (lr, value) in sorted(report.best_lr.items(),
                                        key=lambda kv: tuple(map(sort_key, kv[0]))):
-            lines.append(f"| {' '.join(map(fmt_value, row))} | {fmt_value(lr)} | {value:.2f} |")
+            lines.append(f"| {' '.join(map(fmt_value, row))} | {fmt_value(lr)} | {value:.4g} |")
     bad = [r for r in report.runs if r.status != "completed"]
     if bad:
         lines += ["", "## Runs that did not complete", ""]

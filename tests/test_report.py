@@ -245,6 +245,10 @@ def test_a_logged_tag_as_metric_is_its_mean_over_the_second_half_of_training(tmp
     assert cell.text() == f"{statistics.fmean([0.3, 0.4, 1.0]):.3f} ± " \
                           f"{statistics.stdev([0.3, 0.4, 1.0]):.3f} (3)"
     assert not report.directed and report.direction_note == ""
+    # No "best" lr for a metric without a better side.
+    for seed, lr in enumerate((0.1, 0.2)):
+        write_scalars(fake_run(tmp_path, f"lr{lr}", seed=seed, steps=10, lr=lr), tag, [(8, lr)])
+    assert build_report(find_runs([tmp_path]), metric=tag, x="lr").best_lr == {}
     with pytest.raises(UserError, match=r"no completed run logged the scalar "
                                          r"'bn_gap/mean/tid_sigmaa'.*e\.g\. bn_gap/mean/tid_sigma"):
         build_report(find_runs([tmp_path]), metric="bn_gap/mean/tid_sigmaa")
@@ -274,6 +278,12 @@ def test_several_keys_as_x_give_one_column_per_combination(tmp_path):
     assert report.cells[(("resnet", "batch"), None)].values == pytest.approx([50.0])
     assert report_command([str(tmp_path), "--x", "unit,sample"]) == 0
     md = (tmp_path / "report.md").read_text()
-    assert "| model / norm \\ unit,sample | char, line | char, window | word, line | " \
-           "word, window | n/a |" in md
+    assert "| model / norm \\ unit,sample | char/line | char/window | word/line | " \
+           "word/window | n/a |" in md
     assert (tmp_path / "val_err_vs_unit+sample.png").is_file()
+    # Neighbours change one key at a time: never char/window -> word/line.
+    from normbench.differences import along_x
+
+    pairs = {(d.a[1], d.b[1]) for d in along_x(report)}
+    assert pairs == {(("char", "line"), ("char", "window")), (("word", "line"), ("word", "window")),
+                     (("char", "line"), ("word", "line")), (("char", "window"), ("word", "window"))}

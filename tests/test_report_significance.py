@@ -150,7 +150,7 @@ def test_report_md_marks_significance_and_writes_the_findings(tmp_path):
     assert "| batch | 2 → 8 | -8.00 | [-10.27, -5.73] | 6.1e-04 | 3, 3 | * |" in md
     assert "| batch | 8 → 32 | -2.00 | [-4.27, 0.27] | 0.070 | 3, 3 | ≈ |" in md
     assert "| none | 2 → 8 | -5.00 |  | n=1, no test | 1, 1 | – |" in md
-    assert "### Against the reference norm (group)" in md
+    assert "### Against the reference (group)" in md
     assert "| batch − group | 2 | +9.00 | [6.73, 11.27] | 3.9e-04 | 3, 3 | * |" in md
     assert "| none − group | 8 | +13.00 |  | n=1, no test | 1, 3 | – |" in md  # row's seeds first
     assert report_command([str(tmp_path / "runs"), "--out", str(tmp_path / "off"),
@@ -164,7 +164,7 @@ def test_reference_that_is_not_in_the_report_is_one_line_exit_2(cli, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == ("normbench: error: --reference layer: no row of this "
                                      "report has layer. Fix: use a norm or another row's value "
-                                     "(norm=batch), or off.")
+                                     "(norm=batch; KEY=VALUE picks the key), or off.")
 
 
 def _legend_clear_of_the_axes(fig) -> None:
@@ -230,3 +230,14 @@ def test_a_model_as_the_reference_is_compared_with_every_condition(tmp_path):
     with pytest.raises(UserError, match=r"no row of this report has vgg.*model=resnet, "
                                          r"transformer"):
         report_command([str(tmp_path), "--x", "sample", "--reference", "vgg", "--no-plots"])
+    # KEY=VALUE names the key; a second ResNet norm (power) is each power row's reference.
+    for seed, acc in enumerate([0.20, 0.21, 0.22]):
+        fake_run(tmp_path, f"resnetpower{seed}", model="resnet", norm="power", seed=seed,
+                 val_acc=acc)
+        fake_run(tmp_path, f"transformerpower{seed}", model="transformer", norm="power",
+                 seed=seed, val_acc=acc, sample="window", dataset="text")
+    assert report_command([str(tmp_path), "--x", "sample", "--reference", "model=resnet",
+                           "--no-plots"]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "transformer text batch vs model=resnet (reference): worse at sample window" in md
+    assert "transformer text power vs model=resnet (reference): within noise at sample window" in md

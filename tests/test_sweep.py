@@ -161,6 +161,8 @@ def test_a_key_only_the_swept_options_have_is_applied_per_job():
         ("cifar10", "/data/x"), ("cifar100", "/data/x")]
     assert sweep.hydra_overrides == ["dataset=cifar10,cifar100", "dataset.root=choice(/data/x)",
                                      "seed=0"]
+    empty = compose_sweep(["dataset=cifar10,cifar100", "dataset.root=", "seed=0"], True)
+    assert empty.hydra_overrides[1] == "dataset.root=choice('')"
     # Keys the base has stay as they were; a job whose option lacks the key is refused.
     assert compose_sweep(["norm=batch,group", "seed=0"], True).hydra_overrides == [
         "norm=batch,group", "seed=0"]

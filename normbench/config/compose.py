@@ -117,7 +117,8 @@ def sweep_base(parsed: list) -> tuple[DictConfig, list[str]]:
 
 def as_one_value_sweep(override) -> str:
     """key=value as key=choice(value): Hydra applies it per job, not to the sweep's base."""
-    return f"{override.get_key_element()}=choice({override.get_value_element_as_str()})"
+    value = override.get_value_element_as_str()
+    return f"{override.get_key_element()}=choice({value or repr('')})"  # key= is choice('')
 
 
 def make_job(cfg: DictConfig, overrides: list[str], single: bool) -> Job:

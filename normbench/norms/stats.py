@@ -338,9 +338,11 @@ def bn_tid(module: nn.Module, mean_b: torch.Tensor, var_b: torch.Tensor, count: 
     """Training-inference discrepancy (Wang et al. 2022), as 0-d tensors, and its weight.
 
     ``tid_mu = mean_c |mu - mu_B| / sigma_B`` and ``tid_sigma = mean_c |sigma / sigma_B - 1|``
-    with mu, sigma^2 the running statistics (variance on the biased scale, as in
-    `bn_stat_gaps`) and mu_B, sigma_B^2 the biased batch statistics. Both sigmas include
-    the layer's eps, as the divisors the layer actually uses in eval and training mode.
+    with mu, sigma^2 the running statistics and mu_B, sigma_B^2 the biased batch statistics.
+    Both sigmas include the layer's eps. The running variance is put on the biased scale of
+    this batch (x (n-1)/n, as in `bn_stat_gaps`), so that identical batches give a gap of 0;
+    eval mode divides by sqrt(running_var + eps) on the unbiased scale, larger by
+    sqrt(n/(n-1)): negligible at thousands of entries, 1.22 at n = 3.
     The mean runs over live channels: a collapsed one (counted by ``bn_gap/degenerate``)
     outputs beta in training and eval alike, and its sigma_B = sqrt(eps) would turn any
     lag into a ratio of hundreds. The weight is 0 when every channel is collapsed.
