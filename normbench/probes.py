@@ -372,7 +372,8 @@ class Probes:
 
 def layer_summaries(values: dict[str, float], prefix: str = "bn_gap/") -> dict[str, float]:
     """``bn_gap/mean/<stat>`` and ``bn_gap/max/<stat>`` over the layers of each
-    ``bn_gap/<stat>/<layer>`` family (NaN-free layers only)."""
+    ``bn_gap/<stat>/<layer>`` family that have a value at this step (NaN-free layers only):
+    a per-time-step LSTM layer that no two real rows reached this step is not in it."""
     families: dict[str, list[float]] = {}
     for tag, value in values.items():
         if not tag.startswith(prefix):
