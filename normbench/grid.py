@@ -119,8 +119,9 @@ class Report:
     @property
     def directed(self) -> bool:
         """Whether one direction of the metric is better: not for a logged probe (a gap,
-        a gradient norm), which is only higher or lower."""
-        return "/" not in self.metric
+        a gradient norm) or the train/eval discrepancy (val_gap_acc: running minus batch
+        statistics), which are only higher or lower."""
+        return "/" not in self.metric and not self.metric.startswith("val_gap_")
 
     @property
     def direction_note(self) -> str:

@@ -245,6 +245,10 @@ def test_a_logged_tag_as_metric_is_its_mean_over_the_second_half_of_training(tmp
     assert cell.text() == f"{statistics.fmean([0.3, 0.4, 1.0]):.3f} ± " \
                           f"{statistics.stdev([0.3, 0.4, 1.0]):.3f} (3)"
     assert not report.directed and report.direction_note == ""
+    from normbench.grid import Report  # the train/eval discrepancy has no better side either
+
+    assert not Report("batch_size", "val_gap_acc", [], [], [], {}, [], {}).directed
+    assert Report("batch_size", "val_precise_acc", [], [], [], {}, [], {}).directed
     # No "best" lr for a metric without a better side.
     for seed, lr in enumerate((0.1, 0.2)):
         write_scalars(fake_run(tmp_path, f"lr{lr}", seed=seed, steps=10, lr=lr), tag, [(8, lr)])
