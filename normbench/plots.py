@@ -91,8 +91,9 @@ def plot_metric_vs_x(report: Report, path: Path) -> Path:
                 failed_marks.append((pos[col], color))
         if not xs:
             continue
+        # Categories (text conditions) are not a continuum: points, no connecting line.
         ax.errorbar(xs, means, yerr=stds, marker="o", ms=4, capsize=3, lw=1.6, color=color,
-                    label=report.row_label(row))
+                    label=report.row_label(row), ls="none" if scale == "category" else "-")
     if failed_marks:  # cells where no run completed: a cross at the top edge
         top = ax.get_ylim()[1]
         for i, (x, color) in enumerate(failed_marks):
@@ -102,6 +103,9 @@ def plot_metric_vs_x(report: Report, path: Path) -> Path:
         ax.set_xscale("log", base=2)
     elif scale == "log10":
         ax.set_xscale("log", base=10)
+    values = [c.mean for c in report.cells.values() if c.mean is not None]
+    if values and min(values) > 0 and max(values) / min(values) >= 10:
+        ax.set_yscale("log")  # a gap of 0.02 beside one of 0.3: both readable
     if report.x in SHRINKING_X:  # as in the GN paper: smaller batches to the right
         ax.invert_xaxis()
     ax.set_xticks(list(pos.values()))

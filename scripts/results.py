@@ -46,6 +46,7 @@ class Report:
     sweeps: list[str]  # Sweep.folder names (their existing extra folders come along)
     args: list[str]
     caption: str
+    curves: bool = True  # False: only the metric-vs-x plot (another report has the curves)
 
 
 @dataclass
@@ -82,11 +83,11 @@ STUDIES = [
          Report("train_eval_gap", ["batch_size"],
                 ["--metric", "val_gap_acc", "--only", "norm=batch"],
                 "BatchNorm: accuracy with running statistics minus accuracy with batch "
-                "statistics, against the batch size."),
+                "statistics, against the batch size.", curves=False),
          Report("precise_bn", ["batch_size"],
                 ["--metric", "val_precise_acc", "--only", "norm=batch"],
                 "BatchNorm: validation accuracy with PreciseBN statistics (compare "
-                "val_acc in the batch-size table).")]),
+                "val_acc in the batch-size table).", curves=False)]),
     Study(
         "lr", "Learning-rate tolerance per norm",
         "BatchNorm is said to let a network train at higher learning rates. Each norm over "
@@ -189,7 +190,7 @@ def machine() -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                             capture_output=True, text=True).stdout.strip() or "unknown"
     return (f"{os.cpu_count()} CPU cores ({cpu}), no GPU; Python {platform.python_version()}, "
-            f"torch {torch.__version__}; normbench at commit {commit}")
+            f"torch {torch.__version__}; this file written at commit {commit}")
 
 
 def embed(report_md: Path, image_dir: str) -> list[str]:
@@ -202,6 +203,8 @@ def embed(report_md: Path, image_dir: str) -> list[str]:
             line = "##" + line
         if line.startswith("![") and "](" in line:
             label, target = line[2:].split("](", 1)
+            if not (report_md.parent / target.rstrip(")")).is_file():
+                continue  # a plot left out (Report.curves)
             line = f"![{label}]({image_dir}/{target}"
         out.append(line)
     return out
@@ -216,6 +219,9 @@ def run_report(report: Report, sweeps: dict[str, Sweep], runs: Path,
     command = [sys.executable, "-m", "normbench", "report", *dirs, *report.args, "--out", str(out)]
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     (out / "report.csv").unlink(missing_ok=True)  # the tables are in results.md
+    if not report.curves:
+        for name in ("curves.png", "bn_gap.png"):
+            (out / name).unlink(missing_ok=True)
     typed = " ".join(["normbench report", *(relative(Path(d)) for d in dirs), *report.args])
     return [typed], out
 

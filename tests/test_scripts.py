@@ -44,7 +44,9 @@ def test_every_report_reads_sweeps_of_its_study():
 
 def test_embedded_report_headings_move_down_and_images_into_docs(tmp_path):
     md = tmp_path / "report.md"
-    md.write_text("# normbench report: val_err vs lr\n\ntext\n\n## Plots\n\n![curves](curves.png)\n")
+    md.write_text("# normbench report: val_err vs lr\n\ntext\n\n## Plots\n\n![curves](curves.png)\n"
+                  "![bn_gap](bn_gap.png)\n")
+    (tmp_path / "curves.png").write_bytes(b"")  # bn_gap.png was left out: so is its line
     assert results.embed(md, "results/lr") == ["", "text", "", "#### Plots", "",
                                                "![curves](results/lr/curves.png)"]
     assert results.anchor("Batch size, and BatchNorm's train/eval gap") == \
