@@ -1,6 +1,6 @@
 """docs/results.md: the literature's normalization questions, answered by normbench's presets.
 
-    python scripts/results.py --run         # run every study (~1.5 h on 2 CPU cores), then write
+    python scripts/results.py --run         # run every study (~70 min on 2 CPU cores), then write
     python scripts/results.py               # write from the sweep folders already in --runs
     python scripts/results.py --run --only stats_batch,lr
 
