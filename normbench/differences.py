@@ -82,14 +82,12 @@ def reference_row(report: Report, row: tuple, reference: str) -> tuple | None:
     if fmt_value(row[i]) == value:
         return None
     others = row[:i] + row[i + 1:]
-    candidates = [r for r in report.rows if fmt_value(r[i]) == value]
-    if report.row_keys[i] == "norm":
-        return next((r for r in candidates if r[:i] + r[i + 1:] == others), None)
-    def shared(r: tuple) -> int:
-        return sum(a == b for a, b in zip(r[:i] + r[i + 1:], others, strict=True))
-
-    best = max(map(shared, candidates), default=None)
-    top = [r for r in candidates if shared(r) == best]
+    shared = {r: sum(a == b for a, b in zip(r[:i] + r[i + 1:], others, strict=True))
+              for r in report.rows if fmt_value(r[i]) == value}
+    best = max(shared.values(), default=None)
+    if report.row_keys[i] == "norm" and best != len(others):
+        return None  # a norm reference shares the model, dataset and lr, or is none
+    top = [r for r, n in shared.items() if n == best]
     return top[0] if len(top) == 1 else None
 
 
