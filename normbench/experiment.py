@@ -83,6 +83,7 @@ class Experiment:
     steps: int
     scaler: torch.amp.GradScaler
     runner: nn.Module  # what the training forward calls: the model, in DDP, compiled
+    eager: nn.Module  # the runner before compilation (the same module without compile=true)
     step: int = 0
     last_val: dict[str, float] = field(default_factory=dict)
     buffers_agreed: int = -1  # the last step at which the ranks' running statistics were averaged
@@ -107,6 +108,12 @@ class Experiment:
         rank's share of the global batch's mean loss (`distributed.RankShard.loss_share`)."""
         share = getattr(self.loader, "loss_share", None)
         return loss if share is None else share(loss, count)
+
+    def train_module(self, probed: bool) -> nn.Module:
+        """What a training forward calls. On the steps the probes watch, a compiled model
+        runs eagerly (same parameters and buffers): the probes' hooks exist for that one
+        forward only, and tracing them would recompile the model at every logging step."""
+        return self.eager if probed else self.runner
 
     @property
     def eval_model(self) -> nn.Module:
@@ -151,7 +158,7 @@ def build(config: dict, run_dir: Path, console: Console, live: bool) -> Experime
     # On resume, TensorBoard drops events logged after the checkpoint: one continuous curve.
     tracker = Tracker(run_dir, console=console, live=live,
                       purge_step=start_step + 1 if resumed else None, writes=distributed.is_main())
-    runner = distributed.wrap(model, device)
+    eager = distributed.wrap(model, device)
     exp = Experiment(
         config=config, device=device, data=data, model=model, loader=loader,
         optimizer=optimizer, scheduler=build_scheduler(optimizer, steps, **config["sched"]),
@@ -161,7 +168,7 @@ def build(config: dict, run_dir: Path, console: Console, live: bool) -> Experime
         watch=DivergenceWatch(device), running=RunningMeans(device), tracker=tracker,
         summary=initial_summary(config, run_dir, norm, model, data, steps, device), steps=steps,
         scaler=grad_scaler(device, config["precision"]),
-        runner=torch.compile(runner) if config["compile"] else runner)
+        runner=torch.compile(eager) if config["compile"] else eager, eager=eager)
     tracker.write_config(config)
     tracker.write_summary(exp.summary)
     write_dashboards(tracker.writer, hparams_of(exp.summary, config),

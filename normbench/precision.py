@@ -10,9 +10,11 @@
   scaled gradients overflow is skipped by the scaler and is not a divergence.
 - `channels_last=true` stores image activations NHWC (faster convolutions on recent CPUs
   and on tensor cores); it changes the memory layout only, not a single number's meaning.
-- `compile=true` runs the model through `torch.compile`. The probes attach hooks on
-  logging steps, which would recompile the model each time: the pre-flight asks for
-  probes=false with it.
+- `compile=true` runs the model through `torch.compile`, except for the training forward
+  of the steps the probes watch (every `log_every`-th): their hooks exist for that forward
+  only, and tracing them would recompile the model each time, so those steps run the same
+  module eagerly. Evaluations run compiled; PreciseBN and the train/eval discrepancy,
+  which hook the BN layers, run eagerly.
 """
 
 from __future__ import annotations

@@ -110,8 +110,9 @@ def lost_rank_line(exp: Experiment, error: BaseException) -> str:
 def train_step(exp: Experiment, step: int, log_now: bool) -> tuple[int, float]:
     """One optimizer step; returns the batch size and the learning rate the step used."""
     batch = next(exp.loader)
-    with exp.probes.watch_forward(log_now), exp.autocast(), synchronized():
-        logits = forward(exp.runner, exp.prepare(batch))
+    probed = log_now and exp.probes.enabled
+    with exp.probes.watch_forward(probed), exp.autocast(), synchronized():
+        logits = forward(exp.train_module(probed), exp.prepare(batch))
     loss, correct, count = loss_and_counts(logits, batch)
     exp.optimizer.zero_grad(set_to_none=True)
     exp.scaler.scale(exp.objective(loss, count)).backward()  # DDP averages over the ranks

@@ -18,6 +18,9 @@ alternating round by round so that drifting machine load hits them alike:
   files, per-image RandomCrop + RandomHorizontalFlip + ToTensor + Normalize, and a
   DataLoader with 2 worker processes, as most training scripts do.
 
+With `-- compile=true`, every loop's model is compiled (the hand loops' too), and the
+first steps, which compile, are left out of the rates.
+
 Printed: the median rate over rounds (images/s, or tokens/s on text), its ratio to the
 bare loop and to the DataLoader loop, and each loop's peak memory (resident set size
 high-water mark on CPU, reset before each loop through /proc/self/clear_refs; max allocated
@@ -101,7 +104,8 @@ def model_and_optimizer(config: dict, data, device):
     torch.manual_seed(config["seed"])
     model = build_model(config["model"], make_spec(**config["norm"]), data.info).to(device)
     model = to_memory_format(model, config["channels_last"])
-    return model, build_optimizer(model, config["lr"], **config["optim"])
+    optimizer = build_optimizer(model, config["lr"], **config["optim"])
+    return torch.compile(model) if config["compile"] else model, optimizer
 
 
 def timed_loop(config: dict, model, optimizer, batches, steps: int, warmup: int,

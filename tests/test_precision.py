@@ -1,6 +1,8 @@
 """precision=, channels_last= and compile=: what runs in which precision and layout, and the
 combinations the pre-flight refuses."""
 
+import shutil
+
 import pytest
 import torch
 from rich.console import Console
@@ -124,12 +126,46 @@ def test_autocast_is_off_in_fp32():
 
 @pytest.mark.parametrize("overrides, message", [
     (["precision=fp8"], "precision=fp8 is not known"),
-    (["compile=true"], "compile=true with probes=true"),
+    (["compile=true", "model=lstm"], "compile=true with model=lstm"),
 ])
 def test_refused_combinations(overrides, message):
     with pytest.raises(UserError, match=message):
         check_config(compose_config([*TINY, *overrides]))
-    check_config(compose_config([*TINY, "compile=true", "probes=false"]))
+    check_config(compose_config([*TINY, "compile=true", "model=transformer"]))
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compile_runs_probed_steps_eagerly_without_recompiling(tmp_path):
+    """compile=true with the probes: logging steps run the same module eagerly with the
+    hooks, the other steps run the one compiled graph, and both follow the eager run."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    overrides = [*TINY, "norm.stats_batch=2", "steps=6"]  # ghost BN: the groups are traced too
+    runs = {}
+    for compiled in (False, True):
+        exp = build(compose_config([*overrides, f"compile={compiled}"]), tmp_path / str(compiled),
+                    Console(), live=False)
+        assert (exp.train_module(True) is exp.model
+                and (exp.train_module(False) is not exp.model) == compiled)
+        losses, logged = [], []
+        for step in range(1, 7):
+            log_now = step % 3 == 1
+            # after the first compiled step, no more graphs: step 4 (probed) runs eagerly
+            with torch._dynamo.config.patch(error_on_recompile=compiled and step >= 3):
+                train_step(exp, step, log_now)
+            losses.append(exp.running.means()[0].item())
+            if log_now:  # a compiled model would run without the hooks: no bn_gap values
+                logged.append(exp.probes.flush())
+        exp.tracker.close()
+        runs[compiled] = losses, logged
+    (eager_losses, eager_logged), (losses, logged) = runs[False], runs[True]
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-4, atol=1e-6)
+    for mine, theirs in zip(logged, eager_logged, strict=True):
+        gaps = sorted(k for k in mine if k.startswith("bn_gap/"))
+        assert gaps and gaps == sorted(k for k in theirs if k.startswith("bn_gap/"))
+        torch.testing.assert_close([mine[k] for k in gaps], [theirs[k] for k in gaps],
+                                   rtol=1e-3, atol=1e-5)
 
 
 def test_cudnn_autotuning_is_on_unless_deterministic():
