@@ -18,8 +18,8 @@ alternating round by round so that drifting machine load hits them alike:
   files, per-image RandomCrop + RandomHorizontalFlip + ToTensor + Normalize, and a
   DataLoader with 2 worker processes, as most training scripts do.
 
-With `-- compile=true`, every loop's model is compiled (the hand loops' too), and the
-first steps, which compile, are left out of the rates.
+With `-- compile=true`, every loop's model is compiled (the hand loops' too, unless
+`--eager-baselines`), and the first steps, which compile, are left out of the rates.
 
 Printed: the median rate over rounds (images/s, or tokens/s on text), its ratio to the
 bare loop and to the DataLoader loop, and each loop's peak memory (resident set size
@@ -208,7 +208,8 @@ def bench(overrides: list[str], args, tmp: Path) -> list[dict]:
                 rate = normbench_rate(compose_config([*base, *extra]),
                                       tmp / f"run-{len(list(tmp.iterdir()))}")
             else:
-                model, optimizer = model_and_optimizer(config, data, device)
+                hand = {**config, "compile": False} if args.eager_baselines else config
+                model, optimizer = model_and_optimizer(hand, data, device)
                 batches = (bare_batches(data, config["batch_size"], device) if name == "bare"
                            else dataloader_batches(data, folder, config["batch_size"], device,
                                                    args.workers))
@@ -267,6 +268,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps of the hand loops")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--eager-baselines", action="store_true",
+                        help="with compile=true: the bare and DataLoader loops stay eager, as "
+                             "hand-written loops usually are")
     parser.add_argument("--memory", type=int, default=0,
                         help="instead: peak RSS of the default run and of one N times longer")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every loop")
