@@ -112,7 +112,7 @@ class Experiment:
     def train_module(self, probed: bool) -> nn.Module:
         """What a training forward calls. On the steps the probes watch, a compiled model
         runs eagerly (same parameters and buffers): the probes' hooks exist for that one
-        forward only, and tracing them would recompile the model at every logging step."""
+        forward only, and a compiled graph does not run hooks added after it was traced."""
         return self.eager if probed else self.runner
 
     @property

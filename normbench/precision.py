@@ -12,8 +12,8 @@
   and on tensor cores); it changes the memory layout only, not a single number's meaning.
 - `compile=true` runs the model through `torch.compile`, except for the training forward
   of the steps the probes watch (every `log_every`-th): their hooks exist for that forward
-  only, and tracing them would recompile the model each time, so those steps run the same
-  module eagerly. Evaluations run compiled; PreciseBN and the train/eval discrepancy,
+  only, and a compiled graph does not run hooks added after it was traced, so those steps
+  run the same module eagerly. Evaluations run compiled; PreciseBN and the train/eval discrepancy,
   which hook the BN layers, run eagerly.
 """
 
