@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from normbench import distributed
 from normbench.config.resolvers import STAMP_ENV, register_resolvers, stamp
 from normbench.config.tree import conf_dir, config_options, register
+from normbench.console_streams import keep_running_without_reader
 from normbench.errors import UserError
 
 SUBCOMMANDS = {
@@ -46,6 +47,7 @@ def fail(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_running_without_reader()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print_usage()
@@ -205,6 +207,12 @@ def train_command(args: list[str]) -> int:
     sweep_dir, hydra_overrides = None, overrides
     if not info_only:
         sweep_dir, hydra_overrides = preflight(overrides, multirun)
+        # Hydra would write .hydra/ before the job can refuse to run (and over the record of
+        # the run a resume continues): the job writes it once it starts (`write_record`).
+        global _RECORD_SUBDIR
+        _RECORD_SUBDIR, hydra_overrides = take_output_subdir(hydra_overrides)
+        quiet = [q for q in quiet if not q.startswith("hydra.output_subdir=")]
+        hydra_overrides = [*hydra_overrides, "hydra.output_subdir=null"]
     sys.argv = ["normbench train", *flags, *hydra_overrides, *quiet]
     import hydra
 
@@ -234,8 +242,65 @@ def join_process_group(multirun: bool) -> list[str]:
     return ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
 
 
+# Where each job writes Hydra's record of its config (hydra.output_subdir; None: nowhere),
+# and, for a single run, the nearest folder on its path that existed before the command.
+_RECORD_SUBDIR: str | None = ".hydra"
+_EXISTING_ANCESTOR: Path | None = None
+
+
+def take_output_subdir(overrides: list[str]) -> tuple[str | None, list[str]]:
+    """The record folder the command asks for (hydra.output_subdir, default .hydra), and the
+    overrides without it."""
+    subdir, rest = ".hydra", []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key == "hydra.output_subdir":
+            subdir = None if value.strip().lower() in ("null", "none", "") else value.strip("'\"")
+        else:
+            rest.append(override)
+    return subdir, rest
+
+
+def write_record(cfg, run_dir: Path) -> None:
+    """Hydra's record of the job (config.yaml, hydra.yaml, overrides.yaml), as Hydra itself
+    writes it, except that the record of a run already in the folder is never overwritten:
+    a resumed run's record goes beside it, in .hydra/resume_<stamp>/."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if _RECORD_SUBDIR is None or not distributed.is_main():
+        return
+    folder = run_dir / _RECORD_SUBDIR
+    if (folder / "config.yaml").exists():
+        folder = folder / f"resume_{stamp()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    hydra_cfg = OmegaConf.create({"hydra": OmegaConf.to_container(HydraConfig.get())})
+    hydra_cfg.hydra.output_subdir = str(folder.relative_to(run_dir))
+    OmegaConf.save(cfg, folder / "config.yaml")
+    OmegaConf.save(hydra_cfg, folder / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)),
+                   folder / "overrides.yaml")
+
+
+def remove_created(run_dir: Path) -> None:
+    """Remove the empty folders this command created on the way to `run_dir` (Hydra makes
+    the run folder before the job can refuse to run in it)."""
+    if _EXISTING_ANCESTOR is None:
+        return
+    folder = run_dir.absolute()
+    while folder != _EXISTING_ANCESTOR and _EXISTING_ANCESTOR in folder.parents:
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            return
+        folder = folder.parent
+
+
 def _task(cfg) -> None:
-    """One job, inside Hydra: resolve the config to a plain dict and hand it to the loop."""
+    """One job, inside Hydra: resolve the config to a plain dict and hand it to the loop.
+
+    A job that fails before its run starts writing leaves an existing folder as it was; a
+    single run's new folder is removed again, a sweep job's new folder records the failure
+    (the sweep's report counts it)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -245,6 +310,22 @@ def _task(cfg) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    fresh = not any(run_dir.iterdir()) if run_dir.is_dir() else True
+    started = False
+
+    def on_start() -> None:
+        nonlocal started
+        started = True
+        write_record(cfg, run_dir)
+
+    def record_failure(line: str) -> None:
+        if not main:
+            return
+        if started or (fresh and multirun):
+            write_failed_summary(run_dir, config, line)
+        elif fresh:
+            remove_created(run_dir)
+
     config = OmegaConf.to_container(cfg, resolve=True)
     if config.get("threads") is None and multirun:
         config["threads"] = threads_per_job(hydra_cfg.launcher)
@@ -261,13 +342,12 @@ def _task(cfg) -> None:
         check_config(config)
         from normbench.train import run_experiment
 
-        summary = run_experiment(config, run_dir, live=not multirun)
+        summary = run_experiment(config, run_dir, live=not multirun, on_start=on_start)
     except distributed.PeerLost as e:  # summary.json already says failed, with this line
         print(f"normbench: error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_RUN_FAILED) from None
     except UserError as e:
-        if main:
-            write_failed_summary(run_dir, config, e.line())
+        record_failure(e.line())
         if multirun:
             print(f"normbench: job {hydra_cfg.job.num} failed: {e.line()}", file=sys.stderr)
             return
@@ -275,8 +355,7 @@ def _task(cfg) -> None:
             print(f"normbench: error: {e.line()}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
     except Exception as e:
-        if main:
-            write_failed_summary(run_dir, config, f"{type(e).__name__}: {e}")
+        record_failure(f"{type(e).__name__}: {e}")
         if multirun:  # isolate the failure: the other jobs still run
             import traceback
 
@@ -343,4 +422,14 @@ def preflight(overrides: list[str], multirun: bool) -> tuple[Path | None, list[s
         check_sweep_dir(sweep.dir, sweep.jobs[0].config["resume"] if sweep.jobs else False)
     else:
         check_run_dir(sweep.jobs[0].run_dir, sweep.jobs[0].config["resume"])
+        global _EXISTING_ANCESTOR
+        _EXISTING_ANCESTOR = existing_ancestor(sweep.jobs[0].run_dir)
     return sweep.dir, sweep.hydra_overrides
+
+
+def existing_ancestor(folder: Path) -> Path:
+    """`folder` itself if it exists, else its nearest existing parent (absolute)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder

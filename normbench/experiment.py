@@ -139,7 +139,12 @@ class Experiment:
 
 
 def build(config: dict, run_dir: Path, console: Console, live: bool) -> Experiment:
-    """Set up one run; on resume, continue from the newest readable checkpoint."""
+    """Set up one run; on resume, continue from the newest readable checkpoint.
+
+    Everything that can refuse the run (the device, the data, the model, a checkpoint that
+    does not fit) happens before the first byte is written: a refused command leaves the run
+    folder, and a finished run in it, exactly as they were. `Experiment.tracker.started`
+    says whether the run began writing."""
     device = select_device(config["device"])
     if config["threads"]:
         torch.set_num_threads(int(config["threads"]))
@@ -154,10 +159,7 @@ def build(config: dict, run_dir: Path, console: Console, live: bool) -> Experime
     steps = total_steps(config, loader.steps_per_epoch)
     optimizer = build_optimizer(model, config["lr"], **config["optim"])
     resumed = ckpt.resume_point(run_dir, config["resume"], warn)
-    start_step = resumed[0]["step"] if resumed else 0
-    # On resume, TensorBoard drops events logged after the checkpoint: one continuous curve.
-    tracker = Tracker(run_dir, console=console, live=live,
-                      purge_step=start_step + 1 if resumed else None, writes=distributed.is_main())
+    tracker = Tracker(run_dir, console=console, live=live, writes=distributed.is_main())
     eager = distributed.wrap(model, device)
     exp = Experiment(
         config=config, device=device, data=data, model=model, loader=loader,
@@ -169,15 +171,23 @@ def build(config: dict, run_dir: Path, console: Console, live: bool) -> Experime
         summary=initial_summary(config, run_dir, norm, model, data, steps, device), steps=steps,
         scaler=grad_scaler(device, config["precision"]),
         runner=torch.compile(eager) if config["compile"] else eager, eager=eager)
-    tracker.write_config(config)
-    tracker.write_summary(exp.summary)
-    write_dashboards(tracker.writer, hparams_of(exp.summary, config),
-                     has_bn=bool(exp.probes.bn_layers), has_norm=bool(exp.probes.norm_layers),
-                     has_saturation=bool(exp.probes.saturating), swept=swept_names(config))
     distributed.seed_rank(config["seed"])
     if resumed:
         resume(exp, *resumed)  # last: it sets the RNG states the next steps draw from
     return exp
+
+
+def start_writing(exp: Experiment) -> None:
+    """The run's first writes: its folder, event file, config.json, summary.json and the
+    TensorBoard layout. On resume, TensorBoard drops the events logged after the checkpoint
+    (one continuous curve), and summary.json keeps the previous final metrics."""
+    resumed = "resumed_from_step" in exp.summary
+    exp.tracker.start(purge_step=exp.step + 1 if resumed else None)
+    exp.tracker.write_config(exp.config)
+    exp.tracker.write_summary(exp.summary)
+    write_dashboards(exp.tracker.writer, hparams_of(exp.summary, exp.config),
+                     has_bn=bool(exp.probes.bn_layers), has_norm=bool(exp.probes.norm_layers),
+                     has_saturation=bool(exp.probes.saturating), swept=swept_names(exp.config))
 
 
 def initial_summary(config: dict, run_dir: Path, norm, model: nn.Module, data, steps: int,
@@ -223,20 +233,53 @@ def resume(exp: Experiment, state: dict, path: Path) -> None:
     threads = adopt_thread_count(exp.config, state["threads"])
     changed = [key for key in ckpt.config_changes(state["config"], exp.config)
                if key != "threads" or not threads]
-    if changed:
+    try:
+        ckpt.restore(state, exp.parts(), path)
+    except UserError:
+        if not changed:
+            raise
+        saved = ", ".join(_settings(state["config"], changed))
+        now = ", ".join(_settings(exp.config, changed))
+        raise UserError(f"the checkpoint {path} was saved with {saved} and does not fit this "
+                        f"configuration ({now})", f"resume with {saved} (the run's .hydra/"
+                        "overrides.yaml has its command), or start a new run in another "
+                        "hydra.run.dir") from None
+    if state["step"] > exp.steps:
+        saved_step = state["step"]
+        raise UserError(f"the checkpoint {path} is at step {saved_step}, past this run's "
+                        f"{exp.steps} steps", f"resume with at least {saved_step} steps (the "
+                        "steps= or epochs= of the run it continues), or start a new run")
+    if changed:  # after the restore: a checkpoint that does not fit is one error line alone
         warn(f"resuming with a config that differs from the checkpoint's in "
              f"{', '.join(changed)}: the run will not match an uninterrupted one")
-    ckpt.restore(state, exp.parts(), path)
     if "ranks" in state:  # each rank continues its own random stream and running sums
         own = state["ranks"][distributed.rank()]
         exp.running.load_state_dict(own["running"])
         ckpt.set_rng_state(own["rng"])
     exp.step = state["step"]
     exp.throughput = Throughput(exp.step)
-    exp.summary["final"].update(state["final"])
     exp.last_val = state["last_val"]
+    # Until this run has newer numbers, summary.json keeps the ones the checkpoint had.
+    exp.summary["final"].update(state["final"])
+    exp.summary["final"].update({k.replace("/", "_"): v for k, v in exp.last_val.items()})
+    exp.summary["steps"] = exp.step
     exp.summary["resumed_from_step"] = exp.step
     exp.tracker.console.print(f"resuming from {path} (step {exp.step}/{exp.steps})")
+
+
+def _settings(config: dict, keys: list[str]) -> list[str]:
+    """`key=value` for the changed keys; where a group's option changed (norm=group for
+    norm=batch), `group=option` for those groups alone: the likely misfit."""
+    def lookup(dotted: str):
+        value = config
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return "null" if value is None else value
+
+    groups = sorted(key.rsplit(".", 1)[0] for key in keys if key.endswith(".name"))
+    if groups:
+        return [f"{group}={lookup(group + '.name')}" for group in groups]
+    return [f"{key}={lookup(key)}" for key in keys if key != "run_name"]
 
 
 def adopt_thread_count(config: dict, saved: int) -> bool:

@@ -78,23 +78,28 @@ class _NoWriter:
 class Tracker:
     """One run's outputs: a SummaryWriter in the run folder, a console, summary.json.
 
+    Nothing is written before `start`: a run that is refused while it is being set up (a
+    checkpoint that does not fit, data that cannot be read) leaves its folder as it was.
     `writes=False` (every process but rank 0 of a multi-process run) keeps the interface and
     writes and prints nothing: one run folder, one event file, one summary."""
 
     def __init__(self, run_dir: Path, console: Console | None = None, live: bool = True,
-                 purge_step: int | None = None, writes: bool = True):
-        from torch.utils.tensorboard import SummaryWriter
-
+                 writes: bool = True):
         self.run_dir = Path(run_dir)
         self.writes = writes
-        if writes:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            # purge_step (on resume): TensorBoard hides this folder's events from that step on.
-            self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
-            self.console = console or Console()
-        else:
-            self.writer, self.console = _NoWriter(), Console(quiet=True)
-        self.live = live and self.console.is_terminal
+        self.writer = _NoWriter()
+        self.console = (console or Console()) if writes else Console(quiet=True)
+        self.live = live and writes and self.console.is_terminal
+
+    def start(self, purge_step: int | None = None) -> None:
+        """Create the run folder and its event file: from here on the run writes."""
+        if not self.writes:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # purge_step (on resume): TensorBoard hides this folder's events from that step on.
+        self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,18 +25,33 @@ from normbench.evaluation import (
     text_metrics,
     train_eval_discrepancy,
 )
-from normbench.experiment import Experiment, build, checkpoint_state
+from normbench.experiment import Experiment, build, checkpoint_state, start_writing
 from normbench.guard import StopSignals, grad_norm
 from normbench.norms.sync import synchronized
-from normbench.tracking import warn
+from normbench.tracking import read_summary, warn
 
 
 def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
-                   live: bool = True) -> dict:
+                   live: bool = True, on_start: Callable[[], None] | None = None) -> dict:
     """Train and evaluate one configuration; write logs, checkpoints and summary.json into
-    `run_dir` (resuming from its checkpoints when config["resume"] says so)."""
+    `run_dir` (resuming from its checkpoints when config["resume"] says so).
+
+    Nothing is written until the run is set up: `on_start` is called (on every process)
+    just before the first write, once nothing can refuse the run any more. A resumed run
+    that had already completed all its steps is left as it is, and its summary returned."""
     start = time.time()
     exp = build(config, Path(run_dir), console or Console(), live)
+    # Rank 0 reads the folder and decides for every process.
+    previous = distributed.broadcast_object(
+        (read_summary(run_dir) or {}) if distributed.is_main() and exp.step else {})
+    if exp.step == exp.steps and previous.get("status") == "completed":
+        exp.tracker.console.print(f"{run_dir} has completed its {exp.steps} steps: nothing to "
+                                  "do (raise steps= or epochs= to train it further)",
+                                  soft_wrap=True)
+        return previous
+    if on_start is not None:
+        on_start()
+    start_writing(exp)
     vote = distributed.StopVote()
     with exp.tracker.progress() as progress, StopSignals() as stop:
         task = progress.add_task(exp.summary["run_name"], total=exp.steps, status="",
