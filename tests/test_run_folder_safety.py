@@ -36,45 +36,44 @@ def finished(tmp_path_factory) -> Path:
     return cwd / "runs" / "done"
 
 
-def refusals(tmp: Path) -> dict[str, list[str]]:
-    """Commands that must be refused in a finished run's folder (resume=true unless the case
-    is about resume itself), each with the arguments after `normbench train`."""
-    (tmp / "empty").mkdir(exist_ok=True)
-    cases = {
-        "another norm": ["norm=group"],
-        "another model and dataset": ["model=transformer", "dataset=synthetic_text"],
-        "another depth": ["model.depth=14"],
-        "another optimizer": ["optim=adamw"],
-        "fewer steps than the checkpoint": ["steps=2"],
-        "cifar offline": ["dataset=cifar10", f"dataset.root={tmp / 'empty'}",
-                          "dataset.download=false"],
-        "tinyshakespeare offline": [*NO_SIZES, "dataset=tinyshakespeare",
-                                    f"dataset.root={tmp / 'empty'}", "dataset.download=false"],
-        "text file missing": [*NO_SIZES, "dataset=text", f"dataset.path={tmp / 'no.txt'}"],
-        "image folder missing": ["dataset=imagefolder", f"dataset.root={tmp / 'nowhere'}"],
-        "image folder without splits": ["dataset=imagefolder", f"dataset.root={tmp / 'empty'}"],
-        "negative lr": ["lr=-1"],
-        "unknown norm": ["norm=nope"],
-        "unknown key": ["nope=1"],
-        "bad resume mode": ["resume=maybe"],
-    }
-    if not torch.cuda.is_available():
-        cases["cuda without a GPU"] = ["device=cuda"]
-    commands = {name: [*RUN, "resume=true", *args] for name, args in cases.items()}
-    commands["a fresh start in the folder"] = [*RUN]  # resume=false: it holds checkpoints
-    return commands
+# Commands that must be refused in a finished run's folder (resume=true unless the case is
+# about resume itself): the arguments after `normbench train`; {tmp} is the test's folder.
+REFUSALS = {
+    "another norm": ["norm=group"],
+    "another model and dataset": ["model=transformer", "dataset=synthetic_text"],
+    "another depth": ["model.depth=14"],
+    "another optimizer": ["optim=adamw"],
+    "fewer steps than the checkpoint": ["steps=2"],
+    "cifar offline": ["dataset=cifar10", "dataset.root={tmp}/empty", "dataset.download=false"],
+    "tinyshakespeare offline": [*NO_SIZES, "dataset=tinyshakespeare", "dataset.root={tmp}/empty",
+                                "dataset.download=false"],
+    "text file missing": [*NO_SIZES, "dataset=text", "dataset.path={tmp}/no.txt"],
+    "image folder missing": ["dataset=imagefolder", "dataset.root={tmp}/nowhere"],
+    "image folder without splits": ["dataset=imagefolder", "dataset.root={tmp}/empty"],
+    "cuda without a GPU": ["device=cuda"],
+    "negative lr": ["lr=-1"],
+    "unknown norm": ["norm=nope"],
+    "unknown key": ["nope=1"],
+    "bad resume mode": ["resume=maybe"],
+}
 
 
-def test_refused_commands_leave_a_finished_run_byte_for_byte(finished, tmp_path):
+@pytest.mark.parametrize("case", [*REFUSALS, "a fresh start in the folder"])
+def test_a_refused_command_leaves_a_finished_run_byte_for_byte(finished, tmp_path, case):
+    if case == "cuda without a GPU" and torch.cuda.is_available():
+        pytest.skip("there is a GPU here")
+    (tmp_path / "empty").mkdir()
+    # resume=false (the default) in a folder that holds checkpoints is refused too
+    args = RUN if case not in REFUSALS else [*RUN, "resume=true", *REFUSALS[case]]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     before = fingerprint(finished)
     assert json.loads((finished / "summary.json").read_text())["status"] == "completed"
     assert ".hydra/config.yaml" in before
-    for name, args in refusals(tmp_path).items():
-        result = run_cli("train", *args, f"hydra.run.dir={finished}", cwd=tmp_path)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2, (name, result.stderr)
-        assert len(lines) == 1 and lines[0].startswith("normbench: error:"), (name, lines)
-        assert fingerprint(finished) == before, name
+    result = run_cli("train", *args, f"hydra.run.dir={finished}", cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("normbench: error:"), lines
+    assert fingerprint(finished) == before
 
 
 def test_a_config_that_does_not_fit_names_the_checkpoints_setting(finished, tmp_path):
