@@ -248,6 +248,9 @@ def test_a_resumed_run_keeps_the_thread_count_of_its_checkpoint(tmp_path, capsys
     # A sweep job ran with threads=2; resumed on its own (threads=null) it would get
     # torch's default, and CPU reductions would round differently.
     run_experiment(compose_config([*RUN, "steps=2", "threads=2"]), tmp_path, live=False)
+    # As if it had been stopped after its last checkpoint (a completed run is left alone).
+    summary_path = tmp_path / "summary.json"
+    summary_path.write_text(summary_path.read_text().replace('"completed"', '"interrupted"'))
     torch.set_num_threads(1)
     capsys.readouterr()
     summary = run_experiment(compose_config([*RUN, "steps=2", "resume=true"]), tmp_path,
