@@ -4,6 +4,8 @@
     python scripts/bench.py --norms batch,group --precisions fp32 --rounds 5
     python scripts/bench.py --models transformer,lstm -- dataset=synthetic_text
     python scripts/bench.py --memory 10                      # peak RSS at 1x and 10x the steps
+    python scripts/bench.py --loops normbench,no-probes,bare --variant "precision=fp32" \
+        --variant "precision=bf16 compile=true" --json bench.json -- device=cuda batch_size=512
 
 For each model x norm x precision, four loops train the same network from the same config,
 alternating round by round so that drifting machine load hits them alike:
@@ -21,16 +23,26 @@ alternating round by round so that drifting machine load hits them alike:
 With `-- compile=true`, every loop's model is compiled (the hand loops' too, unless
 `--eager-baselines`), and the first steps, which compile, are left out of the rates.
 
+`--variant "k=v k=v"` (repeatable) measures each set of overrides in turn instead of the
+`--precisions` list (fp32 against bf16 + channels_last + compile, say); `--loops` keeps some
+of the four loops (leaving out `dataloader` also skips writing the images as PNG files,
+minutes at 50k images); `--json PATH` writes the rows, rewritten after every measurement so
+that a run stopped by a timeout keeps what it measured. Each row also gives the time of one
+epoch of the training set at that rate (evaluations left out).
+
 Printed: the median rate over rounds (images/s, or tokens/s on text), its ratio to the
 bare loop and to the DataLoader loop, and each loop's peak memory (resident set size
 high-water mark on CPU, reset before each loop through /proc/self/clear_refs; max allocated
-on CUDA).
+on CUDA; the dataset, built once per process and shared by the loops, is on the device in
+every loop and counts in each).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
+import json
 import statistics
 import sys
 import tempfile
@@ -176,9 +188,29 @@ def dataloader_batches(data, root: Path, batch_size: int, device, workers: int):
             yield Batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
 
 
-def bench(overrides: list[str], args, tmp: Path) -> list[dict]:
-    from normbench.config.compose import compose_config
+# --loops names -> the loops' names in the table
+LOOPS = {"normbench": "normbench", "no-probes": "normbench, probes=false", "bare": "bare",
+         "dataloader": "DataLoader"}
+_DATASETS: dict[str, object] = {}
+
+
+def shared_dataset(**options):
+    """One dataset per set of options in this process, for every loop and round: rendering
+    50k shapes takes seconds to a minute, and none of it is inside a timed interval. The
+    normbench loops get it too (main() puts this in place of experiment.build_dataset);
+    nothing in a run modifies a dataset, and `.to(device)` is a no-op after the first."""
     from normbench.data import build_dataset
+
+    key = json.dumps(options, sort_keys=True, default=str)
+    if key not in _DATASETS:
+        _DATASETS[key] = build_dataset(**options)
+    return _DATASETS[key]
+
+
+def bench(overrides: list[str], args, tmp: Path, variant: str = "", emit=None) -> list[dict]:
+    """The rows of one model x norm x precision (or variant); `emit(rows)` is called with the
+    rows measured so far after every loop's round."""
+    from normbench.config.compose import compose_config
     from normbench.experiment import select_device
 
     # Evaluations and checkpoints are not timed: none until the end, and no PreciseBN.
@@ -188,25 +220,27 @@ def bench(overrides: list[str], args, tmp: Path) -> list[dict]:
     device = select_device(config["device"])
     if config["threads"]:
         torch.set_num_threads(config["threads"])
-    data = build_dataset(**config["dataset"]).to(device)
+    data = shared_dataset(**config["dataset"]).to(device)
     images = data.info.kind == "image"
+    loops = [LOOPS[key] for key in args.loops.split(",") if key != "dataloader" or images]
     folder = tmp / f"folder-{config['dataset']['name']}-{data.n_train}"
-    if images and not folder.exists():
+    if "DataLoader" in loops and not folder.exists():
         write_image_folder(data, folder)
     probe = next(data.train_loader(config["batch_size"], seed=0))
     unit = units_per_sample(probe)
-    loops = {"normbench": None, "normbench, probes=false": None, "bare": None}
-    if images:
-        loops["DataLoader"] = None
     rates = {name: [] for name in loops}
     memory = {name: 0.0 for name in loops}
     for r in range(args.rounds):
         for name in loops:
             reset_peak_memory(device)
             if name.startswith("normbench"):
-                extra = ["probes=false"] if "probes=false" in name else []
-                rate = normbench_rate(compose_config([*base, *extra]),
-                                      tmp / f"run-{len(list(tmp.iterdir()))}")
+                # the config composed above, rather than composing again with probes=false
+                # (nothing interpolates `probes`; a composition costs about 0.5 s); a copy,
+                # since a run may write into it
+                run_config = copy.deepcopy(config)
+                if "probes=false" in name:
+                    run_config["probes"] = False
+                rate = normbench_rate(run_config, tmp / f"run-{len(list(tmp.iterdir()))}")
             else:
                 hand = {**config, "compile": False} if args.eager_baselines else config
                 model, optimizer = model_and_optimizer(hand, data, device)
@@ -219,27 +253,41 @@ def bench(overrides: list[str], args, tmp: Path) -> list[dict]:
             rates[name].append(rate * unit)
             memory[name] = max(memory[name], peak_memory_mib(device))
             print(f"  round {r + 1} {name:<24} {rate * unit:10.1f}", flush=True)
+            if emit:
+                emit(summarize(config, data, unit, device, variant, rates, memory))
+    return summarize(config, data, unit, device, variant, rates, memory)
+
+
+def summarize(config: dict, data, unit: float, device, variant: str, rates: dict,
+              memory: dict) -> list[dict]:
+    """One row per loop measured so far: median rate over its rounds, ratios, epoch time."""
+    images = data.info.kind == "image"
+    median = {name: statistics.median(values) for name, values in rates.items() if values}
+    bare, dl = median.get("bare"), median.get("DataLoader")
     rows = []
-    for name in loops:
+    for name, rate in median.items():
+        samples_per_s = rate / unit
         rows.append({"model": config["model"]["name"], "norm": config["norm"]["name"],
-                     "precision": config["precision"], "loop": name,
-                     "rate": statistics.median(rates[name]), "peak_mib": memory[name],
-                     "unit": "img/s" if images else "tok/s"})
-    bare = statistics.median(rates["bare"])
-    dl = statistics.median(rates["DataLoader"]) if images else None
-    for row in rows:
-        row["vs_bare"] = row["rate"] / bare
-        row["vs_dataloader"] = row["rate"] / dl if dl else None
+                     "precision": config["precision"], "channels_last": config["channels_last"],
+                     "compile": config["compile"], "variant": variant, "loop": name,
+                     "rate": rate, "unit": "img/s" if images else "tok/s",
+                     "rounds": len(rates[name]), "samples_per_s": samples_per_s,
+                     "epoch_s": data.n_train / samples_per_s, "n_train": data.n_train,
+                     "batch_size": config["batch_size"], "device": str(device),
+                     "peak_mib": memory[name], "vs_bare": rate / bare if bare else None,
+                     "vs_dataloader": rate / dl if dl else None})
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'model':<12}{'norm':<14}{'prec':<6}{'loop':<26}{'rate':>10}  unit "
-          f"{'x bare':>8}{'x DataLoader':>14}{'peak MiB':>10}")
+          f"{'x bare':>8}{'x DataLoader':>14}{'peak MiB':>10}{'epoch s':>9}  variant")
     for r in rows:
+        bare = f"{r['vs_bare']:.2f}" if r["vs_bare"] else "-"
         dl = f"{r['vs_dataloader']:.2f}" if r["vs_dataloader"] else "-"
         print(f"{r['model']:<12}{r['norm']:<14}{r['precision']:<6}{r['loop']:<26}"
-              f"{r['rate']:>10.1f}  {r['unit']} {r['vs_bare']:>8.2f}{dl:>14}{r['peak_mib']:>10.0f}")
+              f"{r['rate']:>10.1f}  {r['unit']} {bare:>8}{dl:>14}{r['peak_mib']:>10.0f}"
+              f"{r['epoch_s']:>9.2f}  {r['variant']}")
 
 
 def memory_check(factor: int, overrides: list[str], tmp: Path) -> None:
@@ -259,11 +307,30 @@ def memory_check(factor: int, overrides: list[str], tmp: Path) -> None:
         print(f"steps={n}: {line[0] if line else out.stderr[-300:]}")
 
 
+
+
+def write_json(path: Path, rows: list[dict], args) -> None:
+    """The rows and what they were measured on, replaced atomically (a reader, or a run
+    stopped by a timeout, never sees half a file)."""
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "args": vars(args)}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str))
+    tmp.replace(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet")
     parser.add_argument("--norms", default="batch")
-    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--precisions", default=None,
+                        help="default fp32,bf16; with --variant, each variant's own")
+    parser.add_argument("--variant", action="append", default=[], metavar='"K=V K=V"',
+                        help="a set of overrides measured on its own (repeatable)")
+    parser.add_argument("--loops", default=",".join(LOOPS),
+                        help=f"which of {','.join(LOOPS)} to run")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--steps", type=int, default=100, help="per loop and round")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps of the hand loops")
     parser.add_argument("--rounds", type=int, default=3)
@@ -275,17 +342,36 @@ def main() -> None:
                         help="instead: peak RSS of the default run and of one N times longer")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every loop")
     args = parser.parse_args()
+    unknown = set(args.loops.split(",")) - set(LOOPS)
+    if unknown:
+        parser.error(f"unknown loop(s) {', '.join(sorted(unknown))}: use {','.join(LOOPS)}")
+    import normbench.experiment
+
+    normbench.experiment.build_dataset = shared_dataset  # see shared_dataset
     with tempfile.TemporaryDirectory() as tmp:
         if args.memory:
             memory_check(args.memory, args.overrides, Path(tmp))
             return
-        rows = []
-        for model, norm, precision in itertools.product(args.models.split(","),
-                                                        args.norms.split(","),
-                                                        args.precisions.split(",")):
-            print(f"model={model} norm={norm} precision={precision}", flush=True)
-            rows += bench([f"model={model}", f"norm={norm}", f"precision={precision}",
-                           *args.overrides], args, Path(tmp))
+        if args.precisions:
+            precisions = args.precisions.split(",")
+        else:  # a variant says its precision (or keeps the config's)
+            precisions = [None] if args.variant else ["fp32", "bf16"]
+        rows: list[dict] = []
+
+        def emit(current: list[dict]) -> None:
+            if args.json:
+                write_json(args.json, rows + current, args)
+
+        for model, norm, precision, variant in itertools.product(
+                args.models.split(","), args.norms.split(","), precisions, args.variant or [""]):
+            print(f"model={model} norm={norm}" + (f" precision={precision}" if precision else "")
+                  + (f" {variant}" if variant else ""), flush=True)
+            # the variant last: its values win over the ones given for every loop
+            overrides = [f"model={model}", f"norm={norm}",
+                         *([f"precision={precision}"] if precision else []), *args.overrides,
+                         *variant.split()]
+            rows += bench(overrides, args, Path(tmp), variant, emit)
+            emit([])
         print(f"\n{torch.__version__}, {torch.get_num_threads()} threads, "
               f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
         print_table(rows)
