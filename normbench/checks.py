@@ -8,6 +8,7 @@ of each job.
 from __future__ import annotations
 
 import os
+import re
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -158,6 +159,9 @@ def _execution(config: dict) -> None:
         raise UserError(f"precision={config['precision']} is not known",
                         f"use one of: {', '.join(DTYPES)}")
     device = str(config["device"])
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        raise UserError(f"device={device} is not a device normbench trains on",
+                        "use device=auto (CUDA when there is one), cpu, cuda or cuda:N")
     if world_from_env() > 1 and device.startswith("cuda:"):
         raise UserError(f"device={device} with {world_from_env()} processes: each process "
                         "uses the GPU of its LOCAL_RANK", "use device=cuda or device=auto")

@@ -40,9 +40,32 @@ def select_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={name} but CUDA is not available here", "use device=auto or cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"device={name} but this machine has {torch.cuda.device_count()} GPU(s)",
+                        f"use device=cuda or cuda:N with N below {torch.cuda.device_count()}")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device=mps but Apple's MPS backend is not available here",
+                        "use device=auto or cpu")
     if name == "cuda" and distributed.active():  # one GPU per process
         return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
+
+
+def load_data(dataset: dict, device: torch.device):
+    """The dataset on the device. The in-memory datasets hold every image as one tensor: one
+    that does not fit is a line naming the sizes, not an allocator's traceback."""
+    try:
+        return build_dataset(**dataset).to(device)
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and \
+                "allocate" not in str(e):
+            raise
+        sizes = ", ".join(f"dataset.{k}={dataset[k]}" for k in ("n_train", "n_val", "image_size",
+                                                               "seq_len") if dataset.get(k))
+        reason = " ".join(str(e).split())[:160]
+        raise UserError(f"dataset={dataset['name']} does not fit in the memory of {device} "
+                        f"({sizes}: {reason})", "lower dataset.n_train or dataset.image_size "
+                        "(the images are held in memory as one tensor)") from None
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -151,7 +174,7 @@ def build(config: dict, run_dir: Path, console: Console, live: bool) -> Experime
     seed_everything(config["seed"], config["deterministic"])
 
     with distributed.main_first():  # a download or cache is written once, by rank 0
-        data = build_dataset(**config["dataset"]).to(device)
+        data = load_data(config["dataset"], device)
     norm = make_spec(**config["norm"])
     model = to_memory_format(build_model(config["model"], norm, data.info).to(device),
                              config["channels_last"])

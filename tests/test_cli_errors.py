@@ -152,6 +152,14 @@ CASES = [
     ("eval-every-negative", ["eval_every=-5"], ["eval_every=-5 must be a whole number >= 0"]),
     ("batch-larger-than-n-train", ["dataset.n_train=16"],
      ["batch_size=32 is larger than dataset.n_train=16"]),
+    ("device-unknown", ["device=tpu"], ["device=tpu is not a device", "cpu, cuda or cuda:N"]),
+    ("flag-unknown", ["--frobnicate"], ["unknown option --frobnicate", "key=value"]),
+    ("flag-misspelled", ["--cgf", "job"], ["unknown option --cgf", "did you mean --cfg?"]),
+    ("cfg-kind-unknown", ["--cfg", "jobs"], ["--cfg takes one of job, hydra, all, not 'jobs'"]),
+    # An in-memory dataset larger than any memory: the allocator refuses at once.
+    ("dataset-beyond-memory", ["dataset.n_train=100000000"],
+     ["dataset=shapes does not fit in the memory of", "dataset.n_train=100000000",
+      "lower dataset.n_train"]),
     # Sizes checked once the data is there (inside the job, still one line and exit 2).
     ("n-train-above-available", ["dataset=imagefolder", "dataset.root={images}",
                                  "dataset.n_train=13", "batch_size=4"],
