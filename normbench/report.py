@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,12 @@ def print_differences(report: Report, sig: Significance, console) -> None:
     console.print(sig.text, soft_wrap=False)
 
 
+def csv_number(value: float | None) -> str:
+    """A number for report.csv; empty where there is none or it is not finite (no nan or
+    inf tokens, which some readers take for text)."""
+    return "" if value is None or not math.isfinite(value) else f"{value:.6g}"
+
+
 def write_csv(report: Report, path: Path) -> None:
     """One line per cell (row x value): the long format spreadsheets and pandas expect."""
     statuses = ("diverged", "failed", "interrupted", "running", "no metric")
@@ -139,8 +146,7 @@ def write_csv(report: Report, path: Path) -> None:
                     continue
                 writer.writerow([
                     *map(fmt_value, row), fmt_value(col), report.metric,
-                    "" if cell.mean is None else f"{cell.mean:.6g}",
-                    "" if cell.std is None else f"{cell.std:.6g}", len(cell.values),
+                    csv_number(cell.mean), csv_number(cell.std), len(cell.values),
                     *(cell.statuses.get(s, 0) for s in statuses),
                     " ".join(map(str, sorted(cell.seeds, key=sort_key)))])
 
