@@ -19,6 +19,7 @@ from normbench.config.explain import show_value as _show
 from normbench.data import DataInfo
 from normbench.distributed import world_from_env
 from normbench.errors import UserError
+from normbench.paths import nearest_existing, path_error
 
 
 def _positive_int(config: dict, key: str, allow_none: bool = False) -> None:
@@ -136,10 +137,11 @@ def check_output_dir(folder: Path) -> None:
     """The output folder can be created and written: its nearest existing ancestor is a
     writable folder (checked without creating anything)."""
     folder = Path(folder).absolute()
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
     fix = "set hydra.run.dir (or hydra.sweep.dir with -m) to a writable place"
+    try:
+        existing = nearest_existing(folder)
+    except OSError as e:  # a name too long, a folder it may not look into
+        raise path_error(e, "the output folder", folder, fix) from None
     if not existing.is_dir():
         raise UserError(f"cannot create the output folder {folder}: {existing} is a file", fix)
     if not os.access(existing, os.W_OK | os.X_OK):  # EROFS included

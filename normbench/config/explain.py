@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
+import os
 import re
 import typing
 from functools import cache
@@ -159,6 +161,19 @@ def explain_hydra_error(error: Exception, overrides: list[str]) -> tuple[str, st
                 "add -m, e.g. normbench train -m " + " ".join(overrides))
     first = next((line for line in text.splitlines() if line.strip()), text)
     return first, "check the override against 'normbench train --cfg job'"
+
+
+def explain_lookup_error(error: OSError, overrides: list[str]) -> tuple[str, str]:
+    """Hydra looks an unknown key up as a config group folder: a key too long for a file
+    name ends there in OSError(ENAMETOOLONG), not in Hydra's unknown-key error."""
+    name = os.path.basename(str(error.filename or ""))
+    culprit = next((o for o in overrides if name and name in o), None)
+    if error.errno != errno.ENAMETOOLONG or culprit is None:
+        raise error
+    key = culprit.split("=", 1)[0].lstrip("+~")
+    shown = key if len(key) <= 60 else f"{key[:40]}..., {len(key)} characters"
+    return f"unknown config key '{shown}' (from the command line)", \
+        "'normbench train --cfg job' prints every key"
 
 
 def refuse_keys_outside_schema(cfg: DictConfig, job: list[str], command_line: list[str]) -> None:
