@@ -10,6 +10,7 @@ import errno
 import json
 import math
 import re
+import shlex
 import typing
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 import torchvision
 
 from normbench.checks import check_config, check_output_dir
-from normbench.config.compose import compose_config
+from normbench.config.compose import compose_config, parse_overrides
 from normbench.config.explain import schema_of_option
 from normbench.config.schema import SCHEMAS, TrainConfig
 from normbench.config.tree import config_options
@@ -300,3 +301,45 @@ def test_permission_denied_names_the_path(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=re.escape(
             f"cannot use dataset.root {tmp_path / 'images' / 'train'}: Permission denied")):
         imagefolder_dataset(root=str(tmp_path / "images"))
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+@pytest.mark.slow
+def test_a_path_with_a_space_says_how_to_quote_it_and_the_quoting_works(cli, tmp_path):
+    path = tmp_path / "my file.txt"
+    path.write_text("To be, or not to be.\n")
+    head, tail = str(path).split(" ")  # what the shell passes for an unquoted path
+    line = one_error_line(cli("train", *NO_SIZES, "dataset=text", f"dataset.path={head}", tail),
+                          f"'{tail}' is not an override", "quote the value")
+    suggestion = line.split("for the shell and for Hydra: ", 1)[1].removesuffix(".")
+    (word,) = shlex.split(suggestion)  # the shell hands it over in one piece
+    result = cli("train", *NO_SIZES, "dataset=text", word, "dataset.seq_len=64")
+    one_error_line(result, f"{path} holds 21 characters, fewer than the context")
+
+
+@pytest.mark.slow
+def test_a_trailing_comma_names_the_empty_sweep_value(cli, tmp_path):
+    one_error_line(cli("train", "-m", *TINY, "norm=batch,"),
+                   "norm=batch, has an empty value after the last comma",
+                   "Fix: remove the extra comma (norm=batch)")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("words, expected", [
+    (["norm=,batch"], "norm=,batch has an empty value before the first comma"),
+    (["norm=batch,,group"], "norm=batch,,group has an empty value between two commas. Fix: "
+                            "remove the extra comma (norm=batch,group)"),
+    (["optim.betas=[0.9,0.99],"], "optim.betas=[0.9,0.99], has an empty value after the last"),
+    (["norm=batch,", "group"], "Fix: write the values without spaces: norm=batch,group"),
+    (["seed=1", "dataset.path=/data/my", "long", "name.txt"],
+     "'long' is not an override (key=value): the shell split the value of dataset.path at a "
+     "space (dataset.path=/data/my long name.txt). Fix: quote the value, for the shell and "
+     "for Hydra: 'dataset.path=\"/data/my long name.txt\"'."),
+    (["norm=batch)"], "cannot parse the override norm=batch): extraneous input ')'"),
+])
+def test_overrides_that_do_not_parse(words, expected):
+    with pytest.raises(UserError) as e:
+        parse_overrides(words)
+    assert expected in e.value.line()

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from normbench.config.explain import (
     explain_hydra_error,
     explain_lookup_error,
+    explain_parse_error,
     refuse_keys_outside_schema,
 )
 from normbench.config.tree import PRIMARY, initialized
@@ -138,11 +139,11 @@ def parse_overrides(overrides: list[str]) -> list:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
+    parser = OverridesParser.create()
     try:
-        return OverridesParser.create().parse_overrides(list(overrides))
+        return parser.parse_overrides(list(overrides))
     except OverrideParseException as e:
-        raise UserError(f"cannot parse the override(s) {' '.join(overrides)}: "
-                        f"{str(e).splitlines()[0]}", "write overrides as key=value") from None
+        raise UserError(*explain_parse_error(overrides, e, parser)) from None
 
 
 def expand_sweep(overrides: list[str], base: DictConfig) -> list[list[str]]:
