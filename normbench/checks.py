@@ -7,6 +7,7 @@ of each job.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from numbers import Integral, Real
@@ -19,6 +20,7 @@ from normbench.config.explain import show_value as _show
 from normbench.data import DataInfo
 from normbench.distributed import world_from_env
 from normbench.errors import UserError
+from normbench.paths import nearest_existing, path_error
 
 
 def _positive_int(config: dict, key: str, allow_none: bool = False) -> None:
@@ -33,8 +35,21 @@ def _positive_number(config: dict, key: str, allow_none: bool = False) -> None:
     value = config.get(key)
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
-        raise UserError(f"{key}={value} must be a positive number", f"set {key} above 0, e.g. {key}=0.1")
+    finite = "finite " if isinstance(value, float) and not math.isfinite(value) else ""
+    if isinstance(value, bool) or not isinstance(value, Real) or not value > 0 or finite:
+        raise UserError(f"{key}={value} must be a {finite}positive number",
+                        f"set {key} above 0, e.g. {key}=0.1")
+
+
+def check_finite(node, key: str = "") -> None:
+    """Every float is finite, in options no range check covers too (inf or nan trains nonsense)."""
+    if isinstance(node, dict | list | tuple):
+        for k, v in node.items() if isinstance(node, dict) else enumerate(node):
+            check_finite(v, f"{key}[{k}]" if isinstance(k, int) else f"{key}.{k}" if key else k)
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise UserError(f"{key}={_show(node)} is not a finite number",
+                        f"give {key.split('[')[0]} a finite value ('normbench train --cfg job' "
+                        "shows the default)")
 
 
 def check_config(config: dict) -> None:
@@ -59,6 +74,7 @@ def check_config(config: dict) -> None:
     _execution(config)
     _probe_options(config)
     check_ranges(config)
+    check_finite(config)
     _batch_fits_training_set(config)
     _norm_combinations(config["norm"], config["batch_size"])
     _positive_int(config, "keep_checkpoints")
@@ -122,10 +138,11 @@ def check_output_dir(folder: Path) -> None:
     """The output folder can be created and written: its nearest existing ancestor is a
     writable folder (checked without creating anything)."""
     folder = Path(folder).absolute()
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
     fix = "set hydra.run.dir (or hydra.sweep.dir with -m) to a writable place"
+    try:
+        existing = nearest_existing(folder)
+    except OSError as e:  # a name too long, a folder it may not look into
+        raise path_error(e, "the output folder", folder, fix) from None
     if not existing.is_dir():
         raise UserError(f"cannot create the output folder {folder}: {existing} is a file", fix)
     if not os.access(existing, os.W_OK | os.X_OK):  # EROFS included
@@ -272,7 +289,8 @@ def _in_range(section: dict, key: str, label: str, *, low: float, high: float = 
     inside = (not isinstance(value, bool) and isinstance(value, wanted)
               and (value > low if low_open else value >= low)
               and (value < high if high_open else value <= high))
-    if inside:
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if inside and finite:
         return
     if high == float("inf"):
         bound = f"above {low:g}" if low_open else f"{low:g} or more"
@@ -282,7 +300,7 @@ def _in_range(section: dict, key: str, label: str, *, low: float, high: float = 
         bound = (f"{'above' if low_open else 'at least'} {low:g} and "
                  f"{'below' if high_open else 'at most'} {high:g}")
     null = " (or null)" if allow_none else ""
-    what = "an integer" if kind == _INTEGER else "a number"
+    what = "an integer" if kind == _INTEGER else "a number" if finite else "a finite number"
     # optim.betas[1] is not an override; the example then is the whole list
     fix_key = label.split("[")[0]
     raise UserError(f"{label}={_show(value)} must be {what}, {bound}{null}{why}",

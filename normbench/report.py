@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,9 @@ from normbench.differences import (
 from normbench.errors import UserError
 from normbench.findings import findings
 from normbench.grid import AUTO_X, Report, build_report, fmt_value, sort_key
-from normbench.runs import find_runs
+from normbench.paths import nearest_existing, path_error
+from normbench.runs import search_runs
+from normbench.tracking import warn
 
 DIFFERENCE_COLUMNS = ("compared", "at", "difference", "95% CI", "p", "seeds", "")
 MARKS = ("* p < 0.05 (significant), ≈ within noise (p ≥ 0.05), – no test (a cell with fewer "
@@ -125,6 +128,12 @@ def print_differences(report: Report, sig: Significance, console) -> None:
     console.print(sig.text, soft_wrap=False)
 
 
+def csv_number(value: float | None) -> str:
+    """A number for report.csv; empty where there is none or it is not finite (no nan or
+    inf tokens, which some readers take for text)."""
+    return "" if value is None or not math.isfinite(value) else f"{value:.6g}"
+
+
 def write_csv(report: Report, path: Path) -> None:
     """One line per cell (row x value): the long format spreadsheets and pandas expect."""
     statuses = ("diverged", "failed", "interrupted", "running", "no metric")
@@ -139,8 +148,7 @@ def write_csv(report: Report, path: Path) -> None:
                     continue
                 writer.writerow([
                     *map(fmt_value, row), fmt_value(col), report.metric,
-                    "" if cell.mean is None else f"{cell.mean:.6g}",
-                    "" if cell.std is None else f"{cell.std:.6g}", len(cell.values),
+                    csv_number(cell.mean), csv_number(cell.std), len(cell.values),
                     *(cell.statuses.get(s, 0) for s in statuses),
                     " ".join(map(str, sorted(cell.seeds, key=sort_key)))])
 
@@ -171,7 +179,7 @@ def markdown_differences(report: Report, sig: Significance) -> list[str]:
 
 
 def write_markdown(report: Report, path: Path, plots: list[Path],
-                   sig: Significance | None = None) -> None:
+                   sig: Significance | None = None, unreadable: list[str] = ()) -> None:
     direction = f"({report.direction_note}) " if report.directed else ""
     lines = [f"# normbench report: {report.metric} vs {report.x}", "",
              f"{len(report.runs)} runs; cells are the mean ± std of `{report.metric}` "
@@ -203,6 +211,9 @@ def write_markdown(report: Report, path: Path, plots: list[Path],
                   + (f" — {r.summary['error']}" if r.summary.get("error") else "")
                   + (f" (at step {r.summary['diverged_at_step']})"
                      if r.summary.get("diverged_at_step") else "") for r in bad]
+    if unreadable:
+        lines += ["", "## Files that cannot be read", ""]
+        lines += [f"- `{line}`" for line in unreadable]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     path.write_text("\n".join(lines) + "\n")
@@ -254,6 +265,10 @@ def parse_args(args: list[str]) -> argparse.Namespace:
                         help="keep only the runs whose KEY (as for --x) has this value, e.g. "
                              "--only norm=batch; repeat for several conditions")
     parser.add_argument("--no-plots", action="store_true", help="only the table, CSV and Markdown")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse to report when a run's summary.json or config.json cannot "
+                             "be read (truncated, not JSON); without it such runs are left out "
+                             "with a warning naming each file")
     return parser.parse_args(args)
 
 
@@ -272,15 +287,36 @@ def select(runs: list, only: list[str]) -> list:
     return runs
 
 
+def readable_runs(dirs: list[str], strict: bool) -> tuple[list, list[str]]:
+    """The runs below `dirs`, and a line for each of their files that cannot be read: a
+    warning, or under --strict (or when no run is left) a UserError."""
+    found = search_runs(dirs)
+    bad = found.unreadable
+    if bad and (strict or not found.runs):
+        why = "--strict" if strict else "no run is left to report"
+        raise UserError(f"{len(bad)} run file(s) cannot be read ({why}): {'; '.join(bad)}",
+                        "rerun or delete those runs, or repair the files")
+    if bad:
+        warn(f"{len(bad)} run file(s) cannot be read (--strict makes this an error):")
+        for line in bad:
+            warn(f"  {line}")
+    return found.runs, bad
+
+
 def report_command(args: list[str]) -> int:
     opts = parse_args(args)
-    runs = select(find_runs(opts.dirs), opts.only)
+    runs, unreadable = readable_runs(opts.dirs, opts.strict)
+    runs = select(runs, opts.only)
     report = build_report(runs, x=opts.x, metric=opts.metric)
     sig = significance(report, opts.reference)
     out = Path(opts.out or opts.dirs[0])
-    if out.is_file():
-        raise UserError(f"--out {out} is a file", "pass a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        nearest_existing(out.absolute())  # a name too long fails before mkdir makes any parent
+        if out.is_file():
+            raise UserError(f"--out {out} is a file", "pass a folder")
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise path_error(e, "--out", out, "pass a folder that can be written") from None
     plots: list[Path] = []
     if not opts.no_plots:
         from normbench.plots import write_plots
@@ -288,7 +324,7 @@ def report_command(args: list[str]) -> int:
         plots = write_plots(report, out)
     print_table(report, sig=sig)
     write_csv(report, out / "report.csv")
-    write_markdown(report, out / "report.md", plots, sig)
+    write_markdown(report, out / "report.md", plots, sig, unreadable)
     written = ", ".join(p.name for p in [out / "report.md", out / "report.csv", *plots])
     print(f"normbench: report written to {out}: {written}")
     return 0

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from normbench.errors import UserError
-from normbench.tracking import SUMMARY_FILE, read_config, read_summary
+from normbench.paths import path_error
+from normbench.tracking import CONFIG_FILE, SUMMARY_FILE, load_json
 
 
 @dataclass
@@ -104,30 +105,72 @@ def read_scalars(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def load_run(run_dir: Path) -> Run | None:
-    """The run in `run_dir`; None if it has no readable summary.json."""
-    summary = read_summary(run_dir)
+def load_run(run_dir: Path, problems: list[str] | None = None) -> Run | None:
+    """The run in `run_dir`; None if it has no summary.json. ValueError naming the file
+    when its summary.json cannot be read (a truncated file, say). A config.json that cannot
+    be read leaves the run its summary.json's settings alone, and a line in `problems`."""
+    run_dir = Path(run_dir)
+    summary = _load(run_dir / SUMMARY_FILE)
     if summary is None:
         return None
-    return Run(Path(run_dir), summary, read_config(run_dir) or {})
+    try:
+        config = _load(run_dir / CONFIG_FILE) or {}
+    except ValueError as e:
+        config = {}
+        if problems is not None:
+            problems.append(f"{e}: settings from its summary.json alone")
+    return Run(run_dir, summary, config)
+
+
+def _load(path: Path) -> dict | None:
+    try:
+        return load_json(path)
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ValueError(f"{path} ({reason})") from None
+
+
+@dataclass
+class Found:
+    """The runs below some folders, and a line for each file of theirs that could not be
+    read, naming it, why, and what became of its run."""
+
+    runs: list[Run]
+    unreadable: list[str]
 
 
 def find_runs(dirs: list[str | Path]) -> list[Run]:
-    """Every run below the given folders (a run folder holds summary.json), each once."""
-    runs, seen = [], set()
+    """Every readable run below the given folders (a run folder holds summary.json), each once."""
+    return search_runs(dirs).runs
+
+
+def search_runs(dirs: list[str | Path]) -> Found:
+    """Every run below the given folders, each once, and the files that cannot be read."""
+    runs, unreadable, seen = [], [], set()
     for d in dirs:
         d = Path(d)
-        if not d.exists():
+        try:
+            exists = d.exists()
+            found = [d] if (d / SUMMARY_FILE).is_file() else sorted(
+                p.parent for p in d.rglob(SUMMARY_FILE)) if exists else []
+        except OSError as e:
+            raise path_error(e, "the folder", d, "pass run or sweep folders") from None
+        if not exists:
             raise UserError(f"'{d}' does not exist", "pass run or sweep folders, e.g. "
                             "normbench report runs/sweeps/<stamp>")
-        found = [d] if (d / SUMMARY_FILE).is_file() else sorted(
-            p.parent for p in d.rglob(SUMMARY_FILE))
         if not found:
             raise UserError(f"no runs in '{d}' (no {SUMMARY_FILE} in it or below it)",
                             "pass a run folder or a sweep folder such as runs/sweeps/<stamp>")
         for run_dir in found:
             key = run_dir.resolve()
-            if key not in seen and (run := load_run(run_dir)) is not None:
-                seen.add(key)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                run = load_run(run_dir, unreadable)
+            except ValueError as e:
+                unreadable.append(f"{e}: the run is left out")
+                continue
+            if run is not None:
                 runs.append(run)
-    return runs
+    return Found(runs, unreadable)

@@ -4,7 +4,9 @@ resolved config (config.json) and one-line warnings on stderr."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -34,27 +36,90 @@ def warn(message: str) -> None:
     print(f"normbench: warning: {message}", file=sys.stderr, flush=True)
 
 
+# JSON has no NaN or infinity (Python's NaN/Infinity tokens break strict parsers): such a
+# value is written as null, and this top-level map names it, {"final.val_loss": "nan"}.
+NONFINITE_KEY = "nonfinite"
+
+
+def strict_json(data: dict) -> dict:
+    """`data` with every non-finite float replaced by None and listed, by its dotted path
+    ("final.val_loss", "optim.betas[1]"), in a NONFINITE_KEY map: "nan", "inf" or "-inf"."""
+    found: dict[str, str] = {}
+
+    def clean(value, key: str):
+        if isinstance(value, float) and not math.isfinite(value):
+            found[key] = str(value)
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    out = clean({k: v for k, v in data.items() if k != NONFINITE_KEY}, "")
+    if found:
+        out[NONFINITE_KEY] = found
+    return out
+
+
+def _restore_nonfinite(data: dict) -> dict:
+    """The inverse of `strict_json`: the recorded NaN and infinities back in their places."""
+    marks = data.pop(NONFINITE_KEY, None)
+    if not isinstance(marks, dict):
+        return data
+    for path, text in marks.items():
+        parts = re.findall(r"[^.\[\]]+|\[\d+\]", path)
+        node = data
+        try:
+            for part in parts[:-1]:
+                node = node[int(part[1:-1])] if part.startswith("[") else node[part]
+            last = parts[-1]
+            node[int(last[1:-1]) if last.startswith("[") else last] = float(text)
+        except (KeyError, IndexError, TypeError, ValueError):  # a map edited by hand
+            continue
+    return data
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temporary file in the same folder, then rename: never a half file."""
+    """Write strict JSON (`strict_json`) to a temporary file in the same folder, then
+    rename: never a half file."""
     path = Path(path)
+    text = json.dumps(strict_json(data), indent=2, sort_keys=True, default=str, allow_nan=False)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
+            f.write(text + "\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def load_json(path: Path) -> dict | None:
+    """A JSON object from `path` (NaN and infinities restored, see `strict_json`); None if
+    the file is missing. OSError or ValueError, with the reason, if it cannot be read, is
+    not JSON (truncated, say) or holds no object."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return None
+    if not text.strip():
+        raise ValueError("the file is empty")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return _restore_nonfinite(data)
+
+
 def read_json(path: Path) -> dict | None:
     """A JSON object from `path`; None if the file is missing, unreadable or not an object."""
     try:
-        data = json.loads(Path(path).read_text())
+        return load_json(path)
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
 
 
 def read_summary(run_dir: Path) -> dict | None:

@@ -15,7 +15,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from normbench.config.explain import explain_hydra_error, refuse_keys_outside_schema
+from normbench.config.explain import (
+    explain_hydra_error,
+    explain_lookup_error,
+    explain_parse_error,
+    refuse_keys_outside_schema,
+)
 from normbench.config.tree import PRIMARY, initialized
 from normbench.errors import UserError
 
@@ -77,6 +82,8 @@ def compose_sweep(overrides: list[str], multirun: bool) -> Sweep:
                 jobs.append(make_job(cfg, job, single=not multirun))
     except HydraException as e:  # explained outside: the explanation composes the defaults
         raise UserError(*explain_hydra_error(e, overrides)) from None
+    except OSError as e:  # Hydra looks a key up as a config group, i.e. a path on disk
+        raise UserError(*explain_lookup_error(e, overrides)) from None
     except InterpolationResolutionError as e:  # e.g. a preset's ${nb_div:...} by zero
         cause = e
         while (inner := cause.__cause__ or cause.__context__) is not None:
@@ -132,11 +139,11 @@ def parse_overrides(overrides: list[str]) -> list:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
+    parser = OverridesParser.create()
     try:
-        return OverridesParser.create().parse_overrides(list(overrides))
+        return parser.parse_overrides(list(overrides))
     except OverrideParseException as e:
-        raise UserError(f"cannot parse the override(s) {' '.join(overrides)}: "
-                        f"{str(e).splitlines()[0]}", "write overrides as key=value") from None
+        raise UserError(*explain_parse_error(overrides, e, parser)) from None
 
 
 def expand_sweep(overrides: list[str], base: DictConfig) -> list[list[str]]:

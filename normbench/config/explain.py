@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
+import itertools
+import os
 import re
+import shlex
 import typing
 from functools import cache
 
@@ -159,6 +163,91 @@ def explain_hydra_error(error: Exception, overrides: list[str]) -> tuple[str, st
                 "add -m, e.g. normbench train -m " + " ".join(overrides))
     first = next((line for line in text.splitlines() if line.strip()), text)
     return first, "check the override against 'normbench train --cfg job'"
+
+
+def explain_lookup_error(error: OSError, overrides: list[str]) -> tuple[str, str]:
+    """Hydra looks an unknown key up as a config group folder: a key too long for a file
+    name ends there in OSError(ENAMETOOLONG), not in Hydra's unknown-key error."""
+    name = os.path.basename(str(error.filename or ""))
+    culprit = next((o for o in overrides if name and name in o), None)
+    if error.errno != errno.ENAMETOOLONG or culprit is None:
+        raise error
+    key = culprit.split("=", 1)[0].lstrip("+~")
+    shown = key if len(key) <= 60 else f"{key[:40]}..., {len(key)} characters"
+    return f"unknown config key '{shown}' (from the command line)", \
+        "'normbench train --cfg job' prints every key"
+
+
+def explain_parse_error(overrides: list[str], error: Exception, parser) -> tuple[str, str]:
+    """An override Hydra's grammar refuses, named, with what the usual causes need: a value
+    the shell split at a space, or a sweep with an empty value between its commas."""
+    from hydra.errors import HydraException
+
+    def refusal(word: str) -> Exception | None:
+        try:
+            parser.parse_override(word)
+        except HydraException as e:
+            return e
+        return None
+
+    found = next(((i, e) for i, w in enumerate(overrides) if (e := refusal(w)) is not None), None)
+    if found is None:  # each parses alone: name them all
+        return (f"cannot parse the overrides {' '.join(overrides)}: {str(error).splitlines()[0]}",
+                "write overrides as key=value")
+    bad, error = found
+    word = overrides[bad]
+    previous = overrides[bad - 1] if bad else ""
+    if "=" not in word and not word.startswith("~") and "=" in previous:
+        # `key=/data/my file.txt` unquoted: the shell passes `key=/data/my` and `file.txt`.
+        tail = list(itertools.takewhile(lambda w: "=" not in w, overrides[bad:]))
+        key, _, head = previous.partition("=")
+        value = " ".join([head.strip("'\""), *tail])
+        hydra_value = f'"{value}"' if '"' not in value else f"'{value}'"
+        return (f"'{word}' is not an override (key=value): the shell split the value of {key} "
+                f"at a space ({previous} {' '.join(tail)})",
+                f"quote the value, for the shell and for Hydra: "
+                f"{shlex.quote(f'{key}={hydra_value}')}")
+    key, sep, value = word.partition("=")
+    where, items = _empty_sweep_value(value) if sep else (None, [])
+    if where:
+        following = overrides[bad + 1] if bad + 1 < len(overrides) else ""
+        if where == "after the last comma" and following and "=" not in following:
+            # `norm=batch, group`: the shell split the list at the space after the comma
+            return (f"{word} has an empty value after the last comma; '{following}' after it "
+                    f"is not an override", f"write the values without spaces: {word}{following}")
+        return (f"{word} has an empty value {where}",
+                f"remove the extra comma ({key}={','.join(i for i in items if i)}) or put "
+                "another value there")
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"cannot parse the override {word}: {first}", "write overrides as key=value"
+
+
+def _empty_sweep_value(value: str) -> tuple[str | None, list[str]]:
+    """Where a comma-separated value has an empty item ('after the last comma', ...; None
+    if it has none), and its items. Commas inside quotes or brackets belong to one item."""
+    depth, quote, items, current = 0, "", [], ""
+    for char in value:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+            continue
+        current += char
+    items.append(current.strip())
+    if len(items) < 2 or all(items):
+        return None, items
+    if not items[-1]:
+        return "after the last comma", items
+    if not items[0]:
+        return "before the first comma", items
+    return "between two commas", items
 
 
 def refuse_keys_outside_schema(cfg: DictConfig, job: list[str], command_line: list[str]) -> None:

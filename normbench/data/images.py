@@ -7,6 +7,11 @@ loop over images.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -15,6 +20,7 @@ import torch.nn.functional as F
 from normbench.data import Batch, DataInfo
 from normbench.data.sampling import ShuffledEpochs
 from normbench.errors import UserError
+from normbench.paths import path_error
 
 
 def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
@@ -164,6 +170,9 @@ def cifar_dataset(name: str, root: str = "data_cache", download: bool = True,
         train = cls(root, train=True, download=download)
         val = cls(root, train=False, download=download)
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a missing file a RuntimeError
+        if isinstance(e, OSError) and e.filename:  # the folder, not the network
+            raise path_error(e, "dataset.root", root, "set dataset.root to a folder that can "
+                             "hold the download") from None
         archive = Path(root) / cls.filename
         raise UserError(
             f"{name} is not in {root} and could not be downloaded ({type(e).__name__}: "
@@ -194,23 +203,29 @@ def imagefolder_dataset(root: str | None = None, image_size: int = 32, augment: 
     n_train / n_val keep a class-stratified subset of each split (only those files are read).
     """
     import torchvision
-    from torchvision.io import ImageReadMode, decode_image
 
     if not root:
         raise UserError("dataset=imagefolder needs a folder",
                         "add dataset.root=/path/with/train_and_val")
     base = Path(root).expanduser()
+    layout = "point dataset.root at a folder holding train/ and val/, each with one subfolder per class"
     for split in ("train", "val"):
-        if not (base / split).is_dir():
-            raise UserError(f"{base / split} is not a folder",
-                            "point dataset.root at a folder holding train/ and val/, each "
-                            "with one subfolder per class")
+        try:
+            is_folder = (base / split).is_dir()
+        except OSError as e:
+            raise path_error(e, "dataset.root", base, layout) from None
+        if not is_folder:
+            raise UserError(f"{base / split} is not a folder", layout)
 
     def load(split: str, n: int | None, split_seed: int, class_to_idx=None):
         try:
             folder = torchvision.datasets.ImageFolder(str(base / split), loader=lambda p: p)
-        except (FileNotFoundError, RuntimeError) as e:
+        except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images
+            if isinstance(e, OSError) and e.filename:
+                raise path_error(e, "dataset.root", base, layout) from None
             raise UserError(f"{base / split}: {e}", "put images in one subfolder per class") from None
+        except OSError as e:  # a folder it may not list
+            raise path_error(e, "dataset.root", base, layout) from None
         if class_to_idx is not None and folder.class_to_idx != class_to_idx:
             raise UserError(f"the classes of {base / 'val'} differ from those of {base / 'train'}",
                             "give val/ the same class subfolders as train/")
@@ -218,11 +233,70 @@ def imagefolder_dataset(root: str | None = None, image_size: int = 32, augment: 
         key = "dataset.n_train" if split == "train" else "dataset.n_val"
         keep = stratified_subset(labels, n, split_seed, key, f"images in {base / split}")
         images = torch.empty(len(keep), 3, image_size, image_size, dtype=torch.uint8)
-        for i, index in enumerate(keep.tolist()):
-            img = decode_image(folder.samples[index][0], mode=ImageReadMode.RGB)
-            images[i] = resize_images(img[None], image_size)[0]
+        with decoder_messages() as said:
+            for i, index in enumerate(keep.tolist()):
+                images[i] = resize_images(read_image(folder.samples[index][0], said)[None],
+                                          image_size)[0]
         return images, labels[keep], folder.class_to_idx
 
     tx, ty, classes = load("train", n_train, 2 * seed)
     vx, vy, _ = load("val", n_val, 2 * seed + 1, classes)
     return ImageDataset(tx, ty, vx, vy, len(classes), augment=augment, name=f"imagefolder:{base}")
+
+
+@contextlib.contextmanager
+def decoder_messages():
+    """While images decode, the process's stderr (file descriptor 2) goes to a temporary
+    file: libpng prints its errors there itself, outside Python, before torchvision raises,
+    and a bad file must cost one line. Yields a function returning what was written so far;
+    it is passed on to stderr afterwards (libpng's warnings), unless an error ended the block.
+    """
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to keep clean
+        yield lambda: ""
+        return
+    sink = tempfile.TemporaryFile()
+    os.dup2(sink.fileno(), 2)
+    ok = False
+
+    def written() -> str:
+        return os.pread(sink.fileno(), os.fstat(sink.fileno()).st_size, 0).decode(errors="replace")
+
+    try:
+        yield written
+        ok = True
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if ok and (text := written()):
+            sys.stderr.write(text)
+        sink.close()
+
+
+def read_image(path: str, said=lambda: "") -> torch.Tensor:
+    """One image file as a (3,H,W) uint8 tensor; a file that does not decode is a UserError
+    naming it. `said`: what the decoders printed (see `decoder_messages`)."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        return decode_image(path, mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise UserError(f"cannot read the image {path}: {decode_problem(e, said())}",
+                        "replace or delete the file (every file with an image extension below "
+                        "train/ and val/ is read)") from None
+
+
+def decode_problem(error: RuntimeError, printed: str) -> str:
+    """Why a file did not decode, in words: libpng's own message when it printed one, else
+    torchvision's without its source location ('decode_png, .../decode_png.cpp:62, ...')."""
+    said = [line.split("error:", 1)[1].strip() for line in printed.splitlines()
+            if line.startswith("libpng error:")]
+    if said:
+        return f"not a valid PNG file (libpng: {said[-1]})"
+    text = " ".join(str(error).split())
+    text = re.sub(r"^[^,]+, \S+:\d+, ", "", text).rstrip(".")
+    text = re.sub(r"^\[Errno \d+\] ([^:]+).*", r"\1", text)  # an OSError's strerror
+    return {"Expected a non empty file": "the file is empty"}.get(text, text)

@@ -19,6 +19,7 @@ As with images, a batch is an index into tensors; nothing loops over samples in 
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ import torch
 from normbench.data import Batch, DataInfo
 from normbench.data.sampling import ShuffledEpochs
 from normbench.errors import UserError
+from normbench.paths import path_error
 
 TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/"
                        "data/tinyshakespeare/input.txt")
@@ -211,19 +213,29 @@ class TextTrainLoader(ShuffledEpochs):
 def read_text_file(path: Path) -> str:
     """The file's text, or a one-line UserError when it is missing, empty or not UTF-8."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"text file {path} does not exist", "set dataset.path to a UTF-8 text file")
-    raw = path.read_bytes()
+    try:
+        if not path.is_file():
+            raise UserError(f"text file {path} does not exist",
+                            "set dataset.path to a UTF-8 text file")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise path_error(e, "the text file", path, "set dataset.path to a UTF-8 text file") from None
     if not raw:
         raise UserError(f"text file {path} is empty",
                         "point dataset.path at a file with text in it")
-    if b"\x00" in raw:  # text never holds NUL bytes; binary files nearly always do
-        raise UserError(f"{path} is a binary file, not text (it contains NUL bytes)",
-                        "give a UTF-8 text file")
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # its NUL bytes are text
+        raise UserError(f"{path} is UTF-16 text, not UTF-8",
+                        "convert it, e.g. iconv -f UTF-16 -t UTF-8")
+    nul = raw.find(b"\x00")
+    if nul >= 0:  # text never holds NUL bytes; binary files nearly always do
+        raise UserError(f"{path} is a binary file, not text (it contains NUL bytes, the first "
+                        f"at offset {nul})", "give a UTF-8 text file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (undecodable byte at offset {e.start})",
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path} is not UTF-8 text (undecodable byte 0x{raw[e.start]:02x} at "
+                        f"offset {e.start}, line {line})",
                         "give a UTF-8 text file, or convert it (e.g. iconv -t UTF-8)") from None
     return text
 
@@ -282,16 +294,25 @@ def fetch_tinyshakespeare(root: str | Path, download: bool = True) -> Path:
     target = root / TINYSHAKESPEARE_FILE
     by_hand = (f"put {TINYSHAKESPEARE_URL} at {target} (or set dataset.root to the folder "
                f"holding {TINYSHAKESPEARE_FILE})")
-    if target.is_file():
-        if sha256_of(target) != TINYSHAKESPEARE_SHA256:
+    try:
+        present = target.is_file()
+        digest = sha256_of(target) if present else None
+    except OSError as e:
+        raise path_error(e, "dataset.root", root, by_hand) from None
+    if present:
+        if digest != TINYSHAKESPEARE_SHA256:
             raise UserError(f"{target} does not have the expected sha256 checksum",
                             f"delete it to download it again, or {by_hand}")
         return target
     if not download:
         raise UserError(f"tinyshakespeare is not in {root} and dataset.download=false",
                         f"set dataset.download=true, or {by_hand}")
-    root.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=root, prefix=f".{TINYSHAKESPEARE_FILE}.", suffix=".part")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=root, prefix=f".{TINYSHAKESPEARE_FILE}.",
+                                        suffix=".part")
+    except OSError as e:  # before any download: the folder itself is the problem
+        raise path_error(e, "dataset.root", root, by_hand) from None
     tmp = Path(tmp_name)
     try:
         with open(fd, "wb") as out, urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=30) as r:
