@@ -152,6 +152,9 @@ CASES = [
     ("eval-every-negative", ["eval_every=-5"], ["eval_every=-5 must be a whole number >= 0"]),
     ("batch-larger-than-n-train", ["dataset.n_train=16"],
      ["batch_size=32 is larger than dataset.n_train=16"]),
+    # Writable by its permissions, but the filesystem makes no folder there (Linux's /proc).
+    ("output-folder-the-system-refuses", ["hydra.run.dir=/proc/normbench_run"],
+     ["cannot use the output folder /proc/normbench_run", "hydra.run.dir"]),
     ("device-unknown", ["device=tpu"], ["device=tpu is not a device", "cpu, cuda or cuda:N"]),
     ("flag-unknown", ["--frobnicate"], ["unknown option --frobnicate", "key=value"]),
     ("flag-misspelled", ["--cgf", "job"], ["unknown option --cgf", "did you mean --cfg?"]),
