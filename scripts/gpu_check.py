@@ -1,4 +1,4 @@
-"""The CUDA path end to end, in one command that fits a short lease of one GPU (issue #27).
+"""The CUDA path end to end, in one command that fits a short lease of one GPU.
 
     python scripts/gpu_check.py OUT                # on a machine with one CUDA GPU (< 8 min)
     python scripts/gpu_check.py OUT --dry-run      # the same steps on the CPU at tiny sizes
@@ -17,19 +17,19 @@ under 8 minutes), run in this order whatever happens to the ones before:
     sweep      a 4-job sweep through the joblib launcher, n_jobs=4, on the one GPU
     torchrun   `torchrun --nproc_per_node=1 ... norm.sync=true` on CUDA
 
-Written into OUT (at most the four files below, none in subfolders, each well under 16 MiB:
-what a device lease hands back): summary.md (a table of every step and figure),
+Written into OUT (at most the four files below, none in subfolders, each well under 16 MiB,
+so that they are quick to copy back from a short GPU session): summary.md (a table of every step and figure),
 figures.json (the same figures, machine-readable), log.txt (each step's command and output)
 and runs.tar.gz (the run folders' summaries, configs and event files, no checkpoints).
-summary.md and figures.json are rewritten after every step, so a lease that ends early
+summary.md and figures.json are rewritten after every step, so a session that ends early
 still returns the steps done. A step that fails is recorded and the next one runs; the exit
 status is 1 if any step did not pass, else 0.
 
 --dry-run runs every command on the CPU with tiny sizes (compile=false: compiling alone
 takes 20-50 s on 2 cores), so that a typo in a command or an override shows here and not
-on the leased GPU. tests/test_gpu_check.py runs it.
+on the GPU. tests/test_gpu_check.py runs it.
 
-How to run it on the device machine: scripts/gpu_wheels.sh (its header has the command).
+How to run it on a GPU machine without PyPI: scripts/gpu_wheels.sh (its header has the command).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Wheels of what normbench needs and the device machine's image lacks, into .whl/ (ignored by
-# git), for scripts/gpu_check.py on a leased GPU (issue #27).
+# Wheels of what normbench needs beyond torch, into .whl/ (ignored by git), for
+# scripts/gpu_check.py on a GPU machine that has PyTorch but cannot reach PyPI.
 #
-# The image's python3 (3.12) has torch, torchvision, tensorboard, rich, joblib, PyYAML,
+# Written for a Python 3.12 image that has torch, torchvision, tensorboard, rich, joblib, PyYAML,
 # packaging, pytest and pytest-xdist, but not hydra-core, omegaconf, antlr4-python3-runtime or
 # hydra-joblib-launcher, and nothing can be fetched there. So pip downloads them here for
 # CPython 3.12 on manylinux x86-64 with --no-deps (pip cannot resolve for another
@@ -12,23 +12,23 @@
 #
 #   scripts/gpu_wheels.sh                 # once, in the checkout (PYTHON=... picks the pip)
 #
-# Then the device tool's `run`, with carry [".whl"] and timeout_s 570 (the check's steps
-# take at most 465 s, the install a few), the command on one line:
+# Then copy the checkout with .whl/ to the GPU machine and run there, in the checkout (the
+# check's steps take at most 465 s, the install a few):
 #
-#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; python3 scripts/gpu_check.py $OUT/gpu_check
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; python3 scripts/gpu_check.py results/gpu_check
 #
 # gpu_check.py adds the checkout to its steps' PYTHONPATH (normbench is not installed there;
-# the steps call `python -m normbench`). $OUT/gpu_check comes back with summary.md,
-# figures.json, log.txt and runs.tar.gz. To rerun some steps in what is left of the lease,
-# add e.g. `--only sweep,torchrun`.
+# the steps call `python -m normbench`). results/gpu_check then holds summary.md,
+# figures.json, log.txt and runs.tar.gz. To rerun some steps, add e.g.
+# `--only sweep,torchrun`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
 rm -rf .whl
 mkdir -p .whl
-# pure-Python wheels; the platform tags are the device README's, so that the same command
-# also fetches a compiled package if one is ever added here
+# pure-Python wheels; the manylinux x86-64 tags let the same command fetch a compiled
+# package too, if one is ever added here
 "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
