@@ -8,7 +8,6 @@ of each job.
 from __future__ import annotations
 
 import math
-import os
 import re
 from numbers import Integral, Real
 from pathlib import Path
@@ -20,7 +19,7 @@ from normbench.config.explain import show_value as _show
 from normbench.data import DataInfo
 from normbench.distributed import world_from_env
 from normbench.errors import UserError
-from normbench.paths import nearest_existing, path_error
+from normbench.paths import check_output_dir
 
 
 def _positive_int(config: dict, key: str, allow_none: bool = False) -> None:
@@ -132,30 +131,6 @@ def check_text_file(path: str | Path, context: int) -> None:
     if len(text) < context + 1:
         raise UserError(f"{path} holds {len(text)} characters, fewer than the context of "
                         f"{context} + 1", "use a longer file or a shorter dataset.seq_len")
-
-
-def check_output_dir(folder: Path) -> None:
-    """The output folder can be created and written: its nearest existing ancestor is a
-    writable folder that takes a new folder (checked without leaving anything behind)."""
-    folder = Path(folder).absolute()
-    fix = "set hydra.run.dir (or hydra.sweep.dir with -m) to a writable place"
-    try:
-        existing = nearest_existing(folder)
-    except OSError as e:  # a name too long, a folder it may not look into
-        raise path_error(e, "the output folder", folder, fix) from None
-    if not existing.is_dir():
-        raise UserError(f"cannot create the output folder {folder}: {existing} is a file", fix)
-    if not os.access(existing, os.W_OK | os.X_OK):  # EROFS included
-        raise UserError(f"cannot write the output folder {folder}: {existing} is not writable", fix)
-    if existing != folder:
-        # Some filesystems refuse folders that the permissions allow (/proc, /sys, a full
-        # disk): make the first missing one and remove it again, so that nothing remains.
-        probe = existing / folder.relative_to(existing).parts[0]
-        try:
-            probe.mkdir()
-            probe.rmdir()
-        except OSError as e:
-            raise path_error(e, "the output folder", folder, fix) from None
 
 
 def check_run_dir(run_dir: Path, resume) -> None:

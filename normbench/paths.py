@@ -54,3 +54,27 @@ def nearest_existing(folder: Path) -> Path:
             len(os.fsencode(str(folder))) >= limit("PC_PATH_MAX", 4096):
         raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(folder))
     return existing
+
+
+def check_output_dir(folder: Path) -> None:
+    """The output folder can be created and written: its nearest existing ancestor is a
+    writable folder that takes a new folder (checked without leaving anything behind)."""
+    folder = Path(folder).absolute()
+    fix = "set hydra.run.dir (or hydra.sweep.dir with -m) to a writable place"
+    try:
+        existing = nearest_existing(folder)
+    except OSError as e:  # a name too long, a folder it may not look into
+        raise path_error(e, "the output folder", folder, fix) from None
+    if not existing.is_dir():
+        raise UserError(f"cannot create the output folder {folder}: {existing} is a file", fix)
+    if not os.access(existing, os.W_OK | os.X_OK):  # EROFS included
+        raise UserError(f"cannot write the output folder {folder}: {existing} is not writable", fix)
+    if existing != folder:
+        # Some filesystems refuse folders that the permissions allow (/proc, /sys, a full
+        # disk): make the first missing one and remove it again, so that nothing remains.
+        probe = existing / folder.relative_to(existing).parts[0]
+        try:
+            probe.mkdir()
+            probe.rmdir()
+        except OSError as e:
+            raise path_error(e, "the output folder", folder, fix) from None
