@@ -16,6 +16,7 @@ batch, and the loader's state is the same on every rank (resume is exact).
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 from contextlib import contextmanager
@@ -72,6 +73,16 @@ def init() -> None:
     """Join the process group of this job (once; nothing to do for a single process)."""
     if not requested() or (dist.is_available() and dist.is_initialized()):
         return
+    # torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it
+    # is imported, and DistributedDataParallel imports it (through torch._dynamo). Imported
+    # after the group exists, ten functions hold the default group for good:
+    # destroy_process_group cannot free it, and gloo's worker threads outlive it. One that
+    # releases a finished collective's tensor while Python finalizes needs the GIL, Python
+    # ends the thread, inside a noexcept destructor: std::terminate, SIGABRT, exit status 1
+    # from torchrun after a completed run. Imported first, the defaults are None.
+    import torch._dynamo  # noqa: F401
+    import torch.distributed.nn.functional  # noqa: F401
+
     backend = "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())  # NCCL's device for this rank
@@ -81,6 +92,9 @@ def init() -> None:
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
+        # Whatever still holds the group (a DDP model in a reference cycle) would keep its
+        # threads alive into the interpreter's teardown (see init): collected first.
+        gc.collect()
         try:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - a peer already gone: nothing left to tear down
