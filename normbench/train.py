@@ -87,7 +87,7 @@ def train_loop(exp: Experiment, progress, task, stop: StopSignals,
             if line:
                 progress.console.print(line)
         if save_now or signal_number:
-            summary["checkpoint"] = str(save_step(exp, step))
+            summary["checkpoint"] = str(save_step(exp, step, scheduled=save_now))
         if signal_number and step < exp.steps:
             summary["signal"] = signal.Signals(signal_number).name
             exp.tracker.console.print(f"[yellow]interrupted[/yellow] by {summary['signal']} at "
@@ -177,10 +177,27 @@ def evaluate_step(exp: Experiment, step: int) -> str:
                                                       for k, v in exp.last_val.items())
 
 
-def save_step(exp: Experiment, step: int) -> Path | None:
-    """A checkpoint of `step`, written by rank 0 (None on the other ranks)."""
-    agree_buffers(exp, step)
-    state = checkpoint_state(exp)
+def save_step(exp: Experiment, step: int, scheduled: bool = True) -> Path | None:
+    """A checkpoint of `step`, written by rank 0 (None on the other ranks).
+
+    `scheduled=False`: a checkpoint no uninterrupted run writes (a stop signal's). Its model
+    holds the averaged running statistics like any other, but the live ones stay as they
+    are and each rank's own are saved beside them: averaging them here would change the
+    rounding of every later update, and the resumed run's val_loss would differ from the
+    uninterrupted run's in the 7th digit."""
+    if scheduled or exp.buffers_agreed == step or not distributed.active():
+        agree_buffers(exp, step)
+        state = checkpoint_state(exp)
+    else:
+        own = {name: b.clone() for name, b in exp.model.named_buffers()}
+        distributed.average_buffers(exp.model)
+        try:
+            state = checkpoint_state(exp, own_buffers=own)
+        finally:
+            live = dict(exp.model.named_buffers())
+            with torch.no_grad():
+                for name, value in own.items():
+                    live[name].copy_(value)
     if state is None:
         return None
     path = ckpt.save_checkpoint(exp.tracker.run_dir, step, state, exp.config["keep_checkpoints"])
@@ -189,8 +206,9 @@ def save_step(exp: Experiment, step: int) -> Path | None:
 
 
 def agree_buffers(exp: Experiment, step: int) -> None:
-    """Average the ranks' running statistics, once per step that evaluates or saves. Every
-    run does it at the same steps, so a resumed run matches an uninterrupted one."""
+    """Average the ranks' running statistics, once per step that evaluates or saves on
+    schedule. Every run does it at the same steps, so a resumed run matches an uninterrupted
+    one (a stop signal's checkpoint leaves them as they are: `save_step`)."""
     if exp.buffers_agreed != step:
         distributed.average_buffers(exp.model)
         exp.buffers_agreed = step
