@@ -277,6 +277,7 @@ def _task(cfg) -> None:
     except Exception as e:
         if main:
             write_failed_summary(run_dir, config, f"{type(e).__name__}: {e}")
+            distributed.failure_recorded()  # the other ranks, left alone, need not write it
         if multirun:  # isolate the failure: the other jobs still run
             import traceback
 

@@ -27,7 +27,7 @@ from normbench.evaluation import (
 from normbench.experiment import Experiment, build, checkpoint_state
 from normbench.guard import StopSignals, grad_norm
 from normbench.norms.sync import synchronized
-from normbench.tracking import warn
+from normbench.tracking import mark_failed, warn
 
 
 def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
@@ -48,7 +48,11 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
                 raise
             line = lost_rank_line(exp, e)
             exp.summary["error"] = line
-            finish(exp, "failed", time.time() - start)
+            finish(exp, "failed", time.time() - start)  # writes summary.json on rank 0 only
+            if distributed.is_main():
+                distributed.failure_recorded()
+            else:
+                record_for_lost_main(exp)
             raise distributed.PeerLost(line) from None
     finish(exp, status, time.time() - start)
     # No rank leaves before rank 0 has written everything: torchrun ends the others as soon
@@ -87,11 +91,13 @@ def train_loop(exp: Experiment, progress, task, stop: StopSignals,
             if line:
                 progress.console.print(line)
         if save_now or signal_number:
-            summary["checkpoint"] = str(save_step(exp, step, scheduled=save_now))
+            path = save_step(exp, step, scheduled=save_now)
+            if path is not None:  # rank 0 saves; elsewhere str(None) would name one "None"
+                summary["checkpoint"] = str(path)
         if signal_number and step < exp.steps:
             summary["signal"] = signal.Signals(signal_number).name
             exp.tracker.console.print(f"[yellow]interrupted[/yellow] by {summary['signal']} at "
-                                      f"step {step}; checkpoint {summary['checkpoint']}")
+                                      f"step {step}; checkpoint {summary.get('checkpoint')}")
             return "interrupted"
     return "completed"
 
@@ -101,10 +107,27 @@ def lost_rank_line(exp: Experiment, error: BaseException) -> str:
     # gloo's message starts with its source location; the first sentence says what happened
     cause = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(error).split())).split(". ")[0][:160]
     saved = exp.summary.get("checkpoint")
+    if saved is None and not distributed.is_main():  # rank 0 saves; the newest one it wrote
+        newest = ckpt.list_checkpoints(exp.tracker.run_dir)
+        saved = str(newest[0]) if newest else None
     where = f"the last checkpoint, {saved}" if saved else "its last checkpoint, if any"
     return (f"process {distributed.rank()} of {distributed.world()} lost the others after "
             f"step {exp.step} ({type(error).__name__}: {cause}). Fix: the first failing "
             f"process's output says why; rerun with resume=auto to continue from {where}")
+
+
+def record_for_lost_main(exp: Experiment) -> None:
+    """On a rank > 0 that lost the others: if rank 0 is the one gone, nobody else would
+    mark summary.json failed, and it would say `running` for good. The first survivor to
+    find that rank 0 has not recorded the failure within the grace period does it, and
+    only while the file still says `running` (a rank 0 that failed on its own wrote it)."""
+    if not distributed.records_failure_for_main():
+        return
+    newest = ckpt.list_checkpoints(exp.tracker.run_dir)
+    update = {key: exp.summary[key] for key in ("status", "error", "steps", "elapsed_s")}
+    if newest:
+        update["checkpoint"] = str(newest[0])
+    mark_failed(exp.tracker.run_dir, update)
 
 
 def train_step(exp: Experiment, step: int, log_now: bool) -> tuple[int, float]:

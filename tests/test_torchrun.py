@@ -1,7 +1,8 @@
 """`torchrun --nproc_per_node=2 -m normbench train` on the CPU, end to end: one run folder
-written by rank 0, the same training as one process with ghost BN, a killed rank that ends
-the job quickly with one clear line, and resumes after SIGKILL and after SIGTERM that end
-bit for bit as the uninterrupted run. Each torchrun costs ~10 s on 2 cores; six run here."""
+written by rank 0, the same training as one process with ghost BN, a killed rank (rank 1
+or rank 0) that ends the job quickly with one clear line and a summary.json marked failed,
+and resumes after SIGKILL and after SIGTERM that end bit for bit as the uninterrupted run.
+Each torchrun costs ~10 s on 2 cores; seven run here."""
 
 from __future__ import annotations
 
@@ -117,6 +118,28 @@ def resume_and_match(run_dir: Path, reference: Path, from_step: int) -> None:
     curves, reference_curves = read_scalars(run_dir), read_scalars(reference)
     for tag in ("train/loss", "train/acc", "val/loss"):
         assert curves[tag] == reference_curves[tag], tag
+
+
+def test_a_survivor_marks_the_run_failed_when_rank_0_is_killed(tmp_path):
+    """Rank 0 alone writes summary.json; when it is the one lost, the survivor does."""
+    mark = tmp_path / "killed_at"
+    killed = torchrun("train", *RUN, "hydra.run.dir=runs/r", cwd=tmp_path, module="tests.faults",
+                      env={"NB_FAULT": "kill", "NB_FAULT_STEP": "7", "NB_FAULT_RANK": "0",
+                           "NB_FAULT_MARK": str(mark)})
+    ended = time.time()
+    assert killed.returncode != 0
+    assert ended - float(mark.read_text()) < KILL_BOUND_S
+    lines = [ln for ln in killed.stderr.splitlines() if ln.startswith("normbench: error:")]
+    assert len(lines) == 1 and "process 1 of 2 lost the others after step 6" in lines[0], \
+        killed.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "r"
+    checkpoint = run_dir / "checkpoints" / "step_00000004.pt"
+    assert f"continue from the last checkpoint, {checkpoint}" in lines[0]
+    summary = summary_of(run_dir)
+    assert summary["status"] == "failed" and summary["steps"] == 6
+    assert summary["error"] == lines[0].removeprefix("normbench: error: ")
+    assert summary["checkpoint"] == str(checkpoint)
+    assert summary["world_size"] == 2 and summary["total_steps"] == STEPS  # rank 0's, kept
 
 
 def test_a_stop_signal_to_one_rank_stops_both_and_resume_matches_the_uninterrupted_run(
