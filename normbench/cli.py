@@ -284,6 +284,7 @@ def _task(cfg) -> None:
             return
         if started or (fresh and multirun):
             write_failed_summary(run_dir, config, line)
+            distributed.failure_recorded()  # the other ranks, left alone, need not write it
         elif fresh:
             remove_created(run_dir)
 

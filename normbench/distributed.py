@@ -16,6 +16,7 @@ batch, and the loader's state is the same on every rank (resume is exact).
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 from contextlib import contextmanager
@@ -72,6 +73,16 @@ def init() -> None:
     """Join the process group of this job (once; nothing to do for a single process)."""
     if not requested() or (dist.is_available() and dist.is_initialized()):
         return
+    # torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it
+    # is imported, and DistributedDataParallel imports it (through torch._dynamo). Imported
+    # after the group exists, ten functions hold the default group for good:
+    # destroy_process_group cannot free it, and gloo's worker threads outlive it. One that
+    # releases a finished collective's tensor while Python finalizes needs the GIL, Python
+    # ends the thread, inside a noexcept destructor: std::terminate, SIGABRT, exit status 1
+    # from torchrun after a completed run. Imported first, the defaults are None.
+    import torch._dynamo  # noqa: F401
+    import torch.distributed.nn.functional  # noqa: F401
+
     backend = "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())  # NCCL's device for this rank
@@ -81,6 +92,9 @@ def init() -> None:
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
+        # Whatever still holds the group (a DDP model in a reference cycle) would keep its
+        # threads alive into the interpreter's teardown (see init): collected first.
+        gc.collect()
         try:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - a peer already gone: nothing left to tear down
@@ -199,6 +213,53 @@ class StopVote:
         self._work.wait()
         self._work = None
         return int(self._value.item())
+
+
+# When a rank is lost, rank 0 marks summary.json failed and says so in the job's store
+# (torchrun's agent holds it; under SLURM rank 0 does, and it goes with rank 0). A survivor
+# that hears nothing within the grace period takes rank 0 for the one lost, and writes it.
+# The restart count keeps an earlier attempt's keys (torchrun --max-restarts) apart.
+FAILURE_GRACE_S = 5.0
+
+
+def _failure_key(what: str) -> str:
+    return f"normbench/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/failure_{what}"
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no group, or a torch without it: no store to use
+        return None
+
+
+def failure_recorded() -> None:
+    """On rank 0, once summary.json says failed: the survivors need not write it."""
+    store = _store() if active() else None
+    if store is None:
+        return
+    try:
+        store.set(_failure_key("recorded"), "1")
+    except Exception:  # noqa: BLE001 - the store is gone: the survivors then write it too
+        pass
+
+
+def records_failure_for_main(grace_s: float = FAILURE_GRACE_S) -> bool:
+    """On a rank > 0 after a peer failure: whether this rank is to mark the run failed,
+    that is rank 0 did not record the failure within `grace_s` seconds (it is the one
+    gone, or hangs) and no other survivor took it on first."""
+    store = _store()
+    if store is None:
+        return True
+    try:
+        store.wait([_failure_key("recorded")], timedelta(seconds=grace_s))
+        return False
+    except Exception:  # noqa: BLE001 - timed out, or the store went with rank 0
+        pass
+    try:
+        return store.add(_failure_key("claims"), 1) == 1
+    except Exception:  # noqa: BLE001 - no store left to agree through: write it
+        return True
 
 
 class PeerLost(RuntimeError):

@@ -279,6 +279,11 @@ def resume(exp: Experiment, state: dict, path: Path) -> None:
         own = state["ranks"][distributed.rank()]
         exp.running.load_state_dict(own["running"])
         ckpt.set_rng_state(own["rng"])
+        if "buffers" in own:  # a stop signal's checkpoint: this rank's running statistics
+            buffers = dict(exp.model.named_buffers())
+            with torch.no_grad():
+                for name, value in own["buffers"].items():
+                    buffers[name].copy_(value)
     exp.step = state["step"]
     exp.throughput = Throughput(exp.step)
     exp.last_val = state["last_val"]
@@ -317,14 +322,17 @@ def adopt_thread_count(config: dict, saved: int) -> bool:
     return True
 
 
-def checkpoint_state(exp: Experiment) -> dict | None:
+def checkpoint_state(exp: Experiment, own_buffers: dict | None = None) -> dict | None:
     """What `resume` needs besides the parts: the loop's own values, the config, and the
     CPU thread count the steps ran with. Under several processes, also what differs between
-    them (random states, running loss sums), gathered on rank 0; None on the other ranks."""
+    them (random states, running loss sums and, given `own_buffers`, the rank's running
+    statistics where they were not averaged), gathered on rank 0; None on the other ranks."""
     ranks = None
     if distributed.active():
-        ranks = distributed.gather_to_main({"rng": ckpt.rng_state(),
-                                            "running": exp.running.state_dict()})
+        own = {"rng": ckpt.rng_state(), "running": exp.running.state_dict()}
+        if own_buffers is not None:
+            own["buffers"] = own_buffers
+        ranks = distributed.gather_to_main(own)
         if not distributed.is_main():
             return None
     extra = {"ranks": ranks, "world_size": distributed.world()} if ranks else {}

@@ -219,6 +219,17 @@ class Tracker:
         self.writer.close()
 
 
+def mark_failed(run_dir: Path, update: dict) -> bool:
+    """Record the failure of a run whose rank 0 is gone, from another rank: `update` (status
+    failed, the error line, ...) over the summary.json rank 0 last wrote, while that still
+    says `running`. False where the file records an end already, or is not on this machine."""
+    previous = read_summary(run_dir)
+    if previous is None or previous.get("status") != "running":
+        return False
+    write_json_atomic(Path(run_dir) / SUMMARY_FILE, {**previous, **update})
+    return True
+
+
 def write_failed_summary(run_dir: Path, config: dict, error: str) -> None:
     """Record a run that ended before or during training with an error (never overwrites a
     finished run's summary)."""

@@ -28,7 +28,7 @@ from normbench.evaluation import (
 from normbench.experiment import Experiment, build, checkpoint_state, start_writing
 from normbench.guard import StopSignals, grad_norm
 from normbench.norms.sync import synchronized
-from normbench.tracking import read_summary, warn
+from normbench.tracking import mark_failed, read_summary, warn
 
 
 def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
@@ -64,7 +64,11 @@ def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
                 raise
             line = lost_rank_line(exp, e)
             exp.summary["error"] = line
-            finish(exp, "failed", time.time() - start)
+            finish(exp, "failed", time.time() - start)  # writes summary.json on rank 0 only
+            if distributed.is_main():
+                distributed.failure_recorded()
+            else:
+                record_for_lost_main(exp)
             raise distributed.PeerLost(line) from None
     finish(exp, status, time.time() - start)
     # No rank leaves before rank 0 has written everything: torchrun ends the others as soon
@@ -103,11 +107,13 @@ def train_loop(exp: Experiment, progress, task, stop: StopSignals,
             if line:
                 progress.console.print(line)
         if save_now or signal_number:
-            summary["checkpoint"] = str(save_step(exp, step))
+            path = save_step(exp, step, scheduled=save_now)
+            if path is not None:  # rank 0 saves; elsewhere str(None) would name one "None"
+                summary["checkpoint"] = str(path)
         if signal_number and step < exp.steps:
             summary["signal"] = signal.Signals(signal_number).name
             exp.tracker.console.print(f"[yellow]interrupted[/yellow] by {summary['signal']} at "
-                                      f"step {step}; checkpoint {summary['checkpoint']}")
+                                      f"step {step}; checkpoint {summary.get('checkpoint')}")
             return "interrupted"
     return "completed"
 
@@ -117,10 +123,27 @@ def lost_rank_line(exp: Experiment, error: BaseException) -> str:
     # gloo's message starts with its source location; the first sentence says what happened
     cause = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(error).split())).split(". ")[0][:160]
     saved = exp.summary.get("checkpoint")
+    if saved is None and not distributed.is_main():  # rank 0 saves; the newest one it wrote
+        newest = ckpt.list_checkpoints(exp.tracker.run_dir)
+        saved = str(newest[0]) if newest else None
     where = f"the last checkpoint, {saved}" if saved else "its last checkpoint, if any"
     return (f"process {distributed.rank()} of {distributed.world()} lost the others after "
             f"step {exp.step} ({type(error).__name__}: {cause}). Fix: the first failing "
             f"process's output says why; rerun with resume=auto to continue from {where}")
+
+
+def record_for_lost_main(exp: Experiment) -> None:
+    """On a rank > 0 that lost the others: if rank 0 is the one gone, nobody else would
+    mark summary.json failed, and it would say `running` for good. The first survivor to
+    find that rank 0 has not recorded the failure within the grace period does it, and
+    only while the file still says `running` (a rank 0 that failed on its own wrote it)."""
+    if not distributed.records_failure_for_main():
+        return
+    newest = ckpt.list_checkpoints(exp.tracker.run_dir)
+    update = {key: exp.summary[key] for key in ("status", "error", "steps", "elapsed_s")}
+    if newest:
+        update["checkpoint"] = str(newest[0])
+    mark_failed(exp.tracker.run_dir, update)
 
 
 def train_step(exp: Experiment, step: int, log_now: bool) -> tuple[int, float]:
@@ -193,10 +216,27 @@ def evaluate_step(exp: Experiment, step: int) -> str:
                                                       for k, v in exp.last_val.items())
 
 
-def save_step(exp: Experiment, step: int) -> Path | None:
-    """A checkpoint of `step`, written by rank 0 (None on the other ranks)."""
-    agree_buffers(exp, step)
-    state = checkpoint_state(exp)
+def save_step(exp: Experiment, step: int, scheduled: bool = True) -> Path | None:
+    """A checkpoint of `step`, written by rank 0 (None on the other ranks).
+
+    `scheduled=False`: a checkpoint no uninterrupted run writes (a stop signal's). Its model
+    holds the averaged running statistics like any other, but the live ones stay as they
+    are and each rank's own are saved beside them: averaging them here would change the
+    rounding of every later update, and the resumed run's val_loss would differ from the
+    uninterrupted run's in the 7th digit."""
+    if scheduled or exp.buffers_agreed == step or not distributed.active():
+        agree_buffers(exp, step)
+        state = checkpoint_state(exp)
+    else:
+        own = {name: b.clone() for name, b in exp.model.named_buffers()}
+        distributed.average_buffers(exp.model)
+        try:
+            state = checkpoint_state(exp, own_buffers=own)
+        finally:
+            live = dict(exp.model.named_buffers())
+            with torch.no_grad():
+                for name, value in own.items():
+                    live[name].copy_(value)
     if state is None:
         return None
     path = ckpt.save_checkpoint(exp.tracker.run_dir, step, state, exp.config["keep_checkpoints"])
@@ -205,8 +245,9 @@ def save_step(exp: Experiment, step: int) -> Path | None:
 
 
 def agree_buffers(exp: Experiment, step: int) -> None:
-    """Average the ranks' running statistics, once per step that evaluates or saves. Every
-    run does it at the same steps, so a resumed run matches an uninterrupted one."""
+    """Average the ranks' running statistics, once per step that evaluates or saves on
+    schedule. Every run does it at the same steps, so a resumed run matches an uninterrupted
+    one (a stop signal's checkpoint leaves them as they are: `save_step`)."""
     if exp.buffers_agreed != step:
         distributed.average_buffers(exp.model)
         exp.buffers_agreed = step

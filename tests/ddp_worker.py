@@ -82,16 +82,31 @@ def work(rank: int, world: int, port: int, out_dir: str, cases: dict, device: st
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     distributed.init()  # gloo for CPU tensors, NCCL for CUDA ones
-    where = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
     try:
-        for name, case in cases.items():
-            for mode, sync in (("per_rank", False), ("sync", True)):
-                model = build(case, {**case["norm"], "sync": sync}).to(where)
-                shard = distributed.RankShard(iter(global_batches(case, world)), rank, world)
-                runner = distributed.wrap(model, where)
-                record = train(model, runner, shard, share=shard.loss_share)
-                distributed.average_buffers(model)
-                record["buffers"] = {n: b.cpu() for n, b in model.named_buffers()}
-                torch.save(record, Path(out_dir) / f"{name}_{mode}_{rank}.pt")
+        train_cases(rank, world, out_dir, cases, device)
     finally:
         distributed.shutdown()
+    # What is still running once the group is gone: a thread of it would outlive the
+    # interpreter and meet the C++ teardown at exit (test_distributed checks there is none).
+    (Path(out_dir) / f"threads_{rank}.txt").write_text("\n".join(thread_names()))
+
+
+def train_cases(rank: int, world: int, out_dir: str, cases: dict, device: str) -> None:
+    where = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
+    for name, case in cases.items():
+        for mode, sync in (("per_rank", False), ("sync", True)):
+            model = build(case, {**case["norm"], "sync": sync}).to(where)
+            shard = distributed.RankShard(iter(global_batches(case, world)), rank, world)
+            runner = distributed.wrap(model, where)
+            record = train(model, runner, shard, share=shard.loss_share)
+            distributed.average_buffers(model)
+            record["buffers"] = {n: b.cpu() for n, b in model.named_buffers()}
+            torch.save(record, Path(out_dir) / f"{name}_{mode}_{rank}.pt")
+
+
+def thread_names() -> list[str]:
+    """The names of this process's threads (Linux); empty where /proc is missing."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return []
+    return sorted((t / "comm").read_text().strip() for t in tasks.iterdir())

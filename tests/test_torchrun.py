@@ -1,7 +1,8 @@
 """`torchrun --nproc_per_node=2 -m normbench train` on the CPU, end to end: one run folder
-written by rank 0, the same training as one process with ghost BN, a killed rank that ends
-the job quickly with one clear line, and a resume that ends bit for bit as the
-uninterrupted run. Each torchrun costs ~10 s on 2 cores; three run here."""
+written by rank 0, the same training as one process with ghost BN, a killed rank (rank 1
+or rank 0) that ends the job quickly with one clear line and a summary.json marked failed,
+and resumes after SIGKILL and after SIGTERM that end bit for bit as the uninterrupted run.
+Each torchrun costs ~10 s on 2 cores; seven run here."""
 
 from __future__ import annotations
 
@@ -98,19 +99,63 @@ def test_a_killed_rank_ends_the_job_quickly_and_resume_matches_the_uninterrupted
     assert summary_of(run_dir)["status"] == "failed"
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["step_00000004.pt"]
 
-    resumed = torchrun("train", *RUN, "hydra.run.dir=runs/r", "resume=true", cwd=tmp_path)
+    resume_and_match(run_dir, reference, from_step=4)
+
+
+def resume_and_match(run_dir: Path, reference: Path, from_step: int) -> None:
+    """Resume the run in `run_dir`; it must end bit for bit as the uninterrupted one."""
+    resumed = torchrun("train", *RUN, f"hydra.run.dir={run_dir}", "resume=true",
+                       cwd=run_dir.parent.parent)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got, want = summary_of(run_dir), summary_of(reference)
-    assert got["status"] == "completed" and got["resumed_from_step"] == 4
+    assert got["status"] == "completed" and got["resumed_from_step"] == from_step
     assert got["final"] == want["final"]  # exact
     a, b = last_checkpoint(run_dir), last_checkpoint(reference)
-    for key in b["model"]:
+    for key in b["model"]:  # the running statistics included
         assert torch.equal(a["model"][key], b["model"][key]), key
     for r in range(2):  # each rank's random state and running sums
         assert torch.equal(a["ranks"][r]["rng"]["torch"], b["ranks"][r]["rng"]["torch"])
     curves, reference_curves = read_scalars(run_dir), read_scalars(reference)
     for tag in ("train/loss", "train/acc", "val/loss"):
         assert curves[tag] == reference_curves[tag], tag
+
+
+def test_a_survivor_marks_the_run_failed_when_rank_0_is_killed(tmp_path):
+    """Rank 0 alone writes summary.json; when it is the one lost, the survivor does."""
+    mark = tmp_path / "killed_at"
+    killed = torchrun("train", *RUN, "hydra.run.dir=runs/r", cwd=tmp_path, module="tests.faults",
+                      env={"NB_FAULT": "kill", "NB_FAULT_STEP": "7", "NB_FAULT_RANK": "0",
+                           "NB_FAULT_MARK": str(mark)})
+    ended = time.time()
+    assert killed.returncode != 0
+    assert ended - float(mark.read_text()) < KILL_BOUND_S
+    lines = [ln for ln in killed.stderr.splitlines() if ln.startswith("normbench: error:")]
+    assert len(lines) == 1 and "process 1 of 2 lost the others after step 6" in lines[0], \
+        killed.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "r"
+    checkpoint = run_dir / "checkpoints" / "step_00000004.pt"
+    assert f"continue from the last checkpoint, {checkpoint}" in lines[0]
+    summary = summary_of(run_dir)
+    assert summary["status"] == "failed" and summary["steps"] == 6
+    assert summary["error"] == lines[0].removeprefix("normbench: error: ")
+    assert summary["checkpoint"] == str(checkpoint)
+    assert summary["world_size"] == 2 and summary["total_steps"] == STEPS  # rank 0's, kept
+
+
+def test_a_stop_signal_to_one_rank_stops_both_and_resume_matches_the_uninterrupted_run(
+        reference, tmp_path):
+    """SIGTERM reaches rank 1 in step 2; the ranks agree on it and stop after step 3, which
+    is no checkpoint_every step: the running statistics are averaged into the checkpoint
+    but not in the ranks, as in the uninterrupted run, which averages at step 4."""
+    stopped = torchrun("train", *RUN, "hydra.run.dir=runs/s", cwd=tmp_path, module="tests.faults",
+                       env={"NB_FAULT": "term", "NB_FAULT_STEP": "2", "NB_FAULT_RANK": "1"})
+    assert stopped.returncode != 0
+    run_dir = tmp_path / "runs" / "s"
+    summary = summary_of(run_dir)
+    assert (summary["status"], summary["steps"], summary["signal"]) == ("interrupted", 3,
+                                                                       "SIGTERM")
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["step_00000003.pt"]
+    resume_and_match(run_dir, reference, from_step=3)
 
 
 def test_a_sweep_under_torchrun_is_refused_in_one_line(cli):
