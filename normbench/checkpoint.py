@@ -202,7 +202,21 @@ def check_resume(run_dir: Path, resume) -> str:
         raise UserError(f"resume=true but {checkpoint_dir(run_dir)} holds no checkpoint",
                         "point hydra.run.dir at the folder of the run to continue, or drop "
                         "resume=true to start afresh")
+    if not found and (status := _finished_status(run_dir)):
+        # Its checkpoints are gone, its results are not: starting afresh would overwrite them.
+        raise UserError(f"{run_dir} holds a {status} run (summary.json) and no checkpoint to "
+                        "continue it from", "choose another hydra.run.dir (or hydra.sweep.dir)")
     return mode
+
+
+def _finished_status(run_dir: Path) -> str | None:
+    import json
+
+    try:
+        status = json.loads((Path(run_dir) / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return status if status in ("completed", "diverged", "interrupted") else None
 
 
 def requeued() -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from normbench.checkpoint import check_resume, normalize_resume
+from normbench.config.explain import show_number as _number
 from normbench.config.explain import show_value as _show
 from normbench.data import DataInfo
 from normbench.distributed import world_from_env
@@ -68,7 +69,11 @@ def check_config(config: dict) -> None:
         _positive_number(config, "epochs")
     _positive_int(config, "log_every")
     _positive_int(config, "eval_batch_size")
-    _positive_int(config, "threads", allow_none=True)
+    # threads: beyond 1024 torch's thread pool can fail in native code (a segfault at 100000)
+    _in_range(config, "threads", "threads", low=1, high=1024, kind=_INTEGER, allow_none=True,
+              example="4")
+    _in_range(config, "seed", "seed", low=0, high=2**32 - 1, kind=_INTEGER, example="0",
+              why=" (NumPy's seeds)")
     _count(config, "eval_every", "eval_every", "0 (only at the end)")
     _execution(config)
     _probe_options(config)
@@ -135,6 +140,10 @@ def check_text_file(path: str | Path, context: int) -> None:
 
 def check_run_dir(run_dir: Path, resume) -> None:
     """The single run's folder is writable, and resume= matches what is in it."""
+    if str(run_dir) in ("", "."):
+        raise UserError("hydra.run.dir is empty: the run would be written into the current "
+                        "folder, among other files", "give the run its own folder, e.g. "
+                        "hydra.run.dir=runs/my_run, or leave hydra.run.dir out")
     check_output_dir(run_dir)
     check_resume(run_dir, resume)
 
@@ -250,6 +259,10 @@ def check_sweep_dir(sweep_dir: Path, resume) -> None:
     from normbench.checkpoint import list_checkpoints
 
     check_output_dir(sweep_dir)
+    if (Path(sweep_dir) / "summary.json").exists():
+        raise UserError(f"hydra.sweep.dir={sweep_dir} is the folder of a run (it holds "
+                        "summary.json): the sweep's jobs would be written inside it",
+                        "choose another hydra.sweep.dir")
     if normalize_resume(resume) == "false" and Path(sweep_dir).is_dir():
         if any(list_checkpoints(job) for job in Path(sweep_dir).iterdir() if job.is_dir()):
             raise UserError(f"the sweep folder {sweep_dir} already holds runs with checkpoints",
@@ -277,12 +290,12 @@ def _in_range(section: dict, key: str, label: str, *, low: float, high: float = 
     if inside and finite:
         return
     if high == float("inf"):
-        bound = f"above {low:g}" if low_open else f"{low:g} or more"
+        bound = f"above {_number(low)}" if low_open else f"{_number(low)} or more"
     elif not (low_open or high_open):
-        bound = f"between {low:g} and {high:g}"
+        bound = f"between {_number(low)} and {_number(high)}"
     else:
-        bound = (f"{'above' if low_open else 'at least'} {low:g} and "
-                 f"{'below' if high_open else 'at most'} {high:g}")
+        bound = (f"{'above' if low_open else 'at least'} {_number(low)} and "
+                 f"{'below' if high_open else 'at most'} {_number(high)}")
     null = " (or null)" if allow_none else ""
     what = "an integer" if kind == _INTEGER else "a number" if finite else "a finite number"
     # optim.betas[1] is not an override; the example then is the whole list

@@ -68,7 +68,9 @@ class Run:
             acc = final.get("val_acc")
             return None if acc is None else 100.0 * (1.0 - float(acc))
         value = final.get(name)
-        return None if value is None else float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None  # missing, or not a number (a hand-edited file): no metric
+        return float(value)
 
 
     def scalars(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:

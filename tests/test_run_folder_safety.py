@@ -152,3 +152,16 @@ def test_output_that_goes_away_does_not_end_the_run(tmp_path):
     assert b"Traceback" not in err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["status"], summary["steps"]) == ("completed", 12)
+
+
+@pytest.mark.parametrize("resume", ["false", "auto"])
+def test_a_finished_run_whose_checkpoints_are_gone_is_not_started_over(finished, tmp_path,
+                                                                       resume):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    shutil.rmtree(run / "checkpoints")
+    before = fingerprint(run)
+    result = run_cli("train", *RUN, f"resume={resume}", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "holds a completed run (summary.json) and no checkpoint" in result.stderr
+    assert fingerprint(run) == before

@@ -47,6 +47,9 @@ def split_args(args: list[str]) -> tuple[list[str], list[str], bool, bool]:
         elif a.split("=")[0] in _INFO_FLAGS or a.startswith("-"):
             flags.append(a)
             info_only = info_only or a.split("=")[0] in _INFO_FLAGS
+        elif a.lstrip("+~").startswith("="):
+            raise UserError(f"'{a}' has no key before its '='",
+                            "write key=value, e.g. lr=0.1 or norm=group")
         else:
             overrides.append(a)
         i += 1

@@ -73,6 +73,10 @@ def compose_sweep(overrides: list[str], multirun: bool) -> Sweep:
                 base, deferred = sweep_base(parsed)
                 sweep_dir = Path(str(base.hydra.sweep.dir))
                 job_overrides = expand_sweep(overrides, base)
+                if not job_overrides:  # glob(zzz*) that matches nothing, range(1,0), ...
+                    raise UserError(f"the sweep {' '.join(overrides)} has no job: a swept key "
+                                    "has no value", "check each swept key's values (a glob "
+                                    "that matches no option, an empty range)")
                 hydra_overrides = [as_one_value_sweep(o) if o.input_line in deferred
                                    else o.input_line for o in parsed]
             jobs = []

@@ -59,6 +59,11 @@ def options_of_schema(class_name: str) -> tuple[str, list[str]] | None:
     return None
 
 
+def show_number(value: float) -> str:
+    """An integer in full (a seed's bound), any other number in %g."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
 def show_value(value) -> str:
     """A value as it is written in an override."""
     if value is None:
