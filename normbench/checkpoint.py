@@ -98,15 +98,22 @@ def load_newest(run_dir: Path, warn: Callable[[str], None]) -> tuple[dict, Path]
     paths = list_checkpoints(run_dir)
     if not paths:
         return None
-    for i, path in enumerate(paths):
+    skipped = []  # said only once an older checkpoint loads: a refusal is one line
+    for path in paths:
         try:
-            return load_checkpoint(path), path
+            state = load_checkpoint(path)
         except Exception as e:  # noqa: BLE001 - any failure to read means "not usable"
-            reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
-            after = f"trying {paths[i + 1].name}" if i + 1 < len(paths) else "no older one left"
-            warn(f"checkpoint {path} is unreadable ({reason}); {after}")
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+            skipped.append((path, reason[:157] + "..." if len(reason) > 160 else reason))
+            continue
+        for bad, reason in skipped:
+            warn(f"checkpoint {bad} is unreadable ({reason}); trying {path.name}")
+        return state, path
+    newest, reason = skipped[0]
     raise UserError(f"none of the {len(paths)} checkpoint(s) in {checkpoint_dir(run_dir)} "
-                    f"can be read", "start the run afresh in a new folder (drop resume=...)")
+                    f"can be read (the newest, {newest.name}: {reason})",
+                    "start the run afresh in another hydra.run.dir; this folder's results stay "
+                    "as they are")
 
 
 # ----------------------------------------------------------------------------- RNG states

@@ -68,6 +68,18 @@ def load_data(dataset: dict, device: torch.device):
                         "(the images are held in memory as one tensor)") from None
 
 
+def build_model_within_memory(model: dict, norm, info, device: torch.device) -> nn.Module:
+    """The model on the device; one that does not fit is a line naming its size options."""
+    try:
+        return build_model(model, norm, info).to(device)
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "allocate" not in str(e):
+            raise
+        sizes = ", ".join(f"model.{k}={model[k]}" for k in ("depth", "width") if k in model)
+        raise UserError(f"model={model['name']} does not fit in the memory of {device} "
+                        f"({sizes})", "use a smaller model.depth or model.width") from None
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -176,7 +188,7 @@ def build(config: dict, run_dir: Path, console: Console, live: bool) -> Experime
     with distributed.main_first():  # a download or cache is written once, by rank 0
         data = load_data(config["dataset"], device)
     norm = make_spec(**config["norm"])
-    model = to_memory_format(build_model(config["model"], norm, data.info).to(device),
+    model = to_memory_format(build_model_within_memory(config["model"], norm, data.info, device),
                              config["channels_last"])
     loader = distributed.train_loader(data, config["batch_size"], config["seed"])
     steps = total_steps(config, loader.steps_per_epoch)
