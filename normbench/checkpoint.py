@@ -223,7 +223,9 @@ def _finished_status(run_dir: Path) -> str | None:
         status = json.loads((Path(run_dir) / "summary.json").read_text()).get("status")
     except (OSError, ValueError, AttributeError):
         return None
-    return status if status in ("completed", "diverged", "interrupted") else None
+    # A diverged run without checkpoints may start again (a sweep's resume=auto reruns it,
+    # deterministically diverging again); an interrupted one always has its checkpoint.
+    return status if status == "completed" else None
 
 
 def requeued() -> bool:
