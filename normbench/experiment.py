@@ -7,6 +7,7 @@ defaults live, so a missing key is a bug, not a reason to guess.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -51,33 +52,36 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_data(dataset: dict, device: torch.device):
-    """The dataset on the device. The in-memory datasets hold every image as one tensor: one
-    that does not fit is a line naming the sizes, not an allocator's traceback."""
+@contextlib.contextmanager
+def refused_when_too_large(what: str, device: torch.device, sizes: str, fix: str):
+    """An allocation that fails (the in-memory images, a model's weights) becomes one line
+    naming what did not fit and the options that size it, not an allocator's traceback."""
     try:
-        return build_dataset(**dataset).to(device)
-    except (MemoryError, RuntimeError) as e:
-        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and \
-                "allocate" not in str(e):
-            raise
-        sizes = ", ".join(f"dataset.{k}={dataset[k]}" for k in ("n_train", "n_val", "image_size",
-                                                               "seq_len") if dataset.get(k))
-        reason = " ".join(str(e).split())[:160]
-        raise UserError(f"dataset={dataset['name']} does not fit in the memory of {device} "
-                        f"({sizes}: {reason})", "lower dataset.n_train or dataset.image_size "
-                        "(the images are held in memory as one tensor)") from None
-
-
-def build_model_within_memory(model: dict, norm, info, device: torch.device) -> nn.Module:
-    """The model on the device; one that does not fit is a line naming its size options."""
-    try:
-        return build_model(model, norm, info).to(device)
+        yield
     except (MemoryError, RuntimeError) as e:
         if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "allocate" not in str(e):
             raise
-        sizes = ", ".join(f"model.{k}={model[k]}" for k in ("depth", "width") if k in model)
-        raise UserError(f"model={model['name']} does not fit in the memory of {device} "
-                        f"({sizes})", "use a smaller model.depth or model.width") from None
+        reason = " ".join(str(e).split())[:160]
+        raise UserError(f"{what} does not fit in the memory of {device} ({sizes}: {reason})",
+                        fix) from None
+
+
+def load_data(dataset: dict, device: torch.device):
+    """The dataset on the device (the in-memory datasets hold every image as one tensor)."""
+    sizes = ", ".join(f"dataset.{k}={dataset[k]}" for k in ("n_train", "n_val", "image_size",
+                                                           "seq_len") if dataset.get(k))
+    with refused_when_too_large(f"dataset={dataset['name']}", device, sizes,
+                                "lower dataset.n_train or dataset.image_size (the images are "
+                                "held in memory as one tensor)"):
+        return build_dataset(**dataset).to(device)
+
+
+def build_model_within_memory(model: dict, norm, info, device: torch.device) -> nn.Module:
+    """The model on the device."""
+    sizes = ", ".join(f"model.{k}={model[k]}" for k in ("depth", "width") if k in model)
+    with refused_when_too_large(f"model={model['name']}", device, sizes,
+                                "use a smaller model.depth or model.width"):
+        return build_model(model, norm, info).to(device)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
