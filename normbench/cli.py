@@ -15,11 +15,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from normbench import distributed
 from normbench.config.arguments import split_args, take_output_subdir
 from normbench.config.resolvers import STAMP_ENV, register_resolvers, stamp
 from normbench.config.tree import conf_dir, config_options, register
 from normbench.console_streams import keep_running_without_reader
+from normbench.engine import distributed
 from normbench.errors import UserError
 
 SUBCOMMANDS = {
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "list":
             return list_command(rest)
         if command == "report":
-            from normbench.report import report_command
+            from normbench.report.command import report_command
 
             return report_command(rest)
     except UserError as e:
@@ -265,8 +265,8 @@ def _task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from normbench.checks import check_config
-    from normbench.tracking import write_failed_summary
+    from normbench.config.checks import check_config
+    from normbench.engine.tracking import write_failed_summary
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -292,7 +292,7 @@ def _task(cfg) -> None:
     if config.get("threads") is None and multirun:
         config["threads"] = threads_per_job(hydra_cfg.launcher)
     if multirun:  # the values this job was given, as in its folder name: HParams, run name
-        from normbench.dashboards import swept_settings
+        from normbench.engine.dashboards import swept_settings
 
         config["swept"] = swept_settings(list(hydra_cfg.overrides.task),
                                          list(hydra_cfg.job.config.override_dirname.exclude_keys))
@@ -302,7 +302,7 @@ def _task(cfg) -> None:
     main = distributed.is_main()
     try:
         check_config(config)
-        from normbench.train import run_experiment
+        from normbench.engine.train import run_experiment
 
         summary = run_experiment(config, run_dir, live=not multirun, on_start=on_start)
     except distributed.PeerLost as e:  # summary.json already says failed, with this line
@@ -350,7 +350,7 @@ def threads_per_job(launcher) -> int | None:
 
 def report_sweep(sweep_dir: Path) -> int:
     """After a sweep: one line per unsuccessful job, and the exit status for the whole sweep."""
-    from normbench.tracking import read_summary
+    from normbench.engine.tracking import read_summary
 
     statuses = {}
     for summary_path in sorted(Path(sweep_dir).glob("*/summary.json")):
@@ -373,7 +373,7 @@ def preflight(overrides: list[str], multirun: bool) -> tuple[Path | None, list[s
 
     Returns the sweep folder in multirun mode, and the overrides to hand to Hydra.
     """
-    from normbench.checks import check_config, check_run_dir, check_sweep_dir, check_sweep_varies
+    from normbench.config.checks import check_config, check_run_dir, check_sweep_dir, check_sweep_varies
     from normbench.config.compose import compose_sweep
 
     sweep = compose_sweep(overrides, multirun)

@@ -91,7 +91,7 @@ def normbench_rate(config: dict, run_dir: Path) -> float:
     from rich.console import Console
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from normbench.train import run_experiment
+    from normbench.engine.train import run_experiment
 
     run_experiment(config, run_dir, console=Console(file=open("/dev/null", "w")), live=False)  # noqa: SIM115
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
@@ -108,10 +108,10 @@ def normbench_rate(config: dict, run_dir: Path) -> float:
 
 
 def model_and_optimizer(config: dict, data, device):
+    from normbench.engine.optim import build_optimizer
+    from normbench.engine.precision import to_memory_format
     from normbench.models import build_model
     from normbench.norms import make_spec
-    from normbench.optim import build_optimizer
-    from normbench.precision import to_memory_format
 
     torch.manual_seed(config["seed"])
     model = build_model(config["model"], make_spec(**config["norm"]), data.info).to(device)
@@ -123,8 +123,8 @@ def model_and_optimizer(config: dict, data, device):
 def timed_loop(config: dict, model, optimizer, batches, steps: int, warmup: int,
                device) -> float:
     """Samples/s of a plain forward/backward/step loop over `batches` (an iterator)."""
-    from normbench.evaluation import forward, loss_and_counts
-    from normbench.precision import autocast, prepare_input
+    from normbench.engine.evaluation import forward, loss_and_counts
+    from normbench.engine.precision import autocast, prepare_input
 
     model.train()
     start = None
@@ -211,7 +211,7 @@ def bench(overrides: list[str], args, tmp: Path, variant: str = "", emit=None) -
     """The rows of one model x norm x precision (or variant); `emit(rows)` is called with the
     rows measured so far after every loop's round."""
     from normbench.config.compose import compose_config
-    from normbench.experiment import select_device
+    from normbench.engine.experiment import select_device
 
     # Evaluations and checkpoints are not timed: none until the end, and no PreciseBN.
     base = [f"steps={args.steps}", "eval_every=0", "precise_bn_batches=0", "checkpoint_every=0",
@@ -345,9 +345,9 @@ def main() -> None:
     unknown = set(args.loops.split(",")) - set(LOOPS)
     if unknown:
         parser.error(f"unknown loop(s) {', '.join(sorted(unknown))}: use {','.join(LOOPS)}")
-    import normbench.experiment
+    import normbench.engine.experiment
 
-    normbench.experiment.build_dataset = shared_dataset  # see shared_dataset
+    normbench.engine.experiment.build_dataset = shared_dataset  # see shared_dataset
     with tempfile.TemporaryDirectory() as tmp:
         if args.memory:
             memory_check(args.memory, args.overrides, Path(tmp))

@@ -50,7 +50,7 @@ def main() -> None:
     from rich.console import Console
 
     from normbench.config.compose import compose_config
-    from normbench.train import run_experiment
+    from normbench.engine.train import run_experiment
 
     base = compose_config(args.overrides)
     default_interval = int(base["log_every"])

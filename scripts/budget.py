@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from normbench.config.compose import compose_jobs  # noqa: E402
-from normbench.runs import read_scalars  # noqa: E402
+from normbench.report.runs import read_scalars  # noqa: E402
 
 EVALUATIONS = ("perf/eval_seconds", "perf/val_batchstats_seconds", "perf/precise_bn_seconds")
 

@@ -268,7 +268,7 @@ def torchrun_command(ctx: Context) -> list[str]:
 
 def torchrun_figures(ctx: Context, log: str) -> dict:
     figures = completed_run(ctx.scratch / "torchrun")
-    # normbench joins a process group only when WORLD_SIZE > 1 (normbench/distributed.py):
+    # normbench joins a process group only when WORLD_SIZE > 1 (normbench/engine/distributed.py):
     # with one process this checks the launch under torchrun, not NCCL itself, which
     # pytest's one-rank NCCL test (tests/test_gpu_distributed.py) covers
     figures["process_group"] = "none (world size 1)" if figures["world_size"] == 1 else "joined"

@@ -1,7 +1,7 @@
 """One rank of the two-process equivalence runs in test_distributed.py (spawned, gloo, CPU).
 
 Each case trains a real model for a few SGD steps under DDP, every rank on its shard of
-the same global batches (`normbench.distributed.RankShard`), and saves what the test
+the same global batches (`normbench.engine.distributed.RankShard`), and saves what the test
 compares with one process on the whole global batch: the first step's outputs and
 averaged gradients, the parameters after the last step, and the running statistics after
 `average_buffers`. Everything runs in float64, so that "equal" means equal to rounding.
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from normbench import distributed
 from normbench.data import Batch, DataInfo
-from normbench.evaluation import forward, loss_and_counts
+from normbench.engine import distributed
+from normbench.engine.evaluation import forward, loss_and_counts
 from normbench.models import build_model
 from normbench.norms import make_spec
 from normbench.norms.sync import synchronized

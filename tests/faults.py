@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-import normbench.train as train
+import normbench.engine.train as train
 from normbench.cli import main
 
 FAULT = os.environ["NB_FAULT"]

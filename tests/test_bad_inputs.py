@@ -18,16 +18,16 @@ import pytest
 import torch
 import torchvision
 
-from normbench.checks import check_config
+from normbench.config.checks import check_config
 from normbench.config.compose import compose_config, parse_overrides
 from normbench.config.explain import schema_of_option
 from normbench.config.schema import SCHEMAS, TrainConfig
 from normbench.config.tree import config_options
 from normbench.data.images import decoder_messages, imagefolder_dataset
 from normbench.data.text import read_text_file
+from normbench.engine.tracking import read_json, write_json_atomic
 from normbench.errors import UserError
 from normbench.paths import check_output_dir
-from normbench.tracking import read_json, write_json_atomic
 from tests.conftest import TINY
 from tests.test_data_images import write_imagefolder
 from tests.test_report import fake_run

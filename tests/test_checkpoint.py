@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from normbench import checkpoint as ckpt
+from normbench.engine import checkpoint as ckpt
+from normbench.engine.guard import DivergenceWatch, StopSignals, grad_norm
 from normbench.errors import UserError
-from normbench.guard import DivergenceWatch, StopSignals, grad_norm
 
 
 def small_state(step: int) -> dict:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from normbench.train import run_experiment
+from normbench.engine.train import run_experiment
 from tests.conftest import REPO, TINY, run_cli
 from tests.test_data_images import write_imagefolder
 

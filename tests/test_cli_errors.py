@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from normbench.checks import check_text_file
+from normbench.config.checks import check_text_file
 from normbench.config.explain import GROUPS, options_with_key, schema_of_option
 from normbench.config.schema import SCHEMAS, TrainConfig
 from normbench.config.tree import conf_dir, config_options
 from normbench.data import dataset_builder
+from normbench.engine.optim import optimizer_function, schedule_function
 from normbench.errors import UserError
-from normbench.optim import optimizer_function, schedule_function
 from normbench.paths import check_output_dir
 from tests.conftest import TINY, run_cli
 from tests.test_data_images import write_imagefolder

@@ -169,8 +169,8 @@ def test_cifar_keeps_a_stratified_subset_of_real_rows_and_resizes(cifar_fixture)
 def test_a_run_on_cifar_records_the_sizes_it_used(cifar_fixture, tmp_path):
     import json
 
-    from normbench.checks import check_config
-    from normbench.train import run_experiment
+    from normbench.config.checks import check_config
+    from normbench.engine.train import run_experiment
     from tests.conftest import compose_config
 
     root, _ = cifar_fixture

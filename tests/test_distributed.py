@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from normbench import distributed
 from normbench.data import Batch
+from normbench.engine import distributed
 from tests import ddp_worker
 from tests.conftest import TINY, compose_config
 
@@ -165,7 +165,7 @@ def test_a_slurm_task_gets_the_variables_torchrun_would_set(monkeypatch):
 
 
 def test_sync_with_ghost_groups_or_without_batch_statistics_is_refused(tiny_config):
-    from normbench.checks import check_config
+    from normbench.config.checks import check_config
     from normbench.errors import UserError
 
     with pytest.raises(UserError, match=r"norm.sync=true with norm.stats_batch=8.*Fix: keep one"):
@@ -177,7 +177,7 @@ def test_sync_with_ghost_groups_or_without_batch_statistics_is_refused(tiny_conf
 
 def test_under_torchrun_a_fixed_gpu_and_a_global_batch_too_large_are_refused(tiny_config,
                                                                              monkeypatch):
-    from normbench.checks import check_config
+    from normbench.config.checks import check_config
     from normbench.errors import UserError
 
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -14,14 +14,9 @@ from torch import nn
 
 from normbench.data import Batch, DataInfo
 from normbench.data.synthetic import shapes_dataset
-from normbench.evaluation import (
-    evaluate,
-    evaluate_batchstats,
-    loss_and_counts,
-    population_statistics,
-    precise_bn_stats,
-    train_eval_discrepancy,
-)
+from normbench.engine.discrepancy import train_eval_discrepancy
+from normbench.engine.evaluation import evaluate, evaluate_batchstats, loss_and_counts
+from normbench.engine.precise_bn import population_statistics, precise_bn_stats
 from normbench.norms import TokenBatchNorm
 
 

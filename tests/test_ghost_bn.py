@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from normbench.engine.train import run_experiment
 from normbench.norms import (
     GhostBatchNorm2d,
     StepBatchNorm,
@@ -13,7 +14,6 @@ from normbench.norms import (
     create_norm,
 )
 from normbench.norms.stats import batch_moments, bn_training_stats
-from normbench.train import run_experiment
 from tests.config_defaults import norm_spec
 from tests.conftest import compose_config, run_cli
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from normbench.data import build_dataset
+from normbench.engine.train import run_experiment
 from normbench.norms import GhostBatchNorm2d, TokenBatchNorm
-from normbench.train import run_experiment
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -35,8 +35,8 @@ def test_no_training_step_waits_on_the_host(tmp_path, tiny_config, norm):
     """Between logging steps nothing syncs: torch raises on any synchronizing call."""
     from rich.console import Console
 
-    from normbench.experiment import build
-    from normbench.train import train_step
+    from normbench.engine.experiment import build
+    from normbench.engine.train import train_step
 
     # warm-up and relaxation end within the steps run, so both paths of each norm run
     exp = build(tiny_config("device=cuda", "log_every=100", "steps=20", f"norm={norm}",

@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from normbench.checks import check_config
-from normbench.dashboards import hparams_of
+from normbench.config.checks import check_config
 from normbench.data import DataInfo
+from normbench.engine.dashboards import hparams_of
 from normbench.errors import UserError
-from normbench.grid import build_report
 from normbench.models import build_model
 from normbench.norms import create_norm
-from normbench.runs import find_runs
+from normbench.report.grid import build_report
+from normbench.report.runs import find_runs
 from tests.config_defaults import model_options, norm_spec
 from tests.test_report import fake_run
 
@@ -142,7 +142,7 @@ def test_config_has_exactly_one_of_num_groups_and_group_size(tiny_config):
 
 
 def test_a_run_records_the_group_size_and_the_report_sweeps_it(tmp_path, tiny_config):
-    from normbench.train import run_experiment
+    from normbench.engine.train import run_experiment
 
     config = tiny_config("norm=group", "norm.group_size=4", "steps=2", "probes=false")
     summary = run_experiment(config, tmp_path / "run", live=False)

@@ -79,13 +79,13 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_the_walker_sees_imports_inside_functions_and_finds_a_cycle():
-    modules = {"normbench", "normbench.train", "normbench.data", "normbench.data.images",
-               "normbench.evaluation"}
+    modules = {"normbench", "normbench.engine.train", "normbench.data", "normbench.data.images",
+               "normbench.engine.evaluation"}
     source = ("import os\nfrom normbench.data import images\nfrom . import train\n"
-              "def f():\n    from normbench.train import evaluate\n"
+              "def f():\n    from normbench.engine.train import evaluate\n"
               "    import normbench.data\n")
-    assert internal_imports(source, "normbench.evaluation", False, modules) == {
-        "normbench.data.images", "normbench.train", "normbench.data"}
+    assert internal_imports(source, "normbench.engine.evaluation", False, modules) == {
+        "normbench.data.images", "normbench.engine.train", "normbench.data"}
     graph = {"normbench.a": {"normbench.b"}, "normbench.b": {"normbench.c"},
              "normbench.c": {"normbench.a"}, "normbench.d": set()}
     assert find_cycle(graph) == ["normbench.a", "normbench.b", "normbench.c", "normbench.a"]
@@ -94,7 +94,7 @@ def test_the_walker_sees_imports_inside_functions_and_finds_a_cycle():
 
 def test_no_module_imports_one_that_imports_it_back():
     graph = import_graph()
-    assert "normbench.train" in graph and graph["normbench.train"], "the walk found nothing"
+    assert "normbench.engine.train" in graph and graph["normbench.engine.train"], "the walk found nothing"
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from normbench.data import DataInfo
+from normbench.engine.train import run_experiment
 from normbench.errors import UserError
 from normbench.models import build_model
 from normbench.models.lstm import LSTM
 from normbench.norms import StepBatchNorm, TimeBatchNorm, norm_names
-from normbench.probes import Probes
-from normbench.train import run_experiment
+from normbench.probes.monitor import Probes
 from tests.config_defaults import model_options, norm_spec
 from tests.conftest import compose_config, read_scalars
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from normbench.data import build_dataset
 from normbench.norms import TimeBatchNorm, TokenBatchNorm
-from normbench.probes import Probes
+from normbench.probes.monitor import Probes
 from tests.config_defaults import norm_spec
 
 D = 3

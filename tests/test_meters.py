@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from normbench.meters import RunningMeans, Throughput
+from normbench.engine.meters import RunningMeans, Throughput
 
 
 def filled() -> RunningMeans:
@@ -51,7 +51,7 @@ def test_reset_starts_a_new_logging_interval():
 
 def test_throughput_counts_the_steps_since_the_last_call(monkeypatch):
     clock = iter([100.0, 102.0, 103.0])
-    monkeypatch.setattr("normbench.meters.time.time", lambda: next(clock))
+    monkeypatch.setattr("normbench.engine.meters.time.time", lambda: next(clock))
     meter = Throughput(step=4)  # resumed at step 4: its first interval starts there
     assert meter.rate(step=6, batch_size=32) == pytest.approx(2 * 32 / 2.0)
     assert meter.rate(step=8, batch_size=32) == pytest.approx(2 * 32 / 1.0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from normbench.checks import check_config
+from normbench.config.checks import check_config
 from normbench.data import DataInfo
 from normbench.errors import UserError
 from normbench.models import build_model

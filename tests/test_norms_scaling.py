@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from normbench.checks import check_model_builds
+from normbench.config.checks import check_model_builds
 from normbench.errors import UserError
 from normbench.norms import create_norm, make_norm_factory
 from normbench.norms.counts import module_counts

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from normbench.optim import IMPLEMENTATIONS, build_optimizer, param_groups, resolve_implementation
+from normbench.engine.optim import IMPLEMENTATIONS, build_optimizer, param_groups, resolve_implementation
 
 OPTIMIZERS = {"sgd": {"momentum": 0.9, "nesterov": True}, "adamw": {"betas": (0.9, 0.999)}}
 

@@ -13,16 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from normbench.data import Batch, DataInfo
-from normbench.evaluation import (
-    evaluate_batchstats,
-    population_statistics,
-    precise_bn_stats,
-    precise_distances,
-)
+from normbench.engine.evaluation import evaluate_batchstats
+from normbench.engine.precise_bn import population_statistics, precise_bn_stats, precise_distances
+from normbench.engine.train import run_experiment
 from normbench.norms import TimePowerNorm, TokenPowerNorm, create_norm, make_norm_factory
 from normbench.norms.counts import layer_formulas
-from normbench.probes import Probes
-from normbench.train import run_experiment
+from normbench.probes.monitor import Probes
 from tests.config_defaults import norm_spec
 from tests.conftest import compose_config, read_scalars
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from normbench.checks import check_config
+from normbench.config.checks import check_config
+from normbench.engine.experiment import build
+from normbench.engine.precision import autocast, prepare_input, to_memory_format
+from normbench.engine.train import run_experiment, train_step
 from normbench.errors import UserError
-from normbench.experiment import build
 from normbench.norms.registry import norm_names
-from normbench.precision import autocast, prepare_input, to_memory_format
-from normbench.train import run_experiment, train_step
 from tests.config_defaults import model_options, norm_spec
 from tests.conftest import TINY, compose_config, read_scalars
 
@@ -169,7 +169,7 @@ def test_compile_runs_probed_steps_eagerly_without_recompiling(tmp_path):
 
 
 def test_cudnn_autotuning_is_on_unless_deterministic():
-    from normbench.experiment import seed_everything
+    from normbench.engine.experiment import seed_everything
 
     seed_everything(0, deterministic=False)
     assert torch.backends.cudnn.benchmark

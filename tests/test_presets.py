@@ -12,13 +12,13 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from normbench.checks import check_config
 from normbench.cli import preflight
+from normbench.config.checks import check_config
 from normbench.config.compose import PRIMARY, initialized
 from normbench.config.compose import expand_sweep as expand
 from normbench.config.resolvers import register_resolvers
 from normbench.config.tree import conf_dir
-from normbench.dashboards import hparams_of, swept_settings, write_dashboards
+from normbench.engine.dashboards import hparams_of, swept_settings, write_dashboards
 from tests.conftest import compose_config
 from tests.test_data_images import write_imagefolder
 
@@ -168,7 +168,7 @@ def test_both_lengths_null_is_one_line():
 def run_first_job(overrides, run_dir):
     """The sweep's first job, composed and checked as the CLI does and run in this process
     (so that a monkeypatched dataset checksum applies); its config.json and summary.json."""
-    from normbench.train import run_experiment
+    from normbench.engine.train import run_experiment
 
     config = compose_config(expand_sweep(overrides)[0])
     check_config(config)

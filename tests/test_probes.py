@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import nn
 
+from normbench.engine.train import run_experiment
 from normbench.norms import TokenBatchNorm
-from normbench.probes import (
+from normbench.probes.monitor import (
     PERCENTILE_SAMPLE,
     Probes,
     activation_stats,
     excess_kurtosis,
     norm_layers,
 )
-from normbench.train import run_experiment
 from tests.conftest import read_scalars
 
 # ----------------------------------------------------------------------------- hand computations
@@ -356,7 +356,7 @@ def test_a_layer_without_a_valid_call_reports_no_gap_and_others_average_valid_ca
 def test_per_sample_norms_get_act_statistics_on_every_norm_layer(tiny_config, tmp_path, norm):
     """The act/ probes pick the layers by Norm.probed, not by name: every norm layer of the
     ResNet logs its output's spread, and no BatchNorm family appears."""
-    from normbench.checks import placeholder_info
+    from normbench.config.checks import placeholder_info
     from normbench.models import build_model
     from normbench.norms import make_spec
 

@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 from normbench.data import Batch, DataInfo
-from normbench.evaluation import evaluate_batchstats, precise_bn_stats
+from normbench.engine.evaluation import evaluate_batchstats
+from normbench.engine.precise_bn import precise_bn_stats
+from normbench.engine.train import run_experiment
 from normbench.norms import BatchRenorm2d, TokenBatchRenorm, create_norm
 from normbench.norms.counts import layer_formulas
-from normbench.probes import Probes
-from normbench.train import run_experiment
+from normbench.probes.monitor import Probes
 from tests.config_defaults import norm_spec
 from tests.conftest import read_scalars
 

@@ -11,9 +11,9 @@ import matplotlib.image
 import pytest
 
 from normbench.errors import UserError
-from normbench.grid import build_report
-from normbench.report import report_command
-from normbench.runs import find_runs
+from normbench.report.command import report_command
+from normbench.report.grid import build_report
+from normbench.report.runs import find_runs
 from tests.conftest import read_scalars
 
 
@@ -125,7 +125,7 @@ def test_a_folder_without_config_json_reads_the_summary_fields(tmp_path):
 
 
 def test_a_run_writes_its_resolved_config_and_the_report_reads_it(tmp_path, tiny_config):
-    from normbench.train import run_experiment
+    from normbench.engine.train import run_experiment
 
     config = tiny_config("norm=group", "norm.num_groups=4", "steps=2", "probes=false")
     run_experiment(config, tmp_path / "run", live=False)
@@ -245,7 +245,7 @@ def test_a_logged_tag_as_metric_is_its_mean_over_the_second_half_of_training(tmp
     assert cell.text() == f"{statistics.fmean([0.3, 0.4, 1.0]):.3f} ± " \
                           f"{statistics.stdev([0.3, 0.4, 1.0]):.3f} (3)"
     assert not report.directed and report.direction_note == ""
-    from normbench.grid import Report  # the train/eval discrepancy has no better side either
+    from normbench.report.grid import Report  # the train/eval discrepancy has no better side either
 
     assert not Report("batch_size", "val_gap_acc", [], [], [], {}, [], {}).directed
     assert Report("batch_size", "val_precise_acc", [], [], [], {}, [], {}).directed
@@ -259,7 +259,7 @@ def test_a_logged_tag_as_metric_is_its_mean_over_the_second_half_of_training(tmp
 
 
 def test_small_means_keep_three_significant_digits():
-    from normbench.grid import Cell
+    from normbench.report.grid import Cell
 
     assert Cell(values=[0.0374, 0.0380]).text() == "0.0377 ± 0.0004 (2)"
     assert Cell(values=[12.3, 12.7]).text() == "12.50 ± 0.28 (2)"
@@ -286,7 +286,7 @@ def test_several_keys_as_x_give_one_column_per_combination(tmp_path):
            "word/window | n/a |" in md
     assert (tmp_path / "val_err_vs_unit+sample.png").is_file()
     # Neighbours change one key at a time: never char/window -> word/line.
-    from normbench.differences import along_x
+    from normbench.report.differences import along_x
 
     pairs = {(d.a[1], d.b[1]) for d in along_x(report)}
     assert pairs == {(("char", "line"), ("char", "window")), (("word", "line"), ("word", "window")),

@@ -21,19 +21,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from normbench import plots
-from normbench.differences import (
+from normbench.errors import UserError
+from normbench.report import plots
+from normbench.report.command import report_command
+from normbench.report.differences import (
     against_reference,
     along_x,
     choose_reference,
     difference_rows,
     mark,
 )
-from normbench.errors import UserError
-from normbench.findings import PREAMBLE, findings
-from normbench.grid import build_report
-from normbench.report import report_command
-from normbench.runs import find_runs
+from normbench.report.findings import PREAMBLE, findings
+from normbench.report.grid import build_report
+from normbench.report.runs import find_runs
 from tests.test_report import fake_run
 
 GRID = {

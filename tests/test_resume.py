@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from normbench.train import run_experiment
+from normbench.engine.train import run_experiment
 from tests.conftest import REPO, TINY, compose_config, read_scalars, run_cli
 
 STEPS = 10
@@ -142,7 +142,7 @@ class InfiniteGradient(torch.autograd.Function):
 
 
 def test_an_infinite_gradient_norm_with_a_finite_loss_ends_diverged(tmp_path, monkeypatch):
-    import normbench.train as train
+    import normbench.engine.train as train
 
     original, calls = train.loss_and_counts, []
 
@@ -207,7 +207,7 @@ def test_a_stop_between_logging_steps_resumes_with_the_same_means_and_cadence(tm
                                                                             monkeypatch):
     import signal
 
-    import normbench.train as train
+    import normbench.engine.train as train
 
     # Logging steps 3, 6, 9, 10 and histograms on every 2nd of them (steps 3 and 9); the
     # stop at step 5 leaves steps 4 and 5 in the running sums, not yet logged.

@@ -1,4 +1,4 @@
-"""Student's t distribution and Welch's test (normbench.significance) against published table
+"""Student's t distribution and Welch's test (normbench.report.significance) against published table
 values and hand computations."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from normbench.significance import (
+from normbench.report.significance import (
     incomplete_beta,
     t_cdf,
     t_quantile,

@@ -16,7 +16,7 @@ from normbench.cli import preflight, threads_per_job
 from normbench.config.compose import compose_jobs
 from normbench.config.tree import config_options, initialized
 from normbench.errors import UserError
-from normbench.report import report_command
+from normbench.report.command import report_command
 from tests.conftest import TINY, compose_config
 from tests.test_data_images import write_imagefolder
 

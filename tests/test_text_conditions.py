@@ -12,10 +12,10 @@ import torch
 
 from normbench.data import build_dataset
 from normbench.data.tokenize import UNK, WordVocab, tokenize
+from normbench.engine.evaluation import forward, loss_and_counts
+from normbench.engine.train import run_experiment
 from normbench.errors import UserError
-from normbench.evaluation import forward, loss_and_counts
 from normbench.models import build_model
-from normbench.train import run_experiment
 from tests.config_defaults import model_options, norm_spec
 from tests.conftest import compose_config, read_scalars
 

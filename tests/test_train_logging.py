@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from normbench.optim import build_scheduler
-from normbench.train import run_experiment
+from normbench.engine.optim import build_scheduler
+from normbench.engine.train import run_experiment
 from tests.conftest import read_scalars
 
 

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from normbench.data import Batch, DataInfo, build_dataset
+from normbench.engine.train import run_experiment
 from normbench.errors import UserError
 from normbench.models import build_model
 from normbench.norms import TokenBatchNorm, norm_names
-from normbench.train import run_experiment
 from tests.config_defaults import model_options, norm_spec
 from tests.conftest import compose_config, read_scalars
 

@@ -278,14 +278,6 @@ def stored_statistics(module: nn.Module) -> dict[str, torch.Tensor]:
     return {"mu": module.running_mean, "var": module.running_var}
 
 
-def population_as_stored(module: nn.Module, pop: Population) -> dict[str, torch.Tensor]:
-    """PreciseBN's population in the form the layer's buffers hold (BatchNorm: the
-    variance on running_var's unbiased scale)."""
-    if isinstance(module, RunningStats):
-        return module.population(pop)
-    return {"mu": pop.mean, "var": pop.unbiased_var}
-
-
 def _plain_moments(x: torch.Tensor):
     """Biased mean/variance over every axis but the channel axis (1), and the count."""
     x = x.detach().to(stats_dtype(x))  # fp32 statistics of a bf16 activation

@@ -15,8 +15,8 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from normbench.norms.none import Identity
 from normbench.norms.registry import LAYOUTS, register
-from normbench.norms.sample import Identity
 
 
 @register("weight", *LAYOUTS)

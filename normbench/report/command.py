@@ -1,7 +1,7 @@
 """`normbench report DIR...`: compare finished runs in a table, a CSV, Markdown and plots.
 
 A report reads each run's summary.json and resolved config (config.json, see
-`normbench.runs`) and groups the runs into a grid (`normbench.grid`): one row per norm
+`normbench.report.runs`) and groups the runs into a grid (`normbench.report.grid`): one row per norm
 (plus the model and dataset when they vary, and the learning rate when it was swept
 independently of the x variable), one column per value of the swept variable (`--x`,
 batch size by default), one cell per group of seeds holding the mean ± standard deviation
@@ -10,8 +10,8 @@ mean; the cell says how many there were.
 
 Below the table, the report says which differences are more than seed noise: Welch's t-test
 between neighbouring x values in each row and between each row and a reference norm's row
-(`normbench.differences`, `--reference`), each with its difference, 95% confidence interval,
-p-value and a mark, and a findings paragraph in words (`normbench.findings`).
+(`normbench.report.differences`, `--reference`), each with its difference, 95% confidence interval,
+p-value and a mark, and a findings paragraph in words (`normbench.report.findings`).
 
 The default metric is the validation error in percent, `val_err` = 100 * (1 - val_acc):
 the quantity of the GroupNorm paper's Figure 1 (Wu & He 2018), lower is better. Any key of
@@ -31,7 +31,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from normbench.differences import (
+from normbench.engine.tracking import warn
+from normbench.errors import UserError
+from normbench.paths import nearest_existing, path_error
+from normbench.report.differences import (
     REFERENCE_NORMS,
     Difference,
     against_reference,
@@ -39,12 +42,9 @@ from normbench.differences import (
     choose_reference,
     difference_rows,
 )
-from normbench.errors import UserError
-from normbench.findings import findings
-from normbench.grid import AUTO_X, Report, build_report, fmt_value, sort_key
-from normbench.paths import nearest_existing, path_error
-from normbench.runs import search_runs
-from normbench.tracking import warn
+from normbench.report.findings import findings
+from normbench.report.grid import AUTO_X, Report, build_report, fmt_value, sort_key
+from normbench.report.runs import search_runs
 
 DIFFERENCE_COLUMNS = ("compared", "at", "difference", "95% CI", "p", "seeds", "")
 MARKS = ("* p < 0.05 (significant), ≈ within noise (p ≥ 0.05), – no test (a cell with fewer "
@@ -319,7 +319,7 @@ def report_command(args: list[str]) -> int:
         raise path_error(e, "--out", out, "pass a folder that can be written") from None
     plots: list[Path] = []
     if not opts.no_plots:
-        from normbench.plots import write_plots
+        from normbench.report.plots import write_plots
 
         plots = write_plots(report, out)
     print_table(report, sig=sig)

@@ -21,10 +21,7 @@ from a loader of its own), so a resumed run continues bit for bit.
 
 from __future__ import annotations
 
-import itertools
 import math
-import time
-from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
@@ -33,16 +30,8 @@ from torch import nn
 
 from normbench.norms.stats import (
     BatchStatsSwitch,
-    Population,
-    batch_moments,
-    population_as_stored,
-    stored_statistics,
 )
-from normbench.probes import batchnorm_layers, layer_summaries, token_mask
-
-# PreciseBN's loader is seeded from the training seed plus this, so it neither shares nor
-# disturbs the training stream's order.
-PRECISE_SEED_OFFSET = 7919
+from normbench.probes.monitor import batchnorm_layers
 
 
 def forward(model: nn.Module, batch) -> torch.Tensor:
@@ -178,110 +167,3 @@ def evaluate_batchstats(model: nn.Module, data, batch_size: int, seed: int,
     """Validation metrics with BN in training mode (batch statistics), buffers restored."""
     with batch_statistics(model):
         return evaluate(model, _TailMerged(data), batch_size, prefix=prefix, shuffle_seed=seed)
-
-
-@torch.no_grad()
-def precise_bn_stats(model: nn.Module, batches: Iterable) -> dict[str, Population]:
-    """Population statistics of every BN layer's input over `batches`, weights frozen.
-
-    Each batch b gives its biased mean m_b and variance v_b over n_b entries per channel;
-    the population mean is sum n_b m_b / N and the variance sum n_b (v_b + m_b^2) / N minus
-    the mean squared (fvcore's PreciseBN, weighted by batch size so that uneven batches
-    count by their size): exactly the statistics of all the batches' entries pooled. Under
-    ghost BN, m_b and v_b are the moments of the whole batch (between-group spread
-    included), and padding never counts. The layers normalize with batch statistics
-    meanwhile, as in training; the model's buffers are untouched afterwards. Accumulates in
-    float64. A layer that saw fewer than 2 real entries in all (an LSTM step no sequence
-    reaches) has no population variance and is left out: it keeps its running statistics.
-    """
-    sums: dict[str, list] = {}
-
-    def hook_for(name):
-        def hook(module, args, kwargs):
-            x = args[0]
-            mean, var, count = batch_moments(module, x.detach(), token_mask(x, args, kwargs))
-            n = count.double()
-            m = mean.double()
-            s = sums.setdefault(name, [0.0, 0.0, 0.0])
-            s[0] = s[0] + n * m
-            s[1] = s[1] + n * (var.double() + m.square())
-            s[2] = s[2] + n
-
-        return hook
-
-    with batch_statistics(model) as bns:
-        handles = [m.register_forward_pre_hook(hook_for(name), with_kwargs=True)
-                   for name, m in bns.items()]
-        try:
-            for batch in batches:
-                forward(model, batch)
-        finally:
-            for h in handles:
-                h.remove()
-    out = {}
-    for name, (s1, s2, n) in sums.items():
-        if float(n) < 2:  # evaluation only: one host read per layer is fine here
-            continue
-        mean = s1 / n
-        var = (s2 / n - mean.square()).clamp(min=0)
-        dtype = stored_statistics(bns[name])["var"].dtype
-        out[name] = Population(mean.to(dtype), var.to(dtype), float(n))
-    return out
-
-
-@contextmanager
-def population_statistics(model: nn.Module, stats: dict[str, Population]):
-    """Eval mode with the BN buffers set to `stats`; the original buffers restored on exit."""
-    with preserved_state(model) as bns, torch.no_grad():
-        model.eval()
-        for name, pop in stats.items():
-            buffers = stored_statistics(bns[name])
-            for key, value in population_as_stored(bns[name], pop).items():
-                buffers[key].copy_(value)
-        yield
-
-
-def precise_distances(model: nn.Module, stats: dict[str, Population]) -> dict[str, float]:
-    """||running - precise||_2 / d for means and (unbiased-scale) variances, per layer, as
-    the buffers hold them (PowerNorm: psi^2 only, `precise_dvar`)."""
-    bns = batchnorm_layers(model)
-    parts = {}
-    for name, pop in stats.items():
-        running = stored_statistics(bns[name])
-        for key, value in population_as_stored(bns[name], pop).items():
-            gap = torch.linalg.vector_norm(running[key] - value) / value.numel()
-            parts[f"bn_gap/precise_d{key}/{name}"] = gap
-    if not parts:
-        return {}
-    tags = list(parts)
-    values = torch.stack([parts[t].float() for t in tags]).cpu().tolist()
-    return dict(zip(tags, values, strict=True))
-
-
-def train_eval_discrepancy(model: nn.Module, data, val_metrics: dict[str, float], *,
-                           batch_size: int, eval_batch_size: int, precise_batches: int,
-                           seed: int) -> dict[str, float]:
-    """``val_batchstats/``, ``val_precise/``, ``val_gap/`` and the running-vs-precise
-    distances for a model with BN layers; {} for a model without."""
-    if not batchnorm_layers(model):
-        return {}
-    start = time.perf_counter()
-    out = evaluate_batchstats(model, data, batch_size, seed)
-    out["perf/val_batchstats_seconds"] = time.perf_counter() - start
-    for key, value in val_metrics.items():
-        if key.startswith("val/"):
-            stat = key[len("val/"):]
-            if f"val_batchstats/{stat}" in out:
-                out[f"val_gap/{stat}"] = value - out[f"val_batchstats/{stat}"]
-    if precise_batches > 0:
-        start = time.perf_counter()
-        loader = data.train_loader(batch_size, seed=seed + PRECISE_SEED_OFFSET)
-        with preserved_state(model):  # the loader's augmentation must not move any RNG
-            stats = precise_bn_stats(model, itertools.islice(loader, precise_batches))
-        distances = precise_distances(model, stats)
-        out.update(distances)
-        out.update(layer_summaries(distances))
-        with population_statistics(model, stats):
-            out.update(evaluate(model, data, eval_batch_size, prefix="val_precise"))
-        out["perf/precise_bn_seconds"] = time.perf_counter() - start  # statistics + evaluation
-    return out

@@ -17,8 +17,8 @@ matplotlib.use("Agg")  # no display: reports are written on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from normbench.grid import Report, fmt_value  # noqa: E402
-from normbench.runs import Run  # noqa: E402
+from normbench.report.grid import Report, fmt_value  # noqa: E402
+from normbench.report.runs import Run  # noqa: E402
 
 SHRINKING_X = ("batch_size", "stats_batch")
 METRIC_LABELS = {"val_err": "validation error (%)", "val_acc": "validation accuracy",

@@ -1,6 +1,6 @@
 """Which differences in a report's grid are more than seed noise: Welch's t-test between
 neighbouring cells along x in each row, and between each row and the reference norm's row
-at the same x (`normbench.significance` does the statistics).
+at the same x (`normbench.report.significance` does the statistics).
 
 The reference is a norm whose row every other row is compared with, cell by cell: by
 default the first of REFERENCE_NORMS present (GroupNorm, then LayerNorm: they use no batch
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 from normbench.errors import UserError
-from normbench.grid import Report, fmt_value
-from normbench.significance import Welch, welch
+from normbench.report.grid import Report, fmt_value
+from normbench.report.significance import Welch, welch
 
 REFERENCE_NORMS = ("group", "layer")
 ALONG, REFERENCE = "along", "reference"

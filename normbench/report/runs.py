@@ -2,7 +2,7 @@
 the folders a report is given.
 
 A run folder holds summary.json and, from the run's start, config.json (the resolved
-config the loop trained with; see `normbench.tracking`). Folders written before config.json
+config the loop trained with; see `normbench.engine.tracking`). Folders written before config.json
 existed still load: their settings come from summary.json's fields alone.
 """
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from normbench.engine.tracking import CONFIG_FILE, SUMMARY_FILE, load_json
 from normbench.errors import UserError
 from normbench.paths import path_error
-from normbench.tracking import CONFIG_FILE, SUMMARY_FILE, load_json
 
 
 @dataclass

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from normbench.checkpoint import check_resume, normalize_resume
 from normbench.config.explain import show_number as _number
 from normbench.config.explain import show_value as _show
 from normbench.data import DataInfo
-from normbench.distributed import world_from_env
+from normbench.engine.checkpoint import check_resume, normalize_resume
+from normbench.engine.distributed import world_from_env
 from normbench.errors import UserError
 from normbench.paths import check_output_dir
 
@@ -163,7 +163,7 @@ def check_stats_batch(k, batch_size: int) -> None:
 def _execution(config: dict) -> None:
     """precision, the device under several processes, channels_last, compile and the
     optimizer's implementation."""
-    from normbench.precision import DTYPES
+    from normbench.engine.precision import DTYPES
 
     if config["precision"] not in DTYPES:
         raise UserError(f"precision={config['precision']} is not known",
@@ -175,7 +175,7 @@ def _execution(config: dict) -> None:
     if world_from_env() > 1 and device.startswith("cuda:"):
         raise UserError(f"device={device} with {world_from_env()} processes: each process "
                         "uses the GPU of its LOCAL_RANK", "use device=cuda or device=auto")
-    from normbench.optim import IMPLEMENTATIONS
+    from normbench.engine.optim import IMPLEMENTATIONS
 
     implementation = config["optim"]["implementation"]
     if implementation not in ("auto", *IMPLEMENTATIONS):
@@ -256,7 +256,7 @@ def check_model_builds(config: dict, info: DataInfo | None = None) -> None:
 def check_sweep_dir(sweep_dir: Path, resume) -> None:
     """The sweep folder is writable; without resume= it must not hold earlier jobs' checkpoints
     (each job would refuse its folder, or mix its files with the earlier job's)."""
-    from normbench.checkpoint import list_checkpoints
+    from normbench.engine.checkpoint import list_checkpoints
 
     check_output_dir(sweep_dir)
     if (Path(sweep_dir) / "summary.json").exists():

@@ -1,19 +1,15 @@
-"""Per-sample norms: statistics from each sample alone, so the rest of the batch and any
-padding never matter (the mask is accepted and ignored). What each reduces over:
+"""GroupNorm (Wu & He 2018): statistics over groups of channels of one sample, so the rest
+of the batch and any padding never matter (the mask is accepted and ignored).
 
-| name  | images (N,C,H,W)              | tokens (N,T,D) and steps (N,D) rows |
-|-------|-------------------------------|-------------------------------------|
-| layer | C,H,W per sample              | D per token / row                   |
-| group | C/G channels x H,W per group  | D/G features per token / row, group |
-| none  | identity                      | identity                            |
-
-LayerNorm on images follows the GroupNorm paper: one group holding all of C,H,W, with an
-affine transform per channel. In the steps layout these norms have no per-step state, so
-`at(t)` is the norm itself and a whole (N,T,D) sequence can be normalized in one call.
+| layout | reduces over |
+|--------|--------------|
+| images (N,C,H,W) | C/G channels x H,W per group |
+| tokens (N,T,D), steps rows (N,D) | D/G features per token / row and group |
 
 GroupNorm takes either the number of groups G (`num_groups`, the same in every layer) or
 the channels per group C/G (`group_size`: each layer of C channels gets C/group_size
-groups), as the GN paper's Table 3 varies both.
+groups), as the GN paper's Table 3 varies both. In the steps layout it has no per-step
+state, so `at(t)` is the norm itself.
 """
 
 from __future__ import annotations
@@ -33,36 +29,6 @@ from normbench.norms.registry import (
     has_affine,
     register,
 )
-
-
-@register("layer", "images")
-class ImageLayerNorm(Norm, nn.GroupNorm):
-    options = frozenset({"eps"}) | AFFINE_OPTIONS
-    nullable = AFFINE_OPTIONS
-
-    @classmethod
-    def build(cls, spec: NormSpec, num_features: int, *, t_max=None) -> nn.Module:
-        return drop_affine_parts(cls(1, num_features, eps=spec.eps, affine=has_affine(spec)),
-                                 spec)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(x)
-
-
-@register("layer", "tokens", "steps")
-class FeatureLayerNorm(Norm, nn.LayerNorm):
-    """LayerNorm over the last axis D, for (..., D)."""
-
-    options = frozenset({"eps"}) | AFFINE_OPTIONS
-    nullable = AFFINE_OPTIONS
-
-    @classmethod
-    def build(cls, spec: NormSpec, num_features: int, *, t_max=None) -> nn.Module:
-        return drop_affine_parts(cls(num_features, eps=spec.eps,
-                                     elementwise_affine=has_affine(spec)), spec)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(x)
 
 
 def group_setting(spec: NormSpec) -> tuple[str, int]:
@@ -140,18 +106,3 @@ class FeatureGroupNorm(_GroupNormBuild, nn.GroupNorm):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         return super().forward(x.reshape(-1, shape[-1])).reshape(shape)
-
-
-@register("none", "images", "tokens", "steps")
-class Identity(Norm, nn.Module):
-    """norm=none: the input unchanged; the layer in front keeps its bias."""
-
-    recentres = False
-    probed = False
-
-    @classmethod
-    def build(cls, spec: NormSpec, num_features: int, *, t_max=None) -> nn.Module:
-        return cls()
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return x

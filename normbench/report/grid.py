@@ -1,8 +1,8 @@
 """The report's grid: runs grouped into rows (norm, plus model/dataset/lr when they vary)
 and columns (the swept variable), one cell of seed statistics per group.
 
-Plain data shared by the report's outputs (`normbench.report`) and its figures
-(`normbench.plots`); it imports neither.
+Plain data shared by the report's outputs (`normbench.report.command`) and its figures
+(`normbench.report.plots`); it imports neither.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from normbench.errors import UserError
-from normbench.runs import Run
+from normbench.report.runs import Run
 
 # Candidates for --x auto, in order: the first that takes several values is the swept one.
 AUTO_X = ("batch_size", "stats_batch", "lr", "weight_decay", "num_groups", "group_size", "depth",

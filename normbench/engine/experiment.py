@@ -20,20 +20,20 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from normbench import checkpoint as ckpt
-from normbench import distributed
-from normbench.dashboards import hparams_of, swept_names, write_dashboards
 from normbench.data import build_dataset
+from normbench.engine import checkpoint as ckpt
+from normbench.engine import distributed
+from normbench.engine.dashboards import hparams_of, swept_names, write_dashboards
+from normbench.engine.guard import DivergenceWatch
+from normbench.engine.meters import RunningMeans, Throughput
+from normbench.engine.optim import build_optimizer, build_scheduler, resolve_implementation
+from normbench.engine.precision import autocast, grad_scaler, prepare_input, to_memory_format
+from normbench.engine.tracking import Tracker, warn
 from normbench.errors import UserError
-from normbench.guard import DivergenceWatch
-from normbench.meters import RunningMeans, Throughput
 from normbench.models import build_model
 from normbench.norms import make_spec
 from normbench.norms.counts import model_norm_counts
-from normbench.optim import build_optimizer, build_scheduler, resolve_implementation
-from normbench.precision import autocast, grad_scaler, prepare_input, to_memory_format
-from normbench.probes import Probes
-from normbench.tracking import Tracker, warn
+from normbench.probes.monitor import Probes
 
 
 def select_device(name: str) -> torch.device:
@@ -134,7 +134,7 @@ class Experiment:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def parts(self) -> dict:
-        """The objects whose state_dicts make up a checkpoint (see `normbench.checkpoint`)."""
+        """The objects whose state_dicts make up a checkpoint (see `normbench.engine.checkpoint`)."""
         parts = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
                  "loader": self.loader, "divergence": self.watch, "running": self.running,
                  "probes": self.probes}

@@ -2,7 +2,7 @@
 
 It takes a plain dict (the resolved config) and knows nothing of Hydra, nor of which norm
 is in use: probes find BatchNorm-like layers by type. What a run is made of is built by
-`normbench.experiment.build`; how a model is evaluated lives in `normbench.evaluation`.
+`normbench.engine.experiment.build`; how a model is evaluated lives in `normbench.engine.evaluation`.
 """
 
 from __future__ import annotations
@@ -16,19 +16,14 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from normbench import checkpoint as ckpt
-from normbench import distributed
-from normbench.evaluation import (
-    evaluate,
-    forward,
-    loss_and_counts,
-    text_metrics,
-    train_eval_discrepancy,
-)
-from normbench.experiment import Experiment, build, checkpoint_state, start_writing
-from normbench.guard import StopSignals, grad_norm
+from normbench.engine import checkpoint as ckpt
+from normbench.engine import distributed
+from normbench.engine.discrepancy import train_eval_discrepancy
+from normbench.engine.evaluation import evaluate, forward, loss_and_counts, text_metrics
+from normbench.engine.experiment import Experiment, build, checkpoint_state, start_writing
+from normbench.engine.guard import StopSignals, grad_norm
+from normbench.engine.tracking import mark_failed, read_summary, warn
 from normbench.norms.sync import synchronized
-from normbench.tracking import mark_failed, read_summary, warn
 
 
 def run_experiment(config: dict, run_dir: Path, console: Console | None = None,

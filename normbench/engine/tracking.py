@@ -22,7 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from normbench import distributed
+from normbench.engine import distributed
 
 SUMMARY_FILE = "summary.json"
 # The resolved config a run was trained with: what `normbench report` reads, so that it
@@ -171,7 +171,7 @@ class Tracker:
             self.writer.add_scalar(tag, value, step)
 
     def histograms(self, histograms: dict, step: int) -> None:
-        """Histograms computed on the device (see `normbench.probes.Histogram`)."""
+        """Histograms computed on the device (see `normbench.probes.monitor.Histogram`)."""
         for tag, h in histograms.items():
             self.writer.add_histogram_raw(tag, h.min, h.max, h.num, h.sum, h.sum_squares,
                                           h.bucket_limits, h.bucket_counts, step)

@@ -8,15 +8,15 @@ for the number of comparisons; the paragraph's first sentence says so.
 
 from __future__ import annotations
 
-from normbench.differences import (
+from normbench.report.differences import (
     REFERENCE,
     Difference,
     against_reference,
     all_pairs,
     fmt_number,
 )
-from normbench.grid import Report, fmt_value
-from normbench.significance import LEVEL
+from normbench.report.grid import Report, fmt_value
+from normbench.report.significance import LEVEL
 
 PREAMBLE = ("Differences are Welch's t-tests over seeds (two-sided; significant: p < 0.05, "
             "not corrected for the number of comparisons); ± is the half-width of the "
