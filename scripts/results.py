@@ -221,8 +221,13 @@ def run_report(report: Report, sweeps: dict[str, Sweep], runs: Path,
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     (out / "report.csv").unlink(missing_ok=True)  # the tables are in results.md
     if not report.curves:
-        for name in ("curves.png", "bn_gap.png"):
+        dropped = ("curves.png", "bn_gap.png")
+        for name in dropped:
             (out / name).unlink(missing_ok=True)
+        # report.md stays beside its plots: no image line for the ones left out.
+        md = out / "report.md"
+        md.write_text("".join(line for line in md.read_text().splitlines(keepends=True)
+                              if not any(line.strip().endswith(f"({name})") for name in dropped)))
     typed = " ".join(["normbench report", *(relative(Path(d)) for d in dirs), *report.args])
     return [typed], out
 
