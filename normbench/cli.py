@@ -206,7 +206,7 @@ def join_process_group(multirun: bool) -> list[str]:
     if multirun:
         raise UserError("-m under torchrun: the processes of one torchrun train one job "
                         "together", "sweep multi-device jobs with the submitit launcher and "
-                        "hydra.launcher.tasks_per_node=<devices> (README: Many devices), or run "
+                        "hydra.launcher.tasks_per_node=<devices> (docs/distributed.md), or run "
                         "one torchrun per job")
     distributed.init()
     os.environ[STAMP_ENV] = distributed.broadcast_object(

@@ -38,7 +38,7 @@ def _cases() -> dict:
                         "lengths": [6, 3, 5, 2, 6, 6, 4, 6],
                         "model": compose_config([*text, "model=transformer",
                                                  "model.depth=2"])["model"]},
-        # Every rank keeps >= 2 real rows at every step (no degenerate group, see README).
+        # Every rank keeps >= 2 real rows at every step (no degenerate group, see docs/norms.md).
         "lstm": {"kind": "text", "data_seed": 3, "norm": norm, "seq_len": 5,
                  "lengths": [5, 5, 3, 2, 5, 4, 5, 1],
                  "model": compose_config([*text, "model=lstm", "model.depth=1"])["model"]},
