@@ -14,8 +14,10 @@ the same, per-sample norms ignore it):
 A norm family registers its classes in its own module with `@register(name, *layouts)`;
 models get a factory from `make_norm_factory(spec, layout)` (or one module from
 `create_norm`) and never see the name. A registered class is a `Norm`: it builds itself
-from a `NormSpec` (`Norm.build`), says which config keys it reads (`options`) and whether
-it re-centres its input (`recentres`: the conv/linear in front then needs no bias).
+from a `NormSpec` (`Norm.build`), points at its options dataclass (`Options`, where each
+option is declared once, normbench/norms/options.py; the config keys it reads, `options`,
+come from it) and says whether it re-centres its input (`recentres`: the conv/linear in
+front then needs no bias).
 
 A norm that cannot be built for some width (GroupNorm whose groups do not divide it)
 returns an `UnbuildableNorm` instead of raising: `check_norms(model)` then names every
