@@ -111,49 +111,12 @@ def list_command(args: list[str]) -> int:
             table.add_row(f"[bold]{option}[/bold]", describe(conf_dir() / group / f"{option}.yaml"))
         console.print(table)
         if group == "norm":
-            console.print(norm_counts_table(options))
+            from normbench.config.norm_listing import norm_tables
+
+            for part in norm_tables(options):
+                console.print(part)
     console.print("Pick with e.g. 'normbench train dataset=shapes model=resnet norm=group'.")
     return 0
-
-
-def norm_counts_table(options: list[str]):
-    """Each norm's parameter counts per layer of width C in each layout (T: time steps),
-    from its default config; a dash where the norm has no version, with the reason below."""
-    from rich.table import Table
-
-    from normbench.config.compose import compose_config
-    from normbench.norms import LAYOUTS, make_spec
-    from normbench.norms.counts import layer_formulas
-    from normbench.norms.registry import unsupported_reason
-
-    table = Table(title="  parameters per norm layer of C channels, learned + kept for inference\n"
-                        "  (images: resnet; tokens: transformer; steps: lstm over T steps)",
-                  title_justify="left", box=None, padding=(0, 2))
-    table.add_column("", no_wrap=True, min_width=max(map(len, options)))
-    for layout in LAYOUTS:
-        table.add_column(layout, no_wrap=True)
-    notes = []
-    for option in options:
-        spec = make_spec(**compose_config([f"norm={option}"])["norm"])
-        cells = []
-        for layout in LAYOUTS:
-            try:
-                learned, kept = layer_formulas(spec, layout)
-            except UserError:
-                cells.append("-")
-                notes.append(f"{option} on {layout}: {unsupported_reason(option, layout)}")
-                continue
-            cell = learned if kept == "0" else f"{learned} + {kept}"
-            if spec.weight_norm:  # its own parameters (g) live in the conv/linear layers
-                cell += " (+g)"
-            cells.append(cell)
-        table.add_row(f"[bold]{option}[/bold]", *cells)
-    from rich.console import Group
-    from rich.text import Text
-
-    footer = ["  (+g): one g per output unit of every conv/linear (weight normalization)"]
-    footer += [f"  - {note}" for note in notes]
-    return Group(table, *(Text(line, style="dim") for line in footer))
 
 
 def describe(path: Path) -> str:

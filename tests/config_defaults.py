@@ -20,5 +20,5 @@ def model_options(name: str, **overrides) -> dict:
 
 
 def norm_spec(name: str, **overrides) -> NormSpec:
-    """The NormSpec of `norm=<name>` with `overrides` (any NormSpec field)."""
+    """The NormSpec of `norm=<name>` with `overrides` (any norm option)."""
     return make_spec(**{**dict(_section("norm", name)), **overrides})

@@ -257,7 +257,7 @@ def test_dyt_formula_in_every_layout(layout):
 
 def test_dyt_starts_at_alpha_init_with_gamma_one_beta_zero_and_learns_alpha():
     norm = create_norm(norm_spec("dyt"), "images", C)
-    assert norm.alpha.shape == (1,) and float(norm.alpha.detach()) == 0.5  # conf/norm/dyt.yaml
+    assert norm.alpha.shape == (1,) and float(norm.alpha.detach()) == 0.5  # DyTOptions' default
     torch.testing.assert_close(norm.weight.detach(), torch.ones(C))
     torch.testing.assert_close(norm.bias.detach(), torch.zeros(C))
     x = images()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from normbench.config.explain import show_number as _number
-from normbench.config.explain import show_value as _show
+from normbench.config.ranges import Range
+from normbench.config.ranges import show_value as _show
 from normbench.data import DataInfo
 from normbench.engine.checkpoint import check_resume, normalize_resume
 from normbench.engine.distributed import world_from_env
@@ -279,29 +279,9 @@ def _in_range(section: dict, key: str, label: str, *, low: float, high: float = 
               low_open: bool = False, high_open: bool = False, kind: str = _NUMBER,
               allow_none: bool = False, example: str, why: str = "") -> None:
     """`section[key]` (when present) is a number in the interval; one UserError line if not."""
-    if key not in section or (section[key] is None and allow_none):
-        return
-    value = section[key]
-    wanted = Integral if kind == _INTEGER else Real
-    inside = (not isinstance(value, bool) and isinstance(value, wanted)
-              and (value > low if low_open else value >= low)
-              and (value < high if high_open else value <= high))
-    finite = not isinstance(value, float) or math.isfinite(value)
-    if inside and finite:
-        return
-    if high == float("inf"):
-        bound = f"above {_number(low)}" if low_open else f"{_number(low)} or more"
-    elif not (low_open or high_open):
-        bound = f"between {_number(low)} and {_number(high)}"
-    else:
-        bound = (f"{'above' if low_open else 'at least'} {_number(low)} and "
-                 f"{'below' if high_open else 'at most'} {_number(high)}")
-    null = " (or null)" if allow_none else ""
-    what = "an integer" if kind == _INTEGER else "a number" if finite else "a finite number"
-    # optim.betas[1] is not an override; the example then is the whole list
-    fix_key = label.split("[")[0]
-    raise UserError(f"{label}={_show(value)} must be {what}, {bound}{null}{why}",
-                    f"use e.g. {fix_key}={example}")
+    if key in section:
+        Range(low, high, low_open, high_open, kind == _INTEGER, allow_none, example,
+              why).check(label, section[key])
 
 
 def check_ranges(config: dict) -> None:
@@ -312,21 +292,14 @@ def check_ranges(config: dict) -> None:
 
 
 def _norm_ranges(norm: dict) -> None:
-    _in_range(norm, "eps", "norm.eps", low=0, low_open=True, example="1e-5",
-              why=" (it keeps the division by the standard deviation finite)")
-    _in_range(norm, "momentum", "norm.momentum", low=0, high=1, allow_none=True, example="0.1",
-              why="; running = (1 - momentum) * running + momentum * batch, and null is "
-                  "a cumulative average")
-    _in_range(norm, "num_groups", "norm.num_groups", low=1, kind=_INTEGER, allow_none=True,
-              example="8")
-    _in_range(norm, "group_size", "norm.group_size", low=1, kind=_INTEGER, allow_none=True,
-              example="16")
-    _in_range(norm, "r_max", "norm.r_max", low=1, example="3",
-              why=" (r is clipped to [1/r_max, r_max])")
-    _in_range(norm, "d_max", "norm.d_max", low=0, example="5")
-    for key in ("relax_from", "r_max_by", "d_max_by", "warmup_steps"):
-        _in_range(norm, key, f"norm.{key}", low=0, kind=_INTEGER, example="100")
-    _in_range(norm, "alpha_init", "norm.alpha_init", low=0, low_open=True, example="0.5")
+    """The ranges the chosen norm's options declare (normbench/norms/options.py)."""
+    from normbench.norms import norm_options_class
+    from normbench.norms.options import option_ranges
+
+    options = norm_options_class(norm.get("name"))
+    for key, bounds in option_ranges(options).items() if options else ():
+        if key in norm:
+            bounds.check(f"norm.{key}", norm[key])
 
 
 def _optim_ranges(optim: dict, sched: dict) -> None:

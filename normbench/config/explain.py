@@ -18,6 +18,7 @@ from functools import cache
 
 from omegaconf import DictConfig, OmegaConf
 
+from normbench.config.ranges import show_value
 from normbench.config.schema import SCHEMAS, TrainConfig
 from normbench.config.tree import PRIMARY, conf_dir, config_options, initialized
 from normbench.errors import UserError
@@ -57,22 +58,6 @@ def options_of_schema(class_name: str) -> tuple[str, list[str]] | None:
             return group, [o for o in config_options(group)
                            if schema_of_option(group, o) == schema]
     return None
-
-
-def show_number(value: float) -> str:
-    """An integer in full (a seed's bound), any other number in %g."""
-    return str(value) if isinstance(value, int) else f"{value:g}"
-
-
-def show_value(value) -> str:
-    """A value as it is written in an override."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(show_value(v) for v in value) + "]"
-    return str(value)
 
 
 def _type_words(class_name: str, key: str) -> str:

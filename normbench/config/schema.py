@@ -3,7 +3,9 @@
 The YAML files under conf/ hold the values (and say what they mean); these dataclasses hold
 the types and the set of keys. Each YAML file names its schema first in its defaults list,
 so Hydra checks every value and refuses every unknown key while composing, before any job
-starts. A field is MISSING here on purpose: its one default lives in the YAML file.
+starts. A field is MISSING here on purpose: its one default lives in the YAML file. The
+norms are the exception: a norm's schema is its options dataclass, which holds each
+option's one default beside its type, range and help (normbench/norms/options.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from normbench.norms import norm_names, norm_options_class
 
 # OmegaConf reads the annotations at runtime and does not accept `X | None`: Optional stays.
 # ruff: noqa: UP007, UP045
@@ -164,75 +168,6 @@ class LSTMConfig:
     t_max: Optional[int] = MISSING
 
 
-# ----------------------------------------------------------------------------- norm
-
-
-@dataclass
-class NoNormConfig:
-    name: str = MISSING
-    weight_norm: bool = MISSING  # weight normalization of every conv/linear, with any norm
-
-
-@dataclass
-class AffineNormConfig(NoNormConfig):
-    affine: bool = MISSING  # shorthand: false turns off both center and scale
-    center: bool = MISSING  # beta
-    scale: bool = MISSING  # gamma
-
-
-@dataclass
-class LayerNormConfig(AffineNormConfig):
-    eps: float = MISSING
-
-
-@dataclass
-class GroupNormConfig(LayerNormConfig):
-    # Exactly one of the two is set (conf/norm/group.yaml nulls num_groups when group_size
-    # is given; checks.py refuses both or neither).
-    num_groups: Optional[int] = MISSING
-    group_size: Optional[int] = MISSING
-
-
-@dataclass
-class BatchNormConfig(LayerNormConfig):
-    momentum: Optional[float] = MISSING
-    track_running_stats: bool = MISSING
-    stats_batch: Optional[int] = MISSING
-    sync: bool = MISSING
-
-
-@dataclass
-class BatchRenormConfig(BatchNormConfig):
-    r_max: float = MISSING
-    d_max: float = MISSING
-    relax_from: int = MISSING
-    r_max_by: int = MISSING
-    d_max_by: int = MISSING
-
-
-@dataclass
-class PowerNormConfig(LayerNormConfig):
-    momentum: float = MISSING
-    warmup_steps: int = MISSING
-
-
-@dataclass
-class RMSNormConfig(NoNormConfig):
-    eps: float = MISSING
-    affine: bool = MISSING  # RMSNorm has a gamma only: affine is scale here
-    scale: bool = MISSING
-
-
-@dataclass
-class FRNConfig(LayerNormConfig):
-    tlu: bool = MISSING
-
-
-@dataclass
-class DyTConfig(AffineNormConfig):
-    alpha_init: float = MISSING
-
-
 # ----------------------------------------------------------------------------- optim, sched
 
 
@@ -280,17 +215,9 @@ SCHEMAS: list[tuple[str, str, type]] = [
     ("model", "resnet", ResNetConfig),
     ("model", "transformer", TransformerConfig),
     ("model", "lstm", LSTMConfig),
-    ("norm", "batch", BatchNormConfig),
-    ("norm", "group", GroupNormConfig),
-    ("norm", "layer", LayerNormConfig),
-    ("norm", "none", NoNormConfig),
-    ("norm", "instance", LayerNormConfig),
-    ("norm", "rms", RMSNormConfig),
-    ("norm", "batch_renorm", BatchRenormConfig),
-    ("norm", "power", PowerNormConfig),
-    ("norm", "frn", FRNConfig),
-    ("norm", "dyt", DyTConfig),
-    ("norm", "weight", NoNormConfig),
+    # A norm's schema is its options dataclass, which holds each option's one default:
+    # conf/norm/<name>.yaml sets only the name.
+    *(("norm", name, norm_options_class(name)) for name in norm_names()),
     ("optim", "sgd", SGDConfig),
     ("optim", "adamw", AdamWConfig),
     ("sched", "constant", ConstantScheduleConfig),

@@ -20,6 +20,7 @@ from normbench.norms.registry import (  # noqa: I001
     norm_class,
     norm_names,
     norm_options,
+    norm_options_class,
     register,
     registered,
 )
@@ -48,5 +49,5 @@ __all__ = [
     "StepPowerNorm", "TimeBatchNorm", "TimeBatchRenorm", "TimePowerNorm", "TokenBatchNorm",
     "TokenBatchRenorm", "TokenPowerNorm", "UnbuildableNorm", "check_norms",
     "create_norm", "make_norm_factory", "make_spec", "norm_class", "norm_names", "norm_options",
-    "register", "registered", "WeightNormOnly", "apply_weight_norm",
+    "norm_options_class",    "register", "registered", "WeightNormOnly", "apply_weight_norm",
 ]

@@ -56,11 +56,13 @@ in eval map a collapsed channel to x_hat = 0 (output beta): what training produc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from normbench.norms.options import AffineOptions, EpsOptions, option
 from normbench.norms.registry import (
-    AFFINE_OPTIONS,
     Norm,
     NormSpec,
     drop_affine_parts,
@@ -78,6 +80,24 @@ from normbench.norms.stats import (
 )
 from normbench.norms.steps import PerStepNorm, SharedAffineStep
 from normbench.norms.sync import synced_group_stats, synchronizing
+
+
+@dataclass
+class BatchNormOptions(EpsOptions, AffineOptions):
+    """norm=batch (conf/norm/batch.yaml); norm=batch_renorm adds its clips."""
+
+    momentum: float | None = option(
+        0.1, "running = (1 - m) * running + m * batch, PyTorch's convention (Keras' momentum "
+        "0.99 is 0.01 here); null: a cumulative average", low=0, high=1,
+        why="; running = (1 - momentum) * running + momentum * batch, and null is a "
+            "cumulative average")
+    track_running_stats: bool = option(True, "keep running statistics for eval; false: eval "
+                                             "normalizes with the batch's own")
+    # No declared range: its check needs batch_size (config/checks.py, check_stats_batch).
+    stats_batch: int | None = option(None, "ghost BN: statistics from groups of k samples (k "
+                                           "divides batch_size); null: the whole batch")
+    sync: bool = option(False, "several processes: statistics of the global batch "
+                               "(synchronized BN); false: per device", unset_ok=True)
 
 
 class _GhostStats:
@@ -197,9 +217,7 @@ def _bn_options(spec: NormSpec) -> dict:
 
 
 class _BatchNormFamily(Norm):
-    options = (frozenset({"eps", "momentum", "track_running_stats", "stats_batch", "sync"})
-               | AFFINE_OPTIONS)
-    nullable = frozenset({"momentum", "stats_batch", "sync"}) | AFFINE_OPTIONS
+    Options = BatchNormOptions
 
     @classmethod
     def build(cls, spec: NormSpec, num_features: int, *, t_max=None) -> nn.Module:
@@ -289,5 +307,5 @@ class TimeBatchNorm(PerStepNorm):
     """Per-time-step BatchNorm statistics with one affine transform shared across time
     (`normbench.norms.steps`): step t < T_max has its own `StepBatchNorm` child `tNN`."""
 
-    options, nullable = _BatchNormFamily.options, _BatchNormFamily.nullable
+    Options = BatchNormOptions
     step_class = StepBatchNorm

@@ -30,21 +30,44 @@ correct towards: the layer is BatchNorm (the pre-flight refuses that configurati
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from normbench.norms.batch import (
+    BatchNormOptions,
     GhostBatchNorm2d,
     TokenBatchNorm,
     _BatchNormFamily,
     _bn_options,
 )
+from normbench.norms.options import layer_options, option
 from normbench.norms.registry import NormSpec, drop_affine_parts, register
 from normbench.norms.stats import BatchStatsSwitch, collapsed_channels, stats_dtype
 from normbench.norms.steps import PerStepNorm, SharedAffineStep
 
-LIMITS = ("r_max", "d_max", "relax_from", "r_max_by", "d_max_by")
+
+@dataclass
+class BatchRenormOptions(BatchNormOptions):
+    """norm=batch_renorm (conf/norm/batch_renorm.yaml): BatchNorm's options and the clips.
+    The relaxation defaults are the paper's 5k / 40k / 25k ImageNet steps, scaled to runs of
+    a few thousand steps."""
+
+    r_max: float = option(3.0, "clip of r = sigma_B / sigma to [1/r_max, r_max]", low=1,
+                          why=" (r is clipped to [1/r_max, r_max])")
+    d_max: float = option(5.0, "clip of d = (mu_B - mu) / sigma to [-d_max, d_max]", low=0)
+    relax_from: int = option(100, "training batches (of the layer) of plain BN (r_max 1, "
+                                  "d_max 0) before the clips relax", low=0)
+    r_max_by: int = option(800, "training batches by which r's clip has grown linearly to "
+                                "r_max", low=0)
+    d_max_by: int = option(500, "training batches by which d's clip has grown linearly to "
+                                "d_max", low=0)
+
+
+# The options Batch Renorm adds to BatchNorm's: what `build` passes on to the layer.
+LIMITS = tuple(sorted(layer_options(BatchRenormOptions) - layer_options(BatchNormOptions)))
 
 
 def _ramp(n: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -58,7 +81,7 @@ def _ramp(n: torch.Tensor, start: int, end: int) -> torch.Tensor:
 class _Renorm(_BatchNormFamily, BatchStatsSwitch):
     """r and d on top of a BatchNorm class of `normbench.norms.batch`."""
 
-    options = _BatchNormFamily.options | frozenset(LIMITS)
+    Options = BatchRenormOptions
 
     def __init__(self, num_features: int, *, r_max: float = 1.0, d_max: float = 0.0,
                  relax_from: int = 0, r_max_by: int = 0, d_max_by: int = 0, **kwargs):
@@ -152,5 +175,5 @@ class StepBatchRenorm(SharedAffineStep, TokenBatchRenorm):
 class TimeBatchRenorm(PerStepNorm):
     """Per-time-step Batch Renorm: one `StepBatchRenorm` per step, one shared affine."""
 
-    options, nullable = _Renorm.options, _Renorm.nullable
+    Options = BatchRenormOptions
     step_class = StepBatchRenorm

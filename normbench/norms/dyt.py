@@ -5,12 +5,14 @@ False`): the layer in front keeps its bias."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from normbench.norms.affine import add_affine, apply_affine
+from normbench.norms.options import AffineOptions, option
 from normbench.norms.registry import (
-    AFFINE_OPTIONS,
     Norm,
     NormSpec,
     affine_flags,
@@ -18,11 +20,18 @@ from normbench.norms.registry import (
 )
 
 
+@dataclass
+class DyTOptions(AffineOptions):
+    """norm=dyt (conf/norm/dyt.yaml)."""
+
+    alpha_init: float = option(0.5, "the learned scalar alpha starts here", low=0,
+                               low_open=True)
+
+
 class _DynamicTanh(Norm, nn.Module):
     """gamma * tanh(alpha x) + beta, gamma and beta per channel on `channel_axis`."""
 
-    options = frozenset({"alpha_init"}) | AFFINE_OPTIONS
-    nullable = AFFINE_OPTIONS
+    Options = DyTOptions
     recentres = False
     channel_axis = -1
 

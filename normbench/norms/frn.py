@@ -14,12 +14,14 @@ sign(x) (the paper's N=1 case). No mean is subtracted (`recentres = False`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from normbench.norms.affine import add_affine, apply_affine, channel_shaped
+from normbench.norms.options import AffineOptions, EpsOptions, eps_option, option
 from normbench.norms.registry import (
-    AFFINE_OPTIONS,
     Norm,
     NormSpec,
     affine_flags,
@@ -34,12 +36,20 @@ unsupported("frn", "steps", "an LSTM row has one position per channel, where x/s
             "is sign(x) (the paper's N=1 case)")
 
 
+@dataclass
+class FRNOptions(EpsOptions, AffineOptions):
+    """norm=frn (conf/norm/frn.yaml)."""
+
+    eps: float = eps_option(1e-6)
+    tlu: bool = option(True, "thresholded linear unit max(y, tau) after the affine, in place "
+                             "of the ReLU after the norm")
+
+
 @register("frn", "images")
 class FilterResponseNorm(Norm, nn.Module):
     """FRN over H,W of each sample and channel, then the TLU max(y, tau) if `tlu`."""
 
-    options = frozenset({"eps", "tlu"}) | AFFINE_OPTIONS
-    nullable = AFFINE_OPTIONS
+    Options = FRNOptions
     recentres = False
 
     def __init__(self, num_features: int, *, eps: float, tlu: bool = True, scale: bool = True,

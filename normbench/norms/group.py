@@ -15,13 +15,14 @@ state, so `at(t)` is the norm itself.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from normbench.errors import UserError
+from normbench.norms.options import AffineOptions, EpsOptions, option
 from normbench.norms.registry import (
-    AFFINE_OPTIONS,
     Norm,
     NormSpec,
     UnbuildableNorm,
@@ -29,6 +30,21 @@ from normbench.norms.registry import (
     has_affine,
     register,
 )
+
+
+@dataclass
+class GroupNormOptions(EpsOptions, AffineOptions):
+    """norm=group (conf/norm/group.yaml). Exactly one of the two counts is in effect:
+    num_groups gives way (null) to a group_size given on its own, and the config checks
+    refuse both or neither."""
+
+    num_groups: int | None = option(
+        "${nb_unless:${.group_size},8}", "groups per layer, the same G in every layer (must "
+        "divide every layer's width); 8 until group_size is set, then null", low=1,
+        example="8")
+    group_size: int | None = option(None, "channels per group: a layer of C channels gets "
+                                          "C/group_size groups (must divide every width)",
+                                    low=1, example="16")
 
 
 def group_setting(spec: NormSpec) -> tuple[str, int]:
@@ -80,9 +96,8 @@ class InvalidGroupNorm(UnbuildableNorm):
 
 
 class _GroupNormBuild(Norm):
-    options = frozenset({"num_groups", "group_size", "eps"}) | AFFINE_OPTIONS
     # Either count may be null: exactly one is set (checked in the config and in build).
-    nullable = AFFINE_OPTIONS | {"num_groups", "group_size"}
+    Options = GroupNormOptions
 
     @classmethod
     def build(cls, spec: NormSpec, num_features: int, *, t_max=None) -> nn.Module:

@@ -7,11 +7,13 @@ padding); an LSTM row has a single position per feature."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from normbench.norms.options import AffineOptions, EpsOptions
 from normbench.norms.registry import (
-    AFFINE_OPTIONS,
     Norm,
     NormSpec,
     drop_affine_parts,
@@ -26,12 +28,16 @@ unsupported("instance", "steps", "an LSTM row has a single position per feature,
             "normalize over")
 
 
+@dataclass
+class InstanceNormOptions(EpsOptions, AffineOptions):
+    """norm=instance (conf/norm/instance.yaml)."""
+
+
 @register("instance", "images")
 class ImageInstanceNorm(Norm, nn.InstanceNorm2d):
     """Statistics over H,W per sample and channel; no running statistics (train = eval)."""
 
-    options = frozenset({"eps"}) | AFFINE_OPTIONS
-    nullable = AFFINE_OPTIONS
+    Options = InstanceNormOptions
 
     @classmethod
     def build(cls, spec: NormSpec, num_features: int, *, t_max=None) -> nn.Module:

@@ -13,11 +13,13 @@ the norm itself and a whole (N,T,D) sequence can be normalized in one call.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from normbench.norms.options import AffineOptions, EpsOptions
 from normbench.norms.registry import (
-    AFFINE_OPTIONS,
     Norm,
     NormSpec,
     drop_affine_parts,
@@ -26,10 +28,14 @@ from normbench.norms.registry import (
 )
 
 
+@dataclass
+class LayerNormOptions(EpsOptions, AffineOptions):
+    """norm=layer (conf/norm/layer.yaml)."""
+
+
 @register("layer", "images")
 class ImageLayerNorm(Norm, nn.GroupNorm):
-    options = frozenset({"eps"}) | AFFINE_OPTIONS
-    nullable = AFFINE_OPTIONS
+    Options = LayerNormOptions
 
     @classmethod
     def build(cls, spec: NormSpec, num_features: int, *, t_max=None) -> nn.Module:
@@ -44,8 +50,7 @@ class ImageLayerNorm(Norm, nn.GroupNorm):
 class FeatureLayerNorm(Norm, nn.LayerNorm):
     """LayerNorm over the last axis D, for (..., D)."""
 
-    options = frozenset({"eps"}) | AFFINE_OPTIONS
-    nullable = AFFINE_OPTIONS
+    Options = LayerNormOptions
 
     @classmethod
     def build(cls, spec: NormSpec, num_features: int, *, t_max=None) -> nn.Module:

@@ -49,12 +49,13 @@ at 0, and `use_batch_stats` normalizes with psi_B^2 whatever the mode.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from normbench.norms.options import AffineOptions, EpsOptions, option
 from normbench.norms.registry import (
-    AFFINE_OPTIONS,
     Norm,
     NormSpec,
     drop_affine_parts,
@@ -72,6 +73,17 @@ from normbench.norms.stats import (
     stats_dtype,
 )
 from normbench.norms.steps import PerStepNorm, SharedAffineStep
+
+
+@dataclass
+class PowerNormOptions(EpsOptions, AffineOptions):
+    """norm=power (conf/norm/power.yaml)."""
+
+    momentum: float = option(0.1, "psi2 = (1 - m) * psi2 + m * psi2_B, PyTorch's convention "
+                                  "(the paper's alpha = 1 - m)", low=0, high=1,
+                             why="; psi2 = (1 - momentum) * psi2 + momentum * psi2_B")
+    warmup_steps: int = option(100, "training batches normalized with their own statistics "
+                                    "first", low=0)
 
 
 class _ApproxBackprop(torch.autograd.Function):
@@ -113,8 +125,7 @@ class _ApproxBackprop(torch.autograd.Function):
 class _PowerNorm(RunningStats, Norm, nn.Module):
     """PowerNorm over the channel axis `channel_dim` of its input."""
 
-    options = frozenset({"eps", "momentum", "warmup_steps"}) | AFFINE_OPTIONS
-    nullable = AFFINE_OPTIONS
+    Options = PowerNormOptions
     recentres = False
     channel_dim: int
 
@@ -241,6 +252,6 @@ class StepPowerNorm(SharedAffineStep, TokenPowerNorm):
 class TimePowerNorm(PerStepNorm):
     """Per-time-step PowerNorm: one `StepPowerNorm` per step, one shared affine."""
 
-    options, nullable = _PowerNorm.options, _PowerNorm.nullable
+    Options = PowerNormOptions
     recentres = False
     step_class = StepPowerNorm

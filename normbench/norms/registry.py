@@ -14,8 +14,10 @@ the same, per-sample norms ignore it):
 A norm family registers its classes in its own module with `@register(name, *layouts)`;
 models get a factory from `make_norm_factory(spec, layout)` (or one module from
 `create_norm`) and never see the name. A registered class is a `Norm`: it builds itself
-from a `NormSpec` (`Norm.build`), says which config keys it reads (`options`) and whether
-it re-centres its input (`recentres`: the conv/linear in front then needs no bias).
+from a `NormSpec` (`Norm.build`), points at its options dataclass (`Options`, where each
+option is declared once, normbench/norms/options.py; the config keys it reads, `options`,
+come from it) and says whether it re-centres its input (`recentres`: the conv/linear in
+front then needs no bias).
 
 A norm that cannot be built for some width (GroupNorm whose groups do not divide it)
 returns an `UnbuildableNorm` instead of raising: `check_norms(model)` then names every
@@ -24,53 +26,79 @@ such layer by its path in the model, which the factory alone cannot know.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import ClassVar
 
 from torch import nn
 
 from normbench.errors import UserError
+from normbench.norms.options import known_options, layer_options, unset_options
 
 LAYOUTS = ("images", "tokens", "steps")
 # Which models build norms in each layout, for the error of a norm that lacks one.
 LAYOUT_USERS = {"images": "model=resnet", "tokens": "model=transformer", "steps": "model=lstm"}
 
 
-@dataclass(frozen=True)
 class NormSpec:
-    """The norm config as plain values (so that models stay Hydra-free).
+    """The norm config as plain values (so that models stay Hydra-free): the norm's `name`
+    and the options given, read as attributes (`spec.eps`).
 
-    The values come from the config (conf/norm/<name>.yaml holds each norm's defaults);
-    None means "not given": a norm reads only its `options`, and building one whose
-    required option is missing is an error rather than a silent second default.
+    The values come from the config, whose defaults are the norm's options dataclass
+    (normbench/norms/options.py). An option not given reads None: a norm reads only its
+    `options`, and building one whose required option is missing is an error rather than a
+    silent second default. A name no options dataclass declares is an AttributeError, as
+    it would be on any object (a typo must not read as "not given").
     """
 
-    name: str
-    eps: float | None = None
-    momentum: float | None = None  # None *given* to BatchNorm: cumulative average (PyTorch)
-    affine: bool | None = None  # shorthand: false turns off both center and scale
-    center: bool | None = None  # the shift beta (Keras' name)
-    scale: bool | None = None  # the scale gamma (Keras' name)
-    # GroupNorm: the number of groups G per layer, or the channels per group C/G (the GN
-    # paper's Table 3); exactly one is set (the config nulls num_groups when group_size is).
-    num_groups: int | None = None
-    group_size: int | None = None
-    track_running_stats: bool | None = None
-    stats_batch: int | None = None  # ghost BatchNorm: statistics from groups of k samples
-    sync: bool | None = None  # BatchNorm statistics pooled over every rank (several processes)
-    weight_norm: bool | None = None  # reparametrize every conv/linear weight (any norm)
-    # Batch Renormalization (Ioffe 2017): clip limits and their relaxation schedule, in
-    # training batches seen by the layer.
-    r_max: float | None = None
-    d_max: float | None = None
-    relax_from: int | None = None
-    r_max_by: int | None = None
-    d_max_by: int | None = None
-    # PowerNorm (Shen et al. 2020): training batches normalized with their own statistics
-    # before the running ones take over.
-    warmup_steps: int | None = None
-    alpha_init: float | None = None  # Dynamic Tanh (Zhu et al. 2025)
-    tlu: bool | None = None  # FRN (Singh & Krishnan 2020): thresholded linear unit after it
+    __slots__ = ("name", "_given")
+
+    def __init__(self, name: str, **given):
+        unknown = sorted(set(given) - known_options())
+        if unknown:
+            raise TypeError(f"NormSpec: {', '.join(unknown)} is no norm's option")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "_given", MappingProxyType(dict(given)))
+
+    def __getattr__(self, key: str):  # called only for names that are not slots
+        given = object.__getattribute__(self, "_given")
+        if key in given:
+            return given[key]
+        if key in known_options():
+            return None
+        raise AttributeError(f"NormSpec has no option {key!r}")
+
+    def __setattr__(self, key, value):
+        raise AttributeError("NormSpec is frozen; use replace()")
+
+    @property
+    def given(self) -> Mapping:
+        """The options given, by key (None where given as null)."""
+        return self._given
+
+    def replace(self, **changes) -> NormSpec:
+        """This spec with some options set to other values."""
+        return NormSpec(self.name, **{**self._given, **changes})
+
+    def _key(self) -> tuple:
+        return self.name, tuple(sorted(self._given.items()))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, NormSpec) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __reduce__(self):
+        return _rebuild_spec, (self.name, dict(self._given))
+
+    def __repr__(self) -> str:
+        values = "".join(f", {k}={v!r}" for k, v in self._given.items())
+        return f"NormSpec({self.name!r}{values})"
+
+
+def _rebuild_spec(name: str, given: dict) -> NormSpec:
+    return NormSpec(name, **given)
 
 
 def affine_flags(spec: NormSpec) -> tuple[bool, bool]:
@@ -78,10 +106,6 @@ def affine_flags(spec: NormSpec) -> tuple[bool, bool]:
     for both; `center`/`scale` (Keras' switches) turn one off; unset means on."""
     on = spec.affine is not False
     return on and spec.scale is not False, on and spec.center is not False
-
-
-# The options of every norm with a learned affine transform (all three may be left unset).
-AFFINE_OPTIONS = frozenset({"affine", "center", "scale"})
 
 
 def has_affine(spec: NormSpec) -> bool:
@@ -101,9 +125,10 @@ def drop_affine_parts(module: nn.Module, spec: NormSpec) -> nn.Module:
 
 
 def make_spec(**config) -> NormSpec:
-    """NormSpec from a config mapping, ignoring keys that are not norm options."""
-    names = {f.name for f in fields(NormSpec)}
-    return NormSpec(**{k: v for k, v in config.items() if k in names})
+    """NormSpec from a config mapping (`name` and the options), ignoring keys that are not
+    norm options."""
+    names = known_options()
+    return NormSpec(config["name"], **{k: v for k, v in config.items() if k in names})
 
 
 class Norm:
@@ -115,12 +140,25 @@ class Norm:
     """
 
     norm_name: ClassVar[str] = ""  # set by @register
-    options: ClassVar[frozenset[str]] = frozenset()  # the NormSpec fields `build` reads
-    nullable: ClassVar[frozenset[str]] = frozenset()  # options for which None is a value
+    # The norm's options dataclass (normbench/norms/options.py): its config schema, and
+    # where `options` and `nullable` come from. A class without one (a test's) lists
+    # `options` itself and has no config.
+    Options: ClassVar[type | None] = None
+    options: ClassVar[frozenset[str]] = frozenset()  # the spec's options `build` reads
+    nullable: ClassVar[frozenset[str]] = frozenset()  # options a spec may leave None
     recentres: ClassVar[bool] = True
     # Whether the probes and the act/ tags measure this module (False for an identity, and
     # for a container whose children are the norms actually called, e.g. per time step).
     probed: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.Options is not None and ("options" in cls.__dict__ or "nullable" in cls.__dict__):
+            raise TypeError(f"{cls.__name__}: options and nullable come from its Options; "
+                            "declare an option there")
+        if cls.__dict__.get("Options") is not None:
+            cls.options = layer_options(cls.Options)
+            cls.nullable = unset_options(cls.Options)
 
     @classmethod
     def build(cls, spec: NormSpec, num_features: int, *, t_max: int | None = None) -> nn.Module:
@@ -153,6 +191,12 @@ def register(name: str, *layouts: str):
             if (name, layout) in _REGISTRY:
                 raise ValueError(f"norm {name!r} is already registered for {layout}: "
                                  f"{_REGISTRY[name, layout].__name__}")
+        # One config per name: every layout's class reads the same options.
+        for (other_name, _), other in _REGISTRY.items():
+            if other_name == name and other.Options is not cls.Options:
+                raise ValueError(f"{cls.__name__}.Options must be {other.__name__}'s for norm "
+                                 f"{name!r}: one config serves every layout")
+        for layout in layouts:
             _REGISTRY[name, layout] = cls
         cls.norm_name = name
         return cls
@@ -185,6 +229,12 @@ def registered() -> tuple[tuple[str, str], ...]:
 def norm_options(name: str) -> frozenset[str]:
     """The config keys norm `name` reads, over all its layouts."""
     return frozenset().union(*(cls.options for (n, _), cls in _REGISTRY.items() if n == name))
+
+
+def norm_options_class(name: str) -> type | None:
+    """The options dataclass of norm `name` (its config schema); None for a name without
+    one (unknown, or a test's norm that lists its options by hand)."""
+    return next((cls.Options for (n, _), cls in _REGISTRY.items() if n == name), None)
 
 
 def norm_class(name: str, layout: str) -> type[Norm]:

@@ -11,10 +11,13 @@ Statistics are computed in at least float32; the output has the input's dtype.""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from normbench.norms.affine import add_affine, apply_affine
+from normbench.norms.options import EpsOptions, option
 from normbench.norms.registry import (
     Norm,
     NormSpec,
@@ -22,6 +25,15 @@ from normbench.norms.registry import (
     register,
 )
 from normbench.norms.stats import stats_dtype
+
+
+@dataclass
+class RMSNormOptions(EpsOptions):
+    """norm=rms (conf/norm/rms.yaml). RMSNorm has no beta, so no `center`: `affine` is the
+    shorthand for `scale` alone."""
+
+    affine: bool = option(True, "shorthand for scale (RMSNorm has no beta)", unset_ok=True)
+    scale: bool = option(True, "the scale gamma", unset_ok=True)
 
 
 def rms_scaled(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
@@ -32,9 +44,7 @@ def rms_scaled(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tens
 
 
 class _RMSBuild(Norm):
-    # RMSNorm has no beta, so no `center`: `affine` is the shorthand for `scale` alone.
-    options = frozenset({"eps", "affine", "scale"})
-    nullable = frozenset({"affine", "scale"})
+    Options = RMSNormOptions
     recentres = False
 
 

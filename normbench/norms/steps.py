@@ -16,7 +16,6 @@ so that hooks on the child see its real output.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import ClassVar
 
 import torch
@@ -58,7 +57,7 @@ class PerStepNorm(Norm, nn.Module):
         super().__init__()
         width = len(str(t_max - 1))
         self.keys = [f"t{t:0{width}d}" for t in range(t_max)]
-        own = dataclasses.replace(spec, affine=False)  # the steps share the owner's
+        own = spec.replace(affine=False)  # the steps share the owner's
         for key in self.keys:
             step = self.step_class.build(own, num_features)
             # A plain attribute, not a submodule: the owner must not appear twice in the tree.

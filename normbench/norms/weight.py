@@ -12,16 +12,29 @@ paper's data-dependent initialization is not done).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from normbench.norms.none import Identity
+from normbench.norms.options import NormOptions, option
 from normbench.norms.registry import LAYOUTS, register
+
+
+@dataclass
+class WeightNormOptions(NormOptions):
+    """norm=weight (conf/norm/weight.yaml)."""
+
+    weight_norm: bool = option(True, "what this norm is (false is refused: norm=none is "
+                                     "that); any other norm takes norm.weight_norm=true too")
 
 
 @register("weight", *LAYOUTS)
 class WeightNormOnly(Identity):
     """norm=weight: the activations pass unchanged; `apply_weight_norm` does the work."""
+
+    Options = WeightNormOptions
 
 
 def apply_weight_norm(model: nn.Module) -> nn.Module:
