@@ -1,4 +1,6 @@
-"""The `normbench` command. The only module that knows Hydra.
+"""The `normbench` command: Hydra's entry point. Hydra is known here and in normbench.config
+(composition, the structured schema, error explanations) and nowhere else: the engine, data,
+models, norms, probes and report never import it, and configs reach them as plain dicts.
 
 `normbench train [overrides]` composes conf/train.yaml through Hydra (multirun, --cfg, --help
 and launchers included). Before Hydra starts any job, a pre-flight composes every job's
