@@ -88,7 +88,7 @@ def test_every_setup_is_listed():
     assert sorted(SETUP_SCALES) == SETUPS
 
 
-@pytest.mark.parametrize("preset, setup", itertools.product(SCALED_PRESETS, SETUPS))
+@pytest.mark.parametrize("preset, setup", list(itertools.product(SCALED_PRESETS, SETUPS)))
 def test_every_preset_composes_and_checks_on_every_setup(preset, setup, data_paths):
     # The first job of the preset's grid on this setup: composed and checked as a job
     # (strict keys included), so a setup that sets a key its dataset/model does not read
