@@ -77,6 +77,38 @@ def test_torch_lower_bound_has_every_api_the_code_calls():
     assert lower_bound(declared["torchvision"]) >= (0, torch_floor[1] + 15)
 
 
+def test_ci_builds_its_own_environment_lints_then_tests_and_leaves_dot_venv(tmp_path):
+    """.ci/run with python3 replaced by a stub whose venv's pip, ruff and python log calls."""
+    import os
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / ".ci").mkdir(parents=True)
+    shutil.copy(REPO / ".ci" / "run", repo / ".ci" / "run")
+    (repo / ".venv").mkdir()
+    (repo / ".venv" / "kept").write_text("the quick start's environment")
+    log = tmp_path / "log"
+    stub_bin = tmp_path / "bin"
+    stub_bin.mkdir()
+    tool = f'#!/bin/sh\necho "$(basename "$0") $*" >> {log}\n'
+    python3 = stub_bin / "python3"  # `python3 -m venv DIR`: DIR/bin/{pip,ruff,python} stubs
+    python3.write_text(
+        "#!/bin/sh\n"
+        f'echo "python3 $*" >> {log}\n'
+        'mkdir -p "$3/bin"\n'
+        f'for t in pip ruff python; do printf \'%s\' \'{tool}\' > "$3/bin/$t"; '
+        'chmod +x "$3/bin/$t"; done\n')
+    python3.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub_bin}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["bash", str(repo / ".ci" / "run")], env=env, check=True, timeout=60)
+    calls = log.read_text().splitlines()
+    assert calls == ["python3 -m venv .ci/venv", "pip install -q -e .[dev]", "ruff check .",
+                     "python -m pytest"]
+    assert (repo / ".venv" / "kept").is_file()
+    assert ".ci/venv/" in (REPO / ".gitignore").read_text().splitlines()
+
+
 def test_no_deprecation_warning_is_hidden_everywhere():
     # A bare ignore would hide the project's own deprecated calls too: ignores name a module.
     filters = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"][
