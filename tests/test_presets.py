@@ -450,3 +450,22 @@ def test_text_conditions_sweep_in_the_shakespeare_gap_setups_with_short_folder_n
                 c["norm"]["name"], c["steps"]) == ("tinyshakespeare", 64, "adamw", 1e-3,
                                                    "batch", 600)
 
+
+def test_an_image_folder_under_a_presets_small_setup_is_warned_about(tmp_path, monkeypatch, capsys):
+    write_imagefolder(tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    root = f"dataset.root={tmp_path / 'images'}"
+    preflight(["experiment=stats_batch_sweep", "dataset=imagefolder", root], True)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("normbench: warning: dataset=imagefolder trains at the scale of "
+                           "setup=shapes_small") and "\n" not in line, line
+    assert "dataset.image_size=16 (setup=imagefolder: 32)" in line and "add setup=imagefolder" in line
+    # The setup named, the folder alone (no setup), or setups that agree: not a word.
+    for overrides in (["experiment=stats_batch_sweep", "setup=imagefolder", root],
+                      ["experiment=stats_batch_sweep", "setup=shapes_small", "dataset=imagefolder",
+                       root],
+                      ["dataset=imagefolder", root],
+                      ["experiment=stats_batch_sweep", "dataset=shapes"]):
+        preflight(overrides, True)
+        assert capsys.readouterr().err == "", overrides
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # nothing written
