@@ -1,4 +1,5 @@
-"""The `normbench` command. The only module that knows Hydra.
+"""The `normbench` command. Hydra is known here and in normbench.config (composition, schema,
+error explanations) only: other packages never import it and receive configs as plain dicts.
 
 `normbench train [overrides]` composes conf/train.yaml through Hydra (multirun, --cfg, --help
 and launchers included). Before Hydra starts any job, a pre-flight composes every job's
@@ -332,16 +333,17 @@ def report_sweep(sweep_dir: Path) -> int:
 
 
 def preflight(overrides: list[str], multirun: bool) -> tuple[Path | None, list[str]]:
-    """Compose and check every job's config; raise UserError on the first problem.
-
-    Returns the sweep folder in multirun mode, and the overrides to hand to Hydra.
-    """
+    """Compose and check every job's config (UserError on the first problem); returns the
+    sweep folder in multirun mode, and the overrides to hand to Hydra."""
     from normbench.config.checks import check_config, check_run_dir, check_sweep_dir, check_sweep_varies
     from normbench.config.compose import compose_sweep
+    from normbench.config.scale import mismatched_setup
 
     sweep = compose_sweep(overrides, multirun)
     for job in sweep.jobs:
         check_config(job.config)
+    if (line := mismatched_setup(overrides, sweep.jobs)) and distributed.is_main():
+        print(f"normbench: warning: {line}", file=sys.stderr)
     if multirun:
         check_sweep_varies(sweep.jobs)
         check_sweep_dir(sweep.dir, sweep.jobs[0].config["resume"] if sweep.jobs else False)

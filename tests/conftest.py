@@ -32,9 +32,12 @@ def _overrides_of(path: Path, prefix: str = "") -> list[str]:
     return list(walk(OmegaConf.to_container(OmegaConf.load(path)), prefix))
 
 
-# conf/debug/tiny.yaml (a run in a second or two), as single overrides, so that a test can
-# leave out the keys that do not apply to it (e.g. image sizes on a text dataset).
-TINY = _overrides_of(REPO / "conf" / "debug" / "tiny.yaml")
+# debug=tiny with the default model and dataset (a run in a second or two), as single
+# overrides, so that a test can leave out the keys that do not apply to it (e.g. image sizes
+# on a text dataset) or keep ResNet-8's depth on another model.
+TINY = [*_overrides_of(REPO / "conf" / "debug" / "tiny.yaml"),
+        *_overrides_of(REPO / "conf" / "debug" / "dataset" / "tiny_shapes.yaml"),
+        *_overrides_of(REPO / "conf" / "debug" / "model" / "tiny_resnet.yaml")]
 
 torch.set_num_threads(1)
 

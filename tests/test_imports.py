@@ -103,3 +103,17 @@ def test_no_module_is_over_the_length_limit():
     long = {module_name(p): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_only_the_cli_and_the_config_package_import_hydra():
+    # What normbench/cli.py's docstring says: everything else gets plain dicts.
+    found = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] in ("hydra", "hydra_plugins") for n in names):
+                found.add(module_name(path))
+    assert "normbench.cli" in found, "the walk found nothing"
+    assert {m for m in found if m != "normbench.cli" and not m.startswith("normbench.config.")} \
+        == set()

@@ -88,7 +88,7 @@ def test_every_setup_is_listed():
     assert sorted(SETUP_SCALES) == SETUPS
 
 
-@pytest.mark.parametrize("preset, setup", itertools.product(SCALED_PRESETS, SETUPS))
+@pytest.mark.parametrize("preset, setup", list(itertools.product(SCALED_PRESETS, SETUPS)))
 def test_every_preset_composes_and_checks_on_every_setup(preset, setup, data_paths):
     # The first job of the preset's grid on this setup: composed and checked as a job
     # (strict keys included), so a setup that sets a key its dataset/model does not read
@@ -295,6 +295,86 @@ def test_debug_tiny_is_the_tiny_setting_and_shrinks_a_preset():
     assert (preset["steps"], preset["epochs"], preset["dataset"]["n_train"]) == (6, None, 256)
 
 
+# Each model's tiny depth: the smallest of its own (ResNet-8; the Transformer's and the
+# LSTM's defaults), never one model's value on another.
+TINY_DEPTH = {"resnet": 8, "transformer": 2, "lstm": 1}
+
+
+@pytest.mark.parametrize("model", sorted(TINY_DEPTH))
+def test_debug_tiny_gives_each_model_its_own_small_depth(model):
+    assert compose_config([f"model={model}", "debug=tiny"])["model"]["depth"] == TINY_DEPTH[model]
+    # also where a preset picked the model (the gap setups) and on text
+    text = compose_config([f"model={model}", "dataset=synthetic_text", "debug=tiny"])
+    assert text["model"]["depth"] == TINY_DEPTH[model]
+    assert compose_config([f"model={model}"])["model"]["depth"] >= TINY_DEPTH[model]
+
+
+@pytest.mark.parametrize("gap_setup, model", [("resnet_images", "resnet"),
+                                               ("transformer_shakespeare", "transformer"),
+                                               ("lstm_text", "lstm")])
+def test_debug_tiny_follows_the_model_a_preset_chose(gap_setup, model):
+    config = compose_config(["experiment=stat_gap", f"gap_setup={gap_setup}", "debug=tiny"])
+    assert (config["model"]["name"], config["model"]["depth"]) == (model, TINY_DEPTH[model])
+    assert config["steps"] == 6
+
+
+DATASET_ARGS = {"imagefolder": ["dataset.root=IMAGES"],
+                "text": ["dataset.path=TEXT", "model=transformer"],
+                "tinyshakespeare": ["model=transformer"], "synthetic_text": ["model=lstm"]}
+
+
+@pytest.mark.parametrize("dataset", sorted(p.stem for p in (conf_dir() / "dataset").glob("*.yaml")))
+def test_debug_tiny_works_with_every_dataset(dataset, tmp_path):
+    (tmp_path / "t.txt").write_text("To be, or not to be, that is the question.\n" * 200)
+    write_imagefolder(tmp_path / "images")
+    args = [a.replace("IMAGES", str(tmp_path / "images")).replace("TEXT", str(tmp_path / "t.txt"))
+            for a in DATASET_ARGS.get(dataset, [])]
+    config = compose_config([f"dataset={dataset}", *args, "debug=tiny"])
+    assert config["steps"] == 6 and config["batch_size"] == 32
+    if "n_train" in config["dataset"]:
+        assert (config["dataset"]["n_train"], config["dataset"]["n_val"]) == (256, 128)
+    check_config(config)
+
+
+def test_debug_tiny_trains_on_a_text_file_without_dropping_keys(tmp_path):
+    from normbench.engine.train import run_experiment
+    from tests.conftest import REPO
+
+    config = compose_config(["dataset=text", f"dataset.path={REPO / 'tests/data/sonnets.txt'}",
+                             "dataset.seq_len=32", "model=transformer", "norm=layer", "debug=tiny",
+                             "probes=false"])
+    check_config(config)
+    summary = run_experiment(config, tmp_path / "run", live=False)
+    assert summary["status"] == "completed" and summary["steps"] == 6
+
+
+def test_debug_overfit_repeats_one_batch_and_drives_the_loss_down(tmp_path):
+    from normbench.engine.train import run_experiment
+    from tests.conftest import read_scalars
+
+    config = compose_config(["debug=overfit", "model.depth=8", "batch_size=16", "steps=20",
+                             "log_every=1", "dataset.n_train=64", "dataset.n_val=32",
+                             "probes=false", "precise_bn_batches=0"])
+    assert (config["overfit_batches"], config["epochs"]) == (1, None)
+    assert compose_config(["debug=overfit"])["steps"] == 100
+    summary = run_experiment(config, tmp_path / "run", live=False)
+    losses = [value for _, value in read_scalars(tmp_path / "run")["train/loss"]]
+    assert summary["status"] == "completed" and len(losses) == 20
+    assert losses[-1] < losses[0] / 10, losses  # one batch of 16 images, memorized
+
+
+def test_repeated_batches_are_the_same_tensors_and_resume_in_the_cycle():
+    from normbench.data.sampling import RepeatedBatches
+
+    stream = iter(range(100))
+    repeated = RepeatedBatches(stream, 3)
+    assert [next(repeated) for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    assert repeated.steps_per_epoch == 3 and next(stream) == 3  # drew k batches, no more
+    again = RepeatedBatches(iter(range(100)), 3)
+    again.load_state_dict(repeated.state_dict())
+    assert next(again) == next(repeated) == 1
+
+
 def test_swept_settings_are_the_job_overrides_without_excluded_keys():
     exclude = list(compose_full([]).hydra.job.config.override_dirname.exclude_keys)
     swept = swept_settings(["seed=1", "experiment=stats_batch_sweep", "norm.stats_batch=8",
@@ -369,3 +449,23 @@ def test_text_conditions_sweep_in_the_shakespeare_gap_setups_with_short_folder_n
         assert (c["dataset"]["name"], c["dataset"]["seq_len"], c["optim"]["name"], c["lr"],
                 c["norm"]["name"], c["steps"]) == ("tinyshakespeare", 64, "adamw", 1e-3,
                                                    "batch", 600)
+
+
+def test_an_image_folder_under_a_presets_small_setup_is_warned_about(tmp_path, monkeypatch, capsys):
+    write_imagefolder(tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    root = f"dataset.root={tmp_path / 'images'}"
+    preflight(["experiment=stats_batch_sweep", "dataset=imagefolder", root], True)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("normbench: warning: dataset=imagefolder trains at the scale of "
+                           "setup=shapes_small") and "\n" not in line, line
+    assert "dataset.image_size=16 (setup=imagefolder: 32)" in line and "add setup=imagefolder" in line
+    # The setup named, the folder alone (no setup), or setups that agree: not a word.
+    for overrides in (["experiment=stats_batch_sweep", "setup=imagefolder", root],
+                      ["experiment=stats_batch_sweep", "setup=shapes_small", "dataset=imagefolder",
+                       root],
+                      ["dataset=imagefolder", root],
+                      ["experiment=stats_batch_sweep", "dataset=shapes"]):
+        preflight(overrides, True)
+        assert capsys.readouterr().err == "", overrides
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # nothing written

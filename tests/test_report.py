@@ -75,6 +75,30 @@ def test_all_diverged_cell_and_best_lr_when_lr_is_swept(tmp_path):
     assert by_acc.best_lr[("none",)][0] == 0.1 and by_acc.higher_is_better
 
 
+def test_every_accuracy_is_higher_is_better_and_a_gap_has_no_better_side(tmp_path):
+    from normbench.report.grid import metric_direction
+
+    for metric in ("val_acc", "train_acc", "val_precise_acc", "val_batchstats_acc"):
+        assert metric_direction(metric) == "higher", metric
+    for metric in ("val_err", "val_loss", "val_bpc", "train_loss", "val_precise_loss"):
+        assert metric_direction(metric) == "lower", metric
+    for metric in ("val_gap_acc", "val_gap_loss", "bn_gap/mean/tid_sigma"):
+        assert metric_direction(metric) is None, metric
+    # PreciseBN's accuracy: the best lr is the argmax, and report.md says higher is better.
+    for lr, acc in [(0.1, 0.6), (0.4, 0.9), (1.6, 0.7)]:
+        for seed in (0, 1):
+            run = fake_run(tmp_path / "runs", f"{lr}_{seed}", lr=lr, seed=seed)
+            summary = json.loads((run / "summary.json").read_text())
+            summary["final"]["val_precise_acc"] = acc + 0.01 * seed
+            (run / "summary.json").write_text(json.dumps(summary))
+    report = build_report(find_runs([tmp_path / "runs"]), metric="val_precise_acc")
+    assert report.best_lr[("batch",)][0] == 0.4
+    assert report_command([str(tmp_path / "runs"), "--metric", "val_precise_acc", "--out",
+                           str(tmp_path / "out"), "--no-plots"]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "`val_precise_acc` (higher is better)" in text and "lower is better" not in text
+
+
 def test_lr_crossed_with_batch_size_becomes_part_of_the_row(tmp_path):
     for bs in (2, 8):
         for lr in (0.1, 0.2):

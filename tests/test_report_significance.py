@@ -241,3 +241,15 @@ def test_a_model_as_the_reference_is_compared_with_every_condition(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "transformer text batch vs model=resnet (reference): worse at sample window" in md
     assert "transformer text power vs model=resnet (reference): within noise at sample window" in md
+
+
+def test_findings_and_the_differences_table_write_a_p_value_alike():
+    from normbench.report.differences import Difference, fmt_p
+    from normbench.report.findings import _evidence
+    from normbench.report.significance import welch
+
+    for a, b in [([10, 11, 12], [20, 21, 22]), ([20.0, 22.0, 21.0], [21.0, 23.0, 21.5])]:
+        test = welch(a, b)
+        d = Difference("along", (("batch",), 2), (("batch",), 4), test)
+        assert _evidence(d).endswith(f"p={fmt_p(test)}")
+    assert fmt_p(welch([10, 11, 12], [20, 21, 22])) == "2.6e-04"

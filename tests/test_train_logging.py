@@ -91,3 +91,30 @@ def test_text_runs_log_bits_per_character(tmp_path):
     for step, bpc in tags["train/bpc"]:
         assert bpc == pytest.approx(losses[step] / math.log(2), rel=1e-5)
     assert (summary["n_train"], summary["n_val"]) == (64, 32)  # sentences
+
+
+def test_the_logged_gradient_norm_is_the_one_the_divergence_guard_saw(tmp_path, tiny_config,
+                                                                      monkeypatch):
+    # On logging steps (2, 4, 6) the probes' global norm is the guard's: the global norm is
+    # computed once per step, by grad_norm only on the steps in between.
+    from normbench.engine import guard, train
+
+    computed, observed = [], {}
+    real_grad_norm, real_observe = guard.grad_norm, guard.DivergenceWatch.observe
+
+    def counting_grad_norm(params):
+        computed.append(1)
+        return real_grad_norm(params)
+
+    def recording_observe(self, step, loss, norm):
+        observed[step] = float(norm)
+        return real_observe(self, step, loss, norm)
+
+    monkeypatch.setattr(train, "grad_norm", counting_grad_norm)
+    monkeypatch.setattr(guard.DivergenceWatch, "observe", recording_observe)
+    run_experiment(tiny_config("probes=true"), tmp_path, live=False)
+    logged = read_scalars(tmp_path)["grad/global_norm"]
+    assert [step for step, _ in logged] == [2, 4, 6]
+    for step, value in logged:
+        assert value == pytest.approx(observed[step], rel=1e-6)
+    assert len(computed) == 3 and sorted(observed) == [1, 2, 3, 4, 5, 6]

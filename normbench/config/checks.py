@@ -75,6 +75,7 @@ def check_config(config: dict) -> None:
     _in_range(config, "seed", "seed", low=0, high=2**32 - 1, kind=_INTEGER, example="0",
               why=" (NumPy's seeds)")
     _count(config, "eval_every", "eval_every", "0 (only at the end)")
+    _count(config, "overfit_batches", "overfit_batches", "1 (or 0: the whole training set)")
     _execution(config)
     _probe_options(config)
     check_ranges(config)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -32,6 +32,7 @@ class Job:
     overrides: list[str]
     config: dict  # resolved, without the `hydra` node
     run_dir: Path | None = None  # the single run's folder (hydra.run.dir)
+    choices: dict = field(default_factory=dict)  # each config group's option, e.g. setup
 
 
 def compose_jobs(overrides: list[str] = (), multirun: bool = False) -> list[dict]:
@@ -135,7 +136,8 @@ def as_one_value_sweep(override) -> str:
 def make_job(cfg: DictConfig, overrides: list[str], single: bool) -> Job:
     config = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     return Job(overrides=list(overrides), config=OmegaConf.to_container(config, resolve=True),
-               run_dir=Path(str(cfg.hydra.run.dir)) if single else None)
+               run_dir=Path(str(cfg.hydra.run.dir)) if single else None,
+               choices=OmegaConf.to_container(cfg.hydra.runtime.choices))
 
 
 def parse_overrides(overrides: list[str]) -> list:

@@ -51,6 +51,7 @@ class TrainConfig:
     checkpoint_every: int = MISSING
     keep_checkpoints: int = MISSING
     resume: Any = MISSING  # false | true | auto (OmegaConf has no bool-or-string type)
+    overfit_batches: int = MISSING  # 0: the whole training set; k: its first k batches, repeated
     run_name: str = MISSING
     # Linear learning-rate scaling (Goyal et al. 2017): a setup (conf/setup/) writes
     # lr: ${nb_mul:${base_lr},${nb_div:${batch_size},${base_batch_size}}}; null elsewhere.

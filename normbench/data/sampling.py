@@ -47,3 +47,35 @@ class ShuffledEpochs:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.pos, self.perm = state["epoch"], state["pos"], state["perm"]
         self.generator.set_state(state["generator"])
+
+
+class RepeatedBatches:
+    """The first `k` batches of a training stream, over and over (overfit_batches=k).
+
+    A check of the training code rather than an experiment: a model that cannot drive the
+    loss on a handful of fixed batches towards 0 has a bug in its data, loss or update. The
+    batches are drawn once, augmentation included, so a repeated batch is the same tensors;
+    an epoch is the k batches. The state is only the position in the cycle: the batches
+    come again from the stream's seed when a run resumes."""
+
+    def __init__(self, loader, k: int):
+        self.batches = [next(loader) for _ in range(k)]
+        self.served = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = self.batches[self.served % len(self.batches)]
+        self.served += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"served": self.served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.served = int(state["served"])

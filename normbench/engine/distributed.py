@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from normbench.data.sampling import RepeatedBatches
+
 TIMEOUT_ENV = "NORMBENCH_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600  # longer than any stretch one rank works alone (evaluation, a save)
 
@@ -387,8 +389,10 @@ class RankShard:
         self.loader.load_state_dict(state)
 
 
-def train_loader(data, batch_size: int, seed: int):
-    """The training stream of this rank: per-device batches of `batch_size`."""
-    if not active():
-        return data.train_loader(batch_size, seed=seed)
-    return RankShard(data.train_loader(batch_size * world(), seed=seed), rank(), world())
+def train_loader(data, batch_size: int, seed: int, overfit_batches: int = 0):
+    """The training stream of this rank: per-device batches of `batch_size`; with
+    overfit_batches=k, the first k of them over and over."""
+    loader = data.train_loader(batch_size * world(), seed=seed)
+    if overfit_batches:  # before sharding: each rank slices the same repeated global batch
+        loader = RepeatedBatches(loader, overfit_batches)
+    return RankShard(loader, rank(), world()) if active() else loader

@@ -194,7 +194,8 @@ def build(config: dict, run_dir: Path, console: Console, live: bool) -> Experime
     norm = make_spec(**config["norm"])
     model = to_memory_format(build_model_within_memory(config["model"], norm, data.info, device),
                              config["channels_last"])
-    loader = distributed.train_loader(data, config["batch_size"], config["seed"])
+    loader = distributed.train_loader(data, config["batch_size"], config["seed"],
+                                      config["overfit_batches"])
     steps = total_steps(config, loader.steps_per_epoch)
     optimizer = build_optimizer(model, config["lr"], **config["optim"])
     resumed = ckpt.resume_point(run_dir, config["resume"], warn)

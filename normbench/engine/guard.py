@@ -13,8 +13,6 @@ import threading
 
 import torch
 
-EXIT_SIGNAL_BASE = 128  # the shell's convention: a run ended by signal N exits with 128 + N
-
 
 class StopSignals:
     """Within this block, the first SIGINT/SIGTERM/SIGUSR2 sets `received` instead of killing.

@@ -151,12 +151,14 @@ def train_step(exp: Experiment, step: int, log_now: bool) -> tuple[int, float]:
     exp.optimizer.zero_grad(set_to_none=True)
     exp.scaler.scale(exp.objective(loss, count)).backward()  # DDP averages over the ranks
     exp.scaler.unscale_(exp.optimizer)  # the true gradients, for the norm and the probes
-    norm = grad_norm(exp.params)
+    # On logging steps the probes compute every parameter's gradient norm and the global
+    # one from them: the guard watches that same tensor rather than a second computation.
+    norm = exp.probes.record_grads() if log_now else None
+    if norm is None:  # not a logging step, or no probes (off, or not this rank's job)
+        norm = grad_norm(exp.params)
     if exp.scaler.is_enabled():  # fp16: an overflow is the scaler's to skip, not a divergence
         norm = torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))
     exp.watch.observe(step, loss, norm)
-    if log_now:
-        exp.probes.record_grads()
     with exp.probes.watch_step(log_now):
         exp.scaler.step(exp.optimizer)
     exp.scaler.update()

@@ -14,6 +14,7 @@ from normbench.report.differences import (
     against_reference,
     all_pairs,
     fmt_number,
+    fmt_p,
 )
 from normbench.report.grid import Report, fmt_value
 from normbench.report.significance import LEVEL
@@ -50,8 +51,7 @@ def _evidence(d: Difference, first_is_a: bool = True) -> str:
              f"{t.n_a} and {t.n_b} seeds" if first_is_a else f"{t.n_b} and {t.n_a} seeds")
     if t.t is None:  # no spread in either cell
         return f"{seeds}, no spread between seeds"
-    p = f"{t.p:.3f}" if t.p >= 0.001 else f"{t.p:.1e}"
-    return f"{seeds}, p={p}"
+    return f"{seeds}, p={fmt_p(t)}"
 
 
 def _worse_is_b(report: Report, d: Difference) -> bool:

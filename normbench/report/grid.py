@@ -18,9 +18,20 @@ from normbench.report.runs import Run
 # Candidates for --x auto, in order: the first that takes several values is the swept one.
 AUTO_X = ("batch_size", "stats_batch", "lr", "weight_decay", "num_groups", "group_size", "depth",
           "width")
-# Metrics where a higher value is better; every other metric is minimized.
-HIGHER_IS_BETTER = {"val_acc", "train_acc"}
 ROW_KEYS = ("model", "dataset", "norm")
+
+
+def metric_direction(metric: str) -> str | None:
+    """'higher' or 'lower' is better, or None for a metric with no better side.
+
+    Read from the name, so every accuracy (val_acc, val_precise_acc, val_batchstats_acc,
+    any added later) is maximized without a list to keep in step. None for a logged probe
+    (a TensorBoard tag: a gap, a gradient norm) and for the train/eval discrepancy
+    (val_gap_*: running minus batch statistics), which are only higher or lower; a gap of
+    either sign means the two evaluations disagree."""
+    if "/" in metric or metric.startswith("val_gap_"):
+        return None
+    return "higher" if metric.split("_")[-1] in ("acc", "accuracy") else "lower"
 
 
 def sort_key(value):
@@ -114,21 +125,18 @@ class Report:
 
     @property
     def higher_is_better(self) -> bool:
-        return self.metric in HIGHER_IS_BETTER
+        return metric_direction(self.metric) == "higher"
 
     @property
     def directed(self) -> bool:
-        """Whether one direction of the metric is better: not for a logged probe (a gap,
-        a gradient norm) or the train/eval discrepancy (val_gap_acc: running minus batch
-        statistics), which are only higher or lower."""
-        return "/" not in self.metric and not self.metric.startswith("val_gap_")
+        """Whether one direction of the metric is better (`metric_direction`)."""
+        return metric_direction(self.metric) is not None
 
     @property
     def direction_note(self) -> str:
         """'lower is better', or '' for an undirected metric."""
-        if not self.directed:
-            return ""
-        return f"{'higher' if self.higher_is_better else 'lower'} is better"
+        direction = metric_direction(self.metric)
+        return f"{direction} is better" if direction else ""
 
     def row_label(self, row: tuple) -> str:
         shown = [(k, v) for k, v in zip(self.row_keys, row, strict=True)]
