@@ -8,7 +8,7 @@ Steps, each a subprocess with its own timeout (their sum is the budget, so the w
 under 8 minutes), run in this order whatever happens to the ones before:
 
     env        torch, CUDA, the GPU, hydra/omegaconf and the joblib launcher as found
-    pytest     `pytest -m gpu` on tests/test_gpu.py and tests/test_gpu_distributed.py
+    pytest     `pytest -m gpu` on tests/engine/test_gpu.py and tests/engine/test_gpu_distributed.py
     train      the default `normbench train device=cuda`: wall time, val acc
     bench_resnet       scripts/bench.py, ResNet-20 at batch 512 on 50k shapes of 32 px
                        (CIFAR's size): fp32, bf16, bf16 + channels_last, + compile; img/s,
@@ -27,7 +27,7 @@ status is 1 if any step did not pass, else 0.
 
 --dry-run runs every command on the CPU with tiny sizes (compile=false: compiling alone
 takes 20-50 s on 2 cores), so that a typo in a command or an override shows here and not
-on the GPU. tests/test_gpu_check.py runs it.
+on the GPU. tests/scripts/test_gpu_check.py runs it.
 
 How to run it on a GPU machine without PyPI: scripts/gpu_wheels.sh (its header has the command).
 """
@@ -175,7 +175,7 @@ def pytest_command(ctx: Context) -> list[str]:
     # pyproject's -q: one line per test; -rfEs: failures, errors and skips (with reasons) in
     # the short summary; no cache provider: nothing written into the checkout
     return [ctx.python, "-m", "pytest", "-m", "gpu", "-n", "0", "-p", "no:cacheprovider",
-            "-vv", "-rfEs", "tests/test_gpu.py", "tests/test_gpu_distributed.py"]
+            "-vv", "-rfEs", "tests/engine/test_gpu.py", "tests/engine/test_gpu_distributed.py"]
 
 
 def pytest_figures(ctx: Context, log: str) -> dict:
@@ -236,7 +236,7 @@ TEXT_DRY = ["batch_size=32", "dataset.n_train=256", "dataset.n_val=32", "log_eve
 
 def sweep_command(ctx: Context) -> list[str]:
     if ctx.dry:  # joblib runs n_jobs=1 in this process: its worker processes would cost
-        # 5 s of CPU each here, and tests/test_report.py already runs a 2-worker sweep
+        # 5 s of CPU each here, and tests/report/test_report.py already runs a 2-worker sweep
         grid, n_jobs, length = ["norm=batch", "batch_size=16,32"], 1, ctx.small("debug=tiny")
     else:  # one epoch of setup=shapes_small (2000 images at 16 px): seconds per job
         grid, n_jobs, length = ["norm=batch,group", "batch_size=16,32"], 4, ["epochs=1"]
@@ -270,14 +270,14 @@ def torchrun_figures(ctx: Context, log: str) -> dict:
     figures = completed_run(ctx.scratch / "torchrun")
     # normbench joins a process group only when WORLD_SIZE > 1 (normbench/engine/distributed.py):
     # with one process this checks the launch under torchrun, not NCCL itself, which
-    # pytest's one-rank NCCL test (tests/test_gpu_distributed.py) covers
+    # pytest's one-rank NCCL test (tests/engine/test_gpu_distributed.py) covers
     figures["process_group"] = "none (world size 1)" if figures["world_size"] == 1 else "joined"
     return figures
 
 
 STEPS = [
     Step("env", "torch, CUDA and the carried packages", 20, env_command, env_figures),
-    Step("pytest", "pytest -m gpu (tests/test_gpu.py, tests/test_gpu_distributed.py)", 70,
+    Step("pytest", "pytest -m gpu (tests/engine/test_gpu.py, tests/engine/test_gpu_distributed.py)", 70,
          pytest_command, pytest_figures),
     Step("train", "default normbench train on CUDA", 45, train_command, train_figures),
     Step("bench_resnet", "bench.py, ResNet-20, batch 512, 50k x 32 px shapes", 170,
@@ -527,7 +527,7 @@ def summary_markdown(figures: dict, results: dict) -> str:
         lines += ["", "torchrun: with one process normbench starts no process group (it joins one "
                       "at WORLD_SIZE > 1), so this step checks the launch under torchrun; NCCL "
                       "itself runs in pytest's one-rank test of synchronized statistics "
-                      "(tests/test_gpu_distributed.py)."]
+                      "(tests/engine/test_gpu_distributed.py)."]
     lines += ["", "Each step's full output is in log.txt; run folders in runs.tar.gz.", ""]
     return "\n".join(lines)
 

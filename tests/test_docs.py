@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers.common import REPO
 
 README = REPO / "README.md"
 DOCS = sorted([README, *(REPO / "docs").rglob("*.md")])
