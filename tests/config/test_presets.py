@@ -337,11 +337,12 @@ def test_debug_tiny_works_with_every_dataset(dataset, tmp_path):
     check_config(config)
 
 
+@pytest.mark.slow
 def test_debug_tiny_trains_on_a_text_file_without_dropping_keys(tmp_path):
     from normbench.engine.train import run_experiment
-    from tests.helpers.common import REPO
+    from tests.helpers.common import FIXTURES
 
-    config = compose_config(["dataset=text", f"dataset.path={REPO / 'tests/data/sonnets.txt'}",
+    config = compose_config(["dataset=text", f"dataset.path={FIXTURES / 'sonnets.txt'}",
                              "dataset.seq_len=32", "model=transformer", "norm=layer", "debug=tiny",
                              "probes=false"])
     check_config(config)
@@ -349,6 +350,7 @@ def test_debug_tiny_trains_on_a_text_file_without_dropping_keys(tmp_path):
     assert summary["status"] == "completed" and summary["steps"] == 6
 
 
+@pytest.mark.slow
 def test_debug_overfit_repeats_one_batch_and_drives_the_loss_down(tmp_path):
     from normbench.engine.train import run_experiment
     from tests.helpers.common import read_scalars

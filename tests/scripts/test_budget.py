@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.helpers.common import REPO
-from tests.test_scripts import load
+from tests.scripts.test_scripts import load
 
 budget = load("budget")
 
