@@ -135,7 +135,8 @@ def test_a_diverged_run_ends_with_a_line_that_says_what_to_try(cli, tmp_path):
 def test_the_hint_leaves_out_the_init_a_run_already_had(tiny_config):
     from normbench.engine.train import divergence_hint
 
-    assert "residual_init" not in divergence_hint(tiny_config("lr=0.4"))  # zero: the default
-    assert "lr=0.2" in divergence_hint(tiny_config("lr=0.4"))
+    assert "model.residual_init=zero" in divergence_hint(tiny_config("lr=0.4"))
+    zero = divergence_hint(tiny_config("lr=0.4", "model.residual_init=zero"))
+    assert "residual_init" not in zero and "lr=0.2" in zero
     lstm = divergence_hint(tiny_config("model=lstm", "norm=layer"))  # no residual branches
     assert "residual_init" not in lstm and "norm=layer" in lstm

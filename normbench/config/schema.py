@@ -145,7 +145,7 @@ class ResNetConfig:
     depth: int = MISSING
     width: int = MISSING
     shortcut: str = MISSING
-    residual_init: str = MISSING  # zero | skipinit | default (normbench/models/resnet.py)
+    residual_init: str = MISSING  # default | zero | skipinit (normbench/models/resnet.py)
 
 
 @dataclass

@@ -10,18 +10,18 @@ after each residual addition stays.
 
 `residual_init` is how each block's residual branch (conv-norm-relu-conv-norm) starts:
 
-- `zero` (the default, for every norm alike): the branch computes zero at initialization,
-  so every block starts as its shortcut and the network as a shallow one (Goyal et al.
-  2017; torchvision's `zero_init_residual`; De & Smith 2020). Where the branch's last norm
-  learns a scale gamma, that gamma starts at 0; where it has none (norm=none, norm=weight,
-  affine=false or scale=false) the branch is multiplied by a learned scalar gate that starts
-  at 0 (SkipInit, De & Smith 2020). Without it, norm=none and norm=weight diverge within a
-  few steps at the default lr: nothing keeps the variance of a sum of 3n unnormalized
-  branches in check.
-- `skipinit`: the scalar gate at 0 on every branch, whatever the norm, its gamma left at 1:
-  the same parameters under every norm.
 - `default`: every layer initialized alike (He et al. 2015 for the convs, gamma 1), the
   branches at full scale from the start.
+- `zero`: the branch computes zero at initialization, so every block starts as its
+  shortcut and the network as a shallow one (Goyal et al. 2017; torchvision's
+  `zero_init_residual`; De & Smith 2020). Where the branch's last norm learns a scale
+  gamma, that gamma starts at 0; where it has none (norm=none, norm=weight, affine=false or
+  scale=false) the branch is multiplied by a learned scalar gate that starts at 0 (SkipInit,
+  De & Smith 2020). It keeps norm=none and norm=weight finite at the default lr, where the
+  sum of 3n unnormalized full-scale branches blows up within a few steps; the branches
+  then open slowly, so a short run learns less than with `default` (not the default).
+- `skipinit`: the scalar gate at 0 on every branch, whatever the norm, its gamma left at 1:
+  the same parameters under every norm.
 
 A gate is skipped, not zeroed, where a gamma does the job, so `zero` adds no parameter to a
 model whose norm learns a scale. Zeroing the branch's last conv instead would stall under
@@ -37,7 +37,7 @@ from torch import nn
 from normbench.errors import UserError
 from normbench.norms import NormFactory
 
-RESIDUAL_INITS = ("zero", "skipinit", "default")
+RESIDUAL_INITS = ("default", "zero", "skipinit")
 
 
 def conv3x3(cin: int, cout: int, stride: int, bias: bool) -> nn.Conv2d:
