@@ -149,10 +149,10 @@ def test_unknown_residual_init_is_a_user_error():
 
 
 @pytest.mark.parametrize("norm", ["none", "weight"])
-def test_without_a_norm_resnet20_trains_at_the_default_lr_only_with_zeroed_branches(
+def test_without_a_norm_resnet20_stays_finite_at_the_default_lr_only_with_zeroed_branches(
         tiny_config, tmp_path, norm):
     """debug=tiny at ResNet-20 depth, lr 0.1 (the default): full-scale branches blow up by
-    step 3; branches that start at 0 train."""
+    step 3; branches that start at 0 complete the run with a finite loss."""
     from normbench.engine.train import run_experiment
 
     runs = {}
