@@ -145,7 +145,7 @@ class ResNetConfig:
     depth: int = MISSING
     width: int = MISSING
     shortcut: str = MISSING
-    zero_init_residual: bool = MISSING
+    residual_init: str = MISSING  # default | zero | skipinit (normbench/models/resnet.py)
 
 
 @dataclass
@@ -158,6 +158,7 @@ class TransformerConfig:
     norm_position: str = MISSING
     context: Optional[int] = MISSING
     patch_size: int = MISSING
+    residual_init: str = MISSING  # default | zero | skipinit (zero = skipinit: gates at 0)
 
 
 @dataclass

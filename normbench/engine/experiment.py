@@ -236,6 +236,8 @@ def initial_summary(config: dict, run_dir: Path, norm, model: nn.Module, data, s
     return {
         "run_name": config["run_name"] or Path(run_dir).name,
         "dataset": config["dataset"]["name"], "model": config["model"]["name"],
+        # How the residual branches started (model.residual_init; None: a model without them).
+        "residual_init": config["model"].get("residual_init"),
         "norm": norm.name, "batch_size": config["batch_size"], "lr": config["lr"],
         # Processes, and the batch the optimizer sees (batch_size is per device).
         "world_size": world, "global_batch": config["batch_size"] * world,

@@ -90,9 +90,7 @@ def train_loop(exp: Experiment, progress, task, stop: StopSignals,
         # The device-side divergence flag is read only where the loop syncs anyway.
         if (log_now or save_now or signal_number) and \
                 (bad := distributed.earliest(exp.watch.first_bad_step())):
-            summary["diverged_at_step"] = bad
-            exp.tracker.console.print(f"[red]diverged[/red]: non-finite loss or gradient "
-                                      f"norm at step {bad}")
+            summary["diverged_at_step"] = bad  # `finish` says so, with what to try
             return "diverged"
         if log_now:
             loss = log_step(exp, step, step_lr, batch_size)
@@ -111,6 +109,18 @@ def train_loop(exp: Experiment, progress, task, stop: StopSignals,
                                       f"step {step}; checkpoint {summary.get('checkpoint')}")
             return "interrupted"
     return "completed"
+
+
+def divergence_hint(config: dict) -> str:
+    """What to try after a divergence, from the run's own settings: half its lr, branches
+    that start at 0 where the model has them and they did not, and the lr sweep."""
+    tries = [f"a lower lr (lr={config['lr'] / 2:g})"]
+    if config["model"].get("residual_init") == "default":
+        tries.append("residual branches that start at 0 (model.residual_init=zero)")
+    # The preset's grid is relative to the setup's lr, so the run's own setup= goes with it.
+    tries.append(f"the lr grid 'normbench train -m experiment=lr_sweep norm="
+                 f"{config['norm']['name']}' (plus this run's setup=, if any)")
+    return "Try " + ", ".join(tries[:-1]) + " or " + tries[-1]
 
 
 def lost_rank_line(exp: Experiment, error: BaseException) -> str:
@@ -262,3 +272,7 @@ def finish(exp: Experiment, status: str, elapsed: float) -> None:
         shown = ", ".join(layers[:6]) + (f" and {len(layers) - 6} more" if len(layers) > 6 else "")
         warn(f"BatchNorm channels with no batch variance (normalized to their shift) in {shown}; "
              "bn_gap/degenerate/<layer> counts them")
+    if status == "diverged" and exp.tracker.writes:  # the run's last line: what to try
+        exp.tracker.console.print(f"[red]diverged[/red]: non-finite loss or gradient norm at "
+                                  f"step {exp.summary['diverged_at_step']}. "
+                                  f"{divergence_hint(exp.config)}", soft_wrap=True)

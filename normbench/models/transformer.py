@@ -21,6 +21,8 @@ from torch import nn
 from normbench.errors import UserError
 from normbench.norms import NormFactory
 
+RESIDUAL_INITS = ("default", "zero", "skipinit")
+
 
 class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, causal: bool):
@@ -41,7 +43,7 @@ class SelfAttention(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: int, causal: bool,
-                 make_norm: NormFactory, norm_position: str):
+                 make_norm: NormFactory, norm_position: str, gated: bool):
         super().__init__()
         self.pre = norm_position == "pre"
         self.norm1 = make_norm(width)
@@ -49,13 +51,20 @@ class Block(nn.Module):
         self.norm2 = make_norm(width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(),
                                  nn.Linear(mlp_ratio * width, width))
+        # SkipInit's gates: None keeps the branches as GPT-2 initializes them.
+        self.attn_gate = nn.Parameter(torch.zeros(())) if gated else None
+        self.mlp_gate = nn.Parameter(torch.zeros(())) if gated else None
+
+    @staticmethod
+    def _gated(branch: torch.Tensor, gate: nn.Parameter | None) -> torch.Tensor:
+        return branch if gate is None else branch * gate
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre:
-            x = x + self.attn(self.norm1(x, mask))
-            return x + self.mlp(self.norm2(x, mask))
-        x = self.norm1(x + self.attn(x), mask)
-        return self.norm2(x + self.mlp(x), mask)
+            x = x + self._gated(self.attn(self.norm1(x, mask)), self.attn_gate)
+            return x + self._gated(self.mlp(self.norm2(x, mask)), self.mlp_gate)
+        x = self.norm1(x + self._gated(self.attn(x), self.attn_gate), mask)
+        return self.norm2(x + self._gated(self.mlp(x), self.mlp_gate), mask)
 
 
 class Transformer(nn.Module):
@@ -64,7 +73,7 @@ class Transformer(nn.Module):
 
     def __init__(self, make_norm: NormFactory, *, task: str, num_classes: int, context: int,
                  depth: int, width: int, heads: int, mlp_ratio: int, norm_position: str,
-                 in_channels: int, image_size: int, patch_size: int):
+                 in_channels: int, image_size: int, patch_size: int, residual_init: str):
         super().__init__()
         if depth < 1:
             raise UserError(f"model.depth={depth} must be at least 1", "use model.depth=1 or more")
@@ -73,6 +82,9 @@ class Transformer(nn.Module):
                             "choose model.heads among the divisors of model.width")
         if norm_position not in ("pre", "post"):
             raise UserError(f"model.norm_position={norm_position} is not known", "use pre or post")
+        if residual_init not in RESIDUAL_INITS:
+            raise UserError(f"model.residual_init={residual_init} is not known",
+                            f"use {', '.join(RESIDUAL_INITS)}")
         self.task = task
         self.pre = norm_position == "pre"
         if task == "text":
@@ -90,7 +102,8 @@ class Transformer(nn.Module):
         self.context = n_positions
         self.pos = nn.Parameter(torch.zeros(n_positions, width))
         self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio, task == "text", make_norm, norm_position)
+            Block(width, heads, mlp_ratio, task == "text", make_norm, norm_position,
+                  gated=residual_init != "default")
             for _ in range(depth))
         # Post-norm's last block already ends in a norm; a second one would be a no-op twin.
         self.norm_f = make_norm(width) if self.pre else None

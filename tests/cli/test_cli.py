@@ -117,3 +117,28 @@ def test_imagefolder_through_the_cli(tmp_path, cli):
 
 def test_imagefolder_without_root_is_a_user_error(cli):
     one_line_error(cli("train", "dataset=imagefolder"), "dataset.root")
+
+
+@pytest.mark.slow
+def test_a_diverged_run_ends_with_a_line_that_says_what_to_try(cli, tmp_path):
+    result = cli("train", *TINY, "norm=none", "lr=1e6", "model.residual_init=default",
+                 "hydra.run.dir=runs/r")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("diverged: non-finite loss or gradient norm at step "), last
+    for fragment in ("lr=500000", "model.residual_init=zero",
+                     "normbench train -m experiment=lr_sweep norm=none"):
+        assert fragment in last, last
+    summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["residual_init"] == "default"
+
+
+def test_the_hint_leaves_out_the_init_a_run_already_had(tiny_config):
+    from normbench.engine.train import divergence_hint
+
+    assert "model.residual_init=zero" in divergence_hint(tiny_config("lr=0.4"))
+    zero = divergence_hint(tiny_config("lr=0.4", "model.residual_init=zero"))
+    assert "residual_init" not in zero and "lr=0.2" in zero
+    lstm = divergence_hint(tiny_config("model=lstm", "norm=layer"))  # no residual branches
+    assert "residual_init" not in lstm and "norm=layer" in lstm

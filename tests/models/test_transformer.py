@@ -207,3 +207,31 @@ def test_vit_trains_on_shapes_images(tmp_path):
     summary = run_experiment(config, tmp_path, live=False)
     assert summary["status"] == "completed" and 0 <= summary["final"]["val_acc"] <= 1
     assert "bn_gap/dmu/blocks.0.norm1" in read_scalars(tmp_path)
+
+
+@pytest.mark.parametrize("position", ["pre", "post"])
+@pytest.mark.parametrize("norm", ["layer", "none", "weight"])
+def test_zero_residual_init_gates_each_branch_at_zero(norm, position):
+    """model.residual_init=zero: each block computes x (pre-norm) or norm2(norm1(x))
+    (post-norm) at init, whatever its branches hold; default has no gates at all."""
+    model = transformer(norm, norm_position=position, residual_init="zero").train()
+    h = torch.randn(3, 12, 16)
+    for block in model.blocks:
+        assert block.attn_gate.item() == 0.0 and block.mlp_gate.item() == 0.0
+        with torch.no_grad():
+            expected = h if position == "pre" else block.norm2(block.norm1(h))
+            assert torch.equal(block(h), expected)
+    plain = dict(transformer(norm, norm_position=position).named_parameters())
+    gated = dict(model.named_parameters())
+    assert not any(name.endswith("_gate") for name in plain)
+    # The same seed draws the same weights: the gates are the only difference.
+    assert {n for n in gated if not n.endswith("_gate")} == set(plain)
+    assert all(torch.equal(p, plain[n]) for n, p in gated.items() if not n.endswith("_gate"))
+
+
+def test_skipinit_is_zero_for_the_transformer_and_unknown_values_are_user_errors():
+    zero = transformer("layer", residual_init="zero")
+    skip = transformer("layer", residual_init="skipinit")
+    assert all(torch.equal(a, b) for a, b in zip(zero.parameters(), skip.parameters(), strict=True))
+    with pytest.raises(UserError, match="model.residual_init=rezero is not known"):
+        transformer("layer", residual_init="rezero")
