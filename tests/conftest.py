@@ -13,6 +13,20 @@ from tests.helpers.common import TINY, compose_config, run_cli
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def trainings_are_marked_slow(request, monkeypatch):
+    """Keep `pytest -m "not slow"` a quick loop: a test that trains in-process without the
+    `slow` mark fails here, naming the fix (CLI runs are subprocesses: mark those by hand)."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    import normbench.engine.train as train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("this test trains a model: mark it @pytest.mark.slow")
+
+    monkeypatch.setattr(train, "build", refuse)
+
+
 @pytest.fixture
 def tiny_config():
     def make(*overrides: str) -> dict:

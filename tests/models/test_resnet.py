@@ -148,6 +148,7 @@ def test_unknown_residual_init_is_a_user_error():
         resnet(residual_init="ones")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["none", "weight"])
 def test_without_a_norm_resnet20_stays_finite_at_the_default_lr_only_with_zeroed_branches(
         tiny_config, tmp_path, norm):
