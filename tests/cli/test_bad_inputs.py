@@ -28,9 +28,9 @@ from normbench.data.text import read_text_file
 from normbench.engine.tracking import read_json, write_json_atomic
 from normbench.errors import UserError
 from normbench.paths import check_output_dir
-from tests.data.test_data_images import write_imagefolder
 from tests.helpers.common import TINY
-from tests.report.test_report import fake_run
+from tests.helpers.images import write_imagefolder
+from tests.helpers.runs import fake_run
 
 # TINY without its dataset sizes, for datasets that do not read them (text files).
 NO_SIZES = [o for o in TINY if not o.startswith("dataset.")]

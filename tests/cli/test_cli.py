@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from normbench.engine.train import run_experiment
-from tests.data.test_data_images import write_imagefolder
 from tests.helpers.common import REPO, TINY, run_cli
+from tests.helpers.images import write_imagefolder
 
 pytestmark = pytest.mark.slow  # every test runs the CLI or a training
 

@@ -20,8 +20,8 @@ from normbench.data import dataset_builder
 from normbench.engine.optim import optimizer_function, schedule_function
 from normbench.errors import UserError
 from normbench.paths import check_output_dir
-from tests.data.test_data_images import write_imagefolder
 from tests.helpers.common import TINY, run_cli
+from tests.helpers.images import write_imagefolder
 
 # Where the download of a dataset would go: a closed local port, i.e. no network.
 OFFLINE = {key: "http://127.0.0.1:9" for key in

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.engine.test_resume import run_with_fault
-from tests.helpers.common import TINY, run_cli
+from tests.helpers.common import TINY, run_cli, run_with_fault
 
 pytestmark = pytest.mark.slow
 

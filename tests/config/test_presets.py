@@ -19,8 +19,8 @@ from normbench.config.compose import expand_sweep as expand
 from normbench.config.resolvers import register_resolvers
 from normbench.config.tree import conf_dir
 from normbench.engine.dashboards import hparams_of, swept_settings, write_dashboards
-from tests.data.test_data_images import write_imagefolder
 from tests.helpers.common import compose_config
+from tests.helpers.images import write_imagefolder
 
 PRESETS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
 SETUPS = sorted(p.stem for p in (conf_dir() / "setup").glob("*.yaml"))
@@ -184,7 +184,7 @@ TINY_BUDGET = ["steps=3", "epochs=null", "dataset.n_train=64", "dataset.n_val=32
 
 @pytest.fixture
 def cifar_root(tmp_path, monkeypatch):
-    from tests.data.test_data_images import install_cifar10_fixture
+    from tests.helpers.images import install_cifar10_fixture
 
     root = tmp_path / "cache"
     install_cifar10_fixture(root, monkeypatch, n_per_batch=40)  # 200 training, 40 test images

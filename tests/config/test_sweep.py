@@ -17,8 +17,8 @@ from normbench.config.compose import compose_jobs
 from normbench.config.tree import config_options, initialized
 from normbench.errors import UserError
 from normbench.report.command import report_command
-from tests.data.test_data_images import write_imagefolder
 from tests.helpers.common import TINY, compose_config
+from tests.helpers.images import write_imagefolder
 
 
 def summaries(sweep_root: Path) -> dict[str, dict]:

@@ -1,10 +1,7 @@
 """Image data: batch augmentation vs a per-image reference, shapes, CIFAR and image folders."""
 
-import hashlib
-import pickle
 import tarfile
 
-import numpy as np
 import pytest
 import torch
 import torchvision
@@ -19,6 +16,7 @@ from normbench.data.images import (
 )
 from normbench.data.synthetic import SHAPE_CLASSES, render_shapes
 from normbench.errors import UserError
+from tests.helpers.images import install_cifar10_fixture, md5, write_cifar10_fixture, write_imagefolder
 
 
 def test_batch_crop_flip_equals_per_image_crop_and_flip():
@@ -92,40 +90,6 @@ def test_stratified_subset_is_balanced_deterministic_and_seeded():
 
 
 # ----------------------------------------------------------------------------- CIFAR fixture
-
-
-def write_cifar10_fixture(root, n_per_batch=20):
-    """A miniature CIFAR-10 in its on-disk format (python pickles in cifar-10-batches-py/)."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    files = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
-        labels = [int(v) for v in rng.integers(0, 10, n_per_batch)]
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": data, "labels": labels}, f)  # torchvision reads str keys
-        files[name] = (data, labels)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
-    return files
-
-
-def md5(path):
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def install_cifar10_fixture(root, monkeypatch, **options):
-    """`write_cifar10_fixture` into `root`, with torchvision's checksums pointed at its files
-    (so CIFAR10's integrity check accepts them); returns what the writer returns."""
-    files = write_cifar10_fixture(root, **options)
-    folder = root / "cifar-10-batches-py"
-    cls = torchvision.datasets.CIFAR10
-    monkeypatch.setattr(cls, "train_list", [[f"data_batch_{i}", md5(folder / f"data_batch_{i}")]
-                                            for i in range(1, 6)])
-    monkeypatch.setattr(cls, "test_list", [["test_batch", md5(folder / "test_batch")]])
-    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(folder / "batches.meta")})
-    return files
 
 
 @pytest.fixture
@@ -210,16 +174,6 @@ def test_cifar_offline_is_one_clear_line(tmp_path, monkeypatch):
         cifar_dataset("cifar10", root=str(tmp_path / "empty"), download=True)
     line = err.value.line()
     assert "cifar10" in line and "cifar-10-python.tar.gz" in line and "\n" not in line
-
-
-def write_imagefolder(root, classes=("cat", "dog", "owl"), per_class=4):
-    for split in ("train", "val"):
-        for k, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                img = torch.full((3, 20, 28), 40 * k + i, dtype=torch.uint8)
-                torchvision.io.write_png(img, str(folder / f"{i}.png"))
 
 
 def test_imagefolder_reads_classes_and_resizes(tmp_path):

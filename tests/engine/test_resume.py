@@ -10,29 +10,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from normbench.engine.train import run_experiment
-from tests.helpers.common import REPO, TINY, compose_config, read_scalars, run_cli
+from tests.helpers.common import TINY, compose_config, read_scalars, run_cli, run_with_fault
 
 pytestmark = pytest.mark.slow  # every test runs the CLI or a whole training
 
 STEPS = 10
 RUN = [*(o for o in TINY if not o.startswith("steps=")), f"steps={STEPS}",
        "checkpoint_every=4", "keep_checkpoints=2"]
-
-
-def run_with_fault(fault: str, step: int, *args: str, cwd: Path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-           "NB_FAULT": fault, "NB_FAULT_STEP": str(step)}
-    env.pop("NORMBENCH_STAMP", None)
-    return subprocess.run([sys.executable, "-m", "tests.helpers.faults", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 def summary_of(run_dir: Path) -> dict:

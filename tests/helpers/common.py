@@ -3,6 +3,7 @@ the CLI run in a subprocess, and a run folder's scalars."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -10,7 +11,8 @@ from pathlib import Path
 
 from normbench.config.compose import compose_config
 
-__all__ = ["FIXTURES", "REPO", "TINY", "compose_config", "read_scalars", "run_cli"]
+__all__ = ["FIXTURES", "REPO", "TINY", "compose_config", "load_script", "read_scalars", "run_cli",
+           "run_with_fault"]
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"  # small files the tests read (a real text, expected outputs)
@@ -54,3 +56,21 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def run_with_fault(fault: str, step: int, *args: str, cwd: Path):
+    """`normbench` with fault `fault` injected at `step` (tests/helpers/faults.py)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "NB_FAULT": fault, "NB_FAULT_STEP": str(step)}
+    env.pop("NORMBENCH_STAMP", None)
+    return subprocess.run([sys.executable, "-m", "tests.helpers.faults", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def load_script(name: str):
+    """scripts/<name>.py imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

@@ -20,7 +20,7 @@ from normbench.norms import create_norm
 from normbench.report.grid import build_report
 from normbench.report.runs import find_runs
 from tests.helpers.config_defaults import model_options, norm_spec
-from tests.report.test_report import fake_run
+from tests.helpers.runs import fake_run
 
 IMAGES = DataInfo(kind="image", num_classes=10, in_channels=3, image_size=8)
 

@@ -15,18 +15,7 @@ from normbench.report.command import report_command
 from normbench.report.grid import build_report
 from normbench.report.runs import find_runs
 from tests.helpers.common import read_scalars
-
-
-def fake_run(root: Path, name: str, status: str = "completed", val_acc: float | None = 0.5,
-             **keys) -> Path:
-    run = root / name
-    run.mkdir(parents=True)
-    summary = {"status": status, "dataset": "shapes", "model": "resnet", "norm": "batch",
-               "batch_size": 32, "lr": 0.1, "seed": 0, "steps": 10, "final": {}, **keys}
-    if val_acc is not None:
-        summary["final"]["val_acc"] = val_acc
-    (run / "summary.json").write_text(json.dumps(summary))
-    return run
+from tests.helpers.runs import fake_run, write_scalars
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -249,14 +238,6 @@ def test_joblib_sweep_2x2_end_to_end_with_report(cli, tmp_path):
         assert image.std() > 0.01  # not blank
     md = (sweep / "report.md").read_text()
     assert "| batch |" in md and "![curves](curves.png)" in md
-
-
-def write_scalars(run: Path, tag: str, points: list[tuple[int, float]]) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(str(run)) as writer:
-        for step, value in points:
-            writer.add_scalar(tag, value, step)
 
 
 def test_a_logged_tag_as_metric_is_its_mean_over_the_second_half_of_training(tmp_path):

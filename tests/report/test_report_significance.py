@@ -34,7 +34,7 @@ from normbench.report.differences import (
 from normbench.report.findings import PREAMBLE, findings
 from normbench.report.grid import build_report
 from normbench.report.runs import find_runs
-from tests.report.test_report import fake_run
+from tests.helpers.runs import fake_run
 
 GRID = {
     "batch": {2: [30, 31, 32], 8: [22, 23, 24], 32: [20, 21, 22]},
@@ -198,7 +198,7 @@ def test_legends_are_placed_outside_the_axes(tmp_path, report, monkeypatch):
 
 
 def test_findings_for_a_metric_without_a_better_side_say_higher_and_lower(tmp_path):
-    from tests.report.test_report import fake_run, write_scalars
+    from tests.helpers.runs import fake_run, write_scalars
 
     for norm, values in {"batch": [0.10, 0.11, 0.12], "group": [0.30, 0.31, 0.32]}.items():
         for seed, value in enumerate(values):
@@ -213,7 +213,7 @@ def test_findings_for_a_metric_without_a_better_side_say_higher_and_lower(tmp_pa
 def test_a_model_as_the_reference_is_compared_with_every_condition(tmp_path):
     # The stat_gap layout: a ResNet on images (one cell, no text condition) against text
     # models under two conditions, on another dataset: --reference resnet.
-    from tests.report.test_report import fake_run
+    from tests.helpers.runs import fake_run
 
     values = {("transformer", "window"): [0.10, 0.11, 0.12], ("transformer", "line"): [0.40, 0.41, 0.42],
               ("resnet", None): [0.40, 0.41, 0.42]}

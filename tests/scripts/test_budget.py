@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.helpers.common import REPO
-from tests.scripts.test_scripts import load
+from tests.helpers.common import load_script as load
 
 budget = load("budget")
 

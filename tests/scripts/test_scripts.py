@@ -3,24 +3,12 @@ presets, and their Markdown reaches the report's plots."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 
 from normbench.cli import preflight
-from tests.helpers.common import REPO
+from tests.helpers.common import load_script
 
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-results = load("results")
+results = load_script("results")
 
 
 @pytest.mark.slow
