@@ -20,12 +20,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on weight matrices and kernels only, not on norm scales/shifts or biases.
 
     Decaying a norm's scale changes what the norm does, which would confound a comparison
-    between norms; matrices and kernels are decayed alike under every norm.
+    between norms; matrices and kernels are decayed alike under every norm. Weight
+    normalization's scale g (w = g v / ||v||, torch's `original0`) is a norm scale too,
+    although it keeps the kernel's number of dimensions; its direction v is decayed.
     """
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            scale = p.dim() < 2 or name.endswith("parametrizations.weight.original0")
+            (no_decay if scale else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

@@ -65,3 +65,17 @@ def test_weight_decay_skips_norm_parameters_and_biases():
     assert [p.dim() for p in groups[0]["params"]] == [4, 2]  # conv kernel, linear matrix
     assert all(p.dim() == 1 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
     assert copy.deepcopy(groups[0]["weight_decay"]) == 0.5
+
+
+def test_weight_norm_scales_are_not_decayed_and_their_directions_are():
+    from normbench.norms import apply_weight_norm
+
+    model = apply_weight_norm(small_model())
+    groups = param_groups(model, 0.5)
+    decayed = {id(p) for p in groups[0]["params"]}
+    named = dict(model.named_parameters())
+    scales = [n for n in named if n.endswith("original0")]
+    directions = [n for n in named if n.endswith("original1")]
+    assert len(scales) == len(directions) == 2  # the conv and the linear layer
+    assert not any(id(named[n]) in decayed for n in scales)
+    assert all(id(named[n]) in decayed for n in directions)
