@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from normbench.norms import norm_names, norm_options_class
+from normbench.norms.options import NormOptions
 
 # OmegaConf reads the annotations at runtime and does not accept `X | None`: Optional stays.
 # ruff: noqa: UP007, UP045
@@ -170,6 +171,28 @@ class LSTMConfig:
     t_max: Optional[int] = MISSING
 
 
+@dataclass
+class TorchvisionModelConfig:
+    name: str = MISSING
+    arch: str = MISSING  # a name of torchvision.models.list_models(module=torchvision.models)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the builder
+    cifar_stem: bool = MISSING  # ResNets: 3x3 stride-1 first conv, no max-pool (32 px images)
+
+
+@dataclass
+class TimmModelConfig:
+    name: str = MISSING
+    arch: str = MISSING  # a name of timm.list_models()
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+
+
+@dataclass
+class CustomModelConfig:
+    name: str = MISSING
+    target: Optional[str] = MISSING  # package.module:function or path/to/file.py:function
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the builder
+
+
 # ----------------------------------------------------------------------------- optim, sched
 
 
@@ -217,9 +240,13 @@ SCHEMAS: list[tuple[str, str, type]] = [
     ("model", "resnet", ResNetConfig),
     ("model", "transformer", TransformerConfig),
     ("model", "lstm", LSTMConfig),
+    ("model", "torchvision", TorchvisionModelConfig),
+    ("model", "timm", TimmModelConfig),
+    ("model", "custom", CustomModelConfig),
     # A norm's schema is its options dataclass, which holds each option's one default:
     # conf/norm/<name>.yaml sets only the name.
     *(("norm", name, norm_options_class(name)) for name in norm_names()),
+    ("norm", "native", NormOptions),  # a torchvision/timm/custom model's own norms
     ("optim", "sgd", SGDConfig),
     ("optim", "adamw", AdamWConfig),
     ("sched", "constant", ConstantScheduleConfig),

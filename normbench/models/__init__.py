@@ -7,11 +7,13 @@ from torch import nn
 
 from normbench.data import DataInfo
 from normbench.errors import UserError
+from normbench.models.external import EXTERNAL, NATIVE, build_external
 from normbench.norms import NormSpec, apply_weight_norm, check_norms, make_norm_factory
 
-MODELS = ("resnet", "transformer", "lstm")
+MODELS = ("resnet", "transformer", "lstm", *EXTERNAL)
 # Which data kinds each model can read; anything else is an impossible pair.
-COMPATIBLE = {"resnet": ("image",), "transformer": ("text", "image"), "lstm": ("text", "image")}
+COMPATIBLE = {"resnet": ("image",), "transformer": ("text", "image"), "lstm": ("text", "image"),
+              **{name: ("image",) for name in EXTERNAL}}
 
 
 def compatible_pairs_text() -> str:
@@ -40,6 +42,16 @@ def build_model(options: dict, norm: NormSpec, info: DataInfo) -> nn.Module:
     if info.kind not in COMPATIBLE[name]:
         raise UserError(f"model={name} cannot read {info.kind} data",
                         f"pick a matching pair: {compatible_pairs_text()}")
+    if name in EXTERNAL:
+        model = build_external({"name": name, **options}, norm, info)
+        if norm.weight_norm:
+            apply_weight_norm(model)
+        return model
+    if norm.name == NATIVE:
+        raise UserError(f"norm=native keeps a model's own norms, and model={name} is "
+                        "normbench's own, built for the norm you choose",
+                        "pick a norm (normbench list), or use norm=native with "
+                        "model=torchvision, timm or custom")
     if name == "resnet":
         from normbench.models.resnet import CifarResNet
 

@@ -1,0 +1,182 @@
+"""Models normbench does not ship: `model=torchvision`, `model=timm`, `model=custom`.
+
+Each is built without pretrained weights for the dataset's classes, then given the chosen
+norm by `normbench.models.convert` (through `norm_layer` where the builder takes it, by
+replacing the norm modules otherwise). `norm=native` keeps the model's own norms.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from normbench.data import DataInfo
+from normbench.errors import UserError
+from normbench.models.convert import (
+    NormSlot,
+    Placement,
+    native_placements,
+    replace_norms,
+)
+from normbench.norms import NormSpec, check_norms
+
+EXTERNAL = ("torchvision", "timm", "custom")
+NATIVE = "native"  # norm=native: the model's own norms
+
+
+def _unknown_arch(source: str, arch: str, names: list[str], listing: str) -> UserError:
+    close = difflib.get_close_matches(arch, names, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return UserError(f"model.arch={arch} is not a {source} model",
+                     f"{hint}see {listing} for the names")
+
+
+def _without_rng(build: Callable[[], nn.Module]) -> nn.Module:
+    """Run `build`; if it raises, the global RNG is as before (a retry gets the same init)."""
+    state = torch.get_rng_state()
+    try:
+        return build()
+    except BaseException:
+        torch.set_rng_state(state)
+        raise
+
+
+def _refuses_norm_layer(error: TypeError) -> bool:
+    return "norm_layer" in str(error)
+
+
+def _call_builder(builder: Callable[..., nn.Module], kwargs: dict, describe: str,
+                  offer_slot: bool) -> tuple[nn.Module, bool]:
+    """(model, whether it took norm_layer): with `norm_layer=NormSlot` if `offer_slot` and the
+    builder accepts it, else as the builder makes it."""
+    if offer_slot and "norm_layer" not in kwargs:
+        try:
+            return _without_rng(lambda: builder(**kwargs, norm_layer=NormSlot)), True
+        except TypeError as error:
+            if not _refuses_norm_layer(error):
+                raise UserError(f"{describe}: {error}",
+                                "check model.kwargs against the builder's arguments") from None
+    try:
+        return builder(**kwargs), False
+    except TypeError as error:
+        raise UserError(f"{describe}: {error}",
+                        "check model.kwargs against the builder's arguments") from None
+
+
+def torchvision_builder(arch: str) -> Callable[..., nn.Module]:
+    import torchvision.models as tvm
+
+    names = tvm.list_models(module=tvm)
+    if arch not in names:
+        raise _unknown_arch("torchvision classification", arch, names,
+                            "torchvision.models.list_models(module=torchvision.models)")
+    builder = tvm.get_model_builder(arch)
+    return lambda **kw: builder(weights=None, **kw)
+
+
+def timm_builder(arch: str) -> Callable[..., nn.Module]:
+    try:
+        import timm
+    except ImportError:
+        raise UserError("model=timm needs the timm package, which is not installed",
+                        "pip install 'normbench[timm]' (or pip install timm)") from None
+    names = timm.list_models()
+    if arch not in names:
+        raise _unknown_arch("timm", arch, names, "timm.list_models()")
+    return lambda **kw: timm.create_model(arch, pretrained=False, **kw)
+
+
+def custom_builder(target: str | None) -> Callable[..., nn.Module]:
+    """`package.module:builder` (importable) or `path/to/file.py:builder`."""
+    fix = "set model.target=package.module:function or model.target=path/to/file.py:function"
+    if not target or ":" not in target:
+        raise UserError(f"model.target={target} does not name a builder", fix)
+    where, _, name = target.rpartition(":")
+    if where.endswith(".py"):
+        path = Path(where).expanduser()
+        if not path.is_file():
+            raise UserError(f"model.target={target}: there is no file {path}", fix)
+        module_name = f"normbench_custom_{path.stem}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # pickling and dataclasses look modules up here
+        try:
+            spec.loader.exec_module(module)
+        except Exception as error:
+            raise UserError(f"model.target={target}: importing {path} failed: "
+                            f"{type(error).__name__}: {error}", "fix the file") from None
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as error:
+            raise UserError(f"model.target={target}: cannot import {where} ({error})",
+                            "install the package, or put its folder on PYTHONPATH") from None
+    builder = getattr(module, name, None)
+    if not callable(builder):
+        raise UserError(f"model.target={target}: {where} has no function {name}", fix)
+    return builder
+
+
+def build_external(options: dict, norm: NormSpec, info: DataInfo,
+                   placements: list[Placement] | None = None) -> nn.Module:
+    """Model `options["name"]` (torchvision, timm or custom) with norm `norm` in every norm's
+    place; `placements`, if given, receives where each norm went (`normbench inspect`)."""
+    options = dict(options)
+    name = options.pop("name")
+    kwargs = dict(options.pop("kwargs", None) or {})
+    if name == "custom":
+        describe = f"model.target={options.get('target')}"
+        builder = custom_builder(options.get("target"))
+    else:
+        describe = f"model={name} model.arch={options.get('arch')}"
+        arch = options.get("arch")
+        if not arch:
+            raise UserError(f"model={name} needs model.arch", "e.g. model.arch=resnet18")
+        builder = torchvision_builder(arch) if name == "torchvision" else timm_builder(arch)
+    if info.kind != "image":
+        raise UserError(f"model={name} reads images, and dataset is {info.kind} data",
+                        "use an image dataset (dataset=shapes, cifar10, imagefolder)")
+    if info.in_channels != 3 and name != "custom" and "in_chans" not in kwargs:
+        raise UserError(f"{describe} takes 3-channel images; the dataset has {info.in_channels}",
+                        "use an RGB dataset")
+    kwargs.setdefault("num_classes", info.num_classes)
+    native = norm.name == NATIVE
+    # timm wraps norm_layer into fused norm+activation layers by its class name: its models
+    # get the chosen norm by replacement only.
+    model, took_slot = _call_builder(builder, kwargs, describe,
+                                     offer_slot=not native and name != "timm")
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{describe} returned {type(model).__name__}, not a torch nn.Module",
+                        "make the builder return the model")
+    if options.get("cifar_stem"):
+        cifar_stem(model, describe)
+    sample = torch.zeros(2, info.in_channels, info.image_size, info.image_size)
+    found = (native_placements(model, sample, describe) if native
+             else replace_norms(model, norm, sample, describe))
+    check_norms(model)
+    if placements is not None:
+        placements.extend(found)
+    model.normbench_took_norm_layer = took_slot  # for inspect: how the norm went in
+    return model
+
+
+def cifar_stem(model: nn.Module, describe: str) -> None:
+    """The usual CIFAR adaptation of an ImageNet ResNet (model.cifar_stem=true): a 3x3
+    stride-1 first convolution and no max-pool, so 32 px images keep an 8x8 map to the
+    last stage instead of 1x1."""
+    conv = getattr(model, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not isinstance(getattr(model, "maxpool", None),
+                                                         nn.Module):
+        raise UserError(f"model.cifar_stem=true: {describe} has no ResNet stem (conv1, maxpool)",
+                        "use it with torchvision's resnet/resnext/wide_resnet models, or drop it")
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1,
+                            bias=conv.bias is not None)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
