@@ -14,8 +14,9 @@ Every norm of such a model ends up as a normbench norm of the same width, in the
   (N, H, W, C)); a feature vector (N, C) is one token. What a builder's own norm computed
   and what each normbench norm computes there is tabled in docs/models.md.
 - What the builder did to its norm's gamma and beta (1 and 0, or 0 for torchvision's
-  `zero_init_residual`) is carried over to the new norm's; a builder that zeroed a gamma the
-  new norm does not have is refused in one line.
+  `zero_init_residual` and timm's `zero_init_last`) is carried over to the new norm's; where
+  the builder zeroed a gamma the new norm does not have, a scalar gate starting at 0 keeps
+  the branch at 0 (`ZeroGate`).
 - `norm=none` keeps a learned per-channel shift where the native norm had a beta: the
   builders leave the conv in front of a norm without bias, and the shift is that bias.
 """
@@ -206,8 +207,10 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
-def _carry_affine(old: nn.Module, new: nn.Module, path: str, spec: NormSpec) -> None:
-    """Give the new norm the gamma and beta the builder gave the old one."""
+def _carry_affine(old: nn.Module, new: nn.Module) -> bool:
+    """Give the new norm the gamma and beta the builder gave the old one. True where the
+    builder started a gamma at 0 that the new norm lacks (the caller gates the norm)."""
+    gate = False
     for attr, default in (("weight", 1.0), ("bias", 0.0)):
         value = getattr(old, attr, None)
         if not isinstance(value, torch.Tensor) or value.dim() != 1:
@@ -217,10 +220,27 @@ def _carry_affine(old: nn.Module, new: nn.Module, path: str, spec: NormSpec) -> 
             with torch.no_grad():
                 target.copy_(value)
         elif attr == "weight" and not torch.all(value == default):
-            raise UserError(f"the model's builder initializes the scale of {path}, which "
-                            f"norm={spec.name} does not have",
-                            "drop that builder option (e.g. model.kwargs.zero_init_residual), "
-                            "or use a norm with a scale")
+            if not torch.all(value == 0):
+                raise UserError(f"the model's builder sets the scale of a norm to values the "
+                                f"chosen norm has no parameter for ({type(old).__name__})",
+                                "use a norm with a scale (affine), or norm=native")
+            gate = True
+    return gate
+
+
+class ZeroGate(nn.Module):
+    """A norm whose output a learned scalar multiplies, starting at 0: where a builder starts
+    a residual branch's last gamma at 0 (torchvision's zero_init_residual, timm's
+    zero_init_last) and the chosen norm has no gamma (norm=none, affine=false), the branch
+    still starts at 0 (SkipInit, De & Smith 2020; normbench's own ResNet does the same)."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * self.gate
 
 
 def replace_norms(model: nn.Module, spec: NormSpec, sample: torch.Tensor,
@@ -242,12 +262,13 @@ def replace_norms(model: nn.Module, spec: NormSpec, sample: torch.Tensor,
         axis = 1 if layout == "images" else -1
         had_beta = isinstance(getattr(old, "bias", None), torch.Tensor)
         new = ShiftOnly(width, axis) if spec.name == "none" and had_beta else factory(width)
-        if not isinstance(new, UnbuildableNorm):  # check_norms names those afterwards
-            _carry_affine(old, new, path, spec)
+        gate = not isinstance(new, UnbuildableNorm) and _carry_affine(old, new)
         if view == "tokens":
             new = AsTokens(new)
         elif view == "images":
             new = AsImages(new)
+        if gate:
+            new = ZeroGate(new)
         if isinstance(getattr(old, "act", None), nn.Module):  # timm's norm+act layers
             new = ThenActivation(new, getattr(old, "drop", nn.Identity()), old.act)
         _set_submodule(model, path, new)
