@@ -4,7 +4,8 @@ error explanations) only: other packages never import it and receive configs as 
 `normbench train [overrides]` composes conf/train.yaml through Hydra (multirun, --cfg, --help
 and launchers included). Before Hydra starts any job, a pre-flight composes every job's
 config and checks it, so that a typo in a sweep costs a second and one line, not a traceback
-halfway through.
+halfway through. `normbench inspect [overrides]` composes and checks the same way, then
+lists the model's norm layers (normbench/models/inspection.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ SUBCOMMANDS = {
     "train": "train one configuration, or a sweep with -m (Hydra overrides: key=value)",
     "list": "list the datasets, models, norms and presets in the config tree",
     "report": "tables and plots from run or sweep folders (normbench report DIR... --help)",
+    "inspect": "the model's norm layers: where, how wide, what they see, what stood there",
 }
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1
@@ -64,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             from normbench.report.command import report_command
 
             return report_command(rest)
+        if command == "inspect":
+            from normbench.models.inspection import inspect_command
+
+            return inspect_command(rest)
     except UserError as e:
         return fail(e.line())
     close = difflib.get_close_matches(command, SUBCOMMANDS, n=1)
@@ -86,6 +92,7 @@ def print_usage() -> None:
                   "  normbench train -m norm=batch,group batch_size=2,8,32\n"
                   "  normbench train -m experiment=batch_size_sweep hydra/launcher=joblib\n"
                   "  normbench report runs/sweeps/<stamp>\n"
+                  "  normbench inspect model=torchvision model.arch=resnet18 norm=group\n"
                   "  normbench train --help      (config groups and every key)")
 
 

@@ -144,6 +144,12 @@ def explain_hydra_error(error: Exception, overrides: list[str]) -> tuple[str, st
              or re.search(r"Key '([^']+)' is not in struct", text))
     if match:
         key = match.group(1)
+        parent, _, leaf = key.rpartition(".")
+        if parent.rpartition(".")[2] == "kwargs":  # a builder's arguments: any key, added
+            given = next((o.partition("=")[2] for o in overrides
+                          if o.partition("=")[0] == key), "VALUE")
+            return (f"{key}: {parent} holds no {leaf} yet, and Hydra adds a new key to it "
+                    "only with a '+'", f"write +{key}={given}")
         close = [k for k in difflib.get_close_matches(key, known_keys(), n=2) if k != key][:1]
         hint = f"did you mean {close[0]}? " if close else ""
         return (f"unknown config key '{key}' (from {where})",
