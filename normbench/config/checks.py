@@ -7,6 +7,7 @@ of each job.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from numbers import Integral, Real
@@ -245,12 +246,17 @@ def placeholder_info(dataset: dict) -> DataInfo:
 
 def check_model_builds(config: dict, info: DataInfo | None = None) -> None:
     """Build the model on the meta device (no memory, no compute): catches impossible pairs,
-    bad depths and group counts that do not divide some layer, naming that layer."""
+    bad depths and group counts that do not divide some layer, naming that layer. A model
+    built elsewhere (torchvision, timm, custom) is built on the CPU: its builder may read its
+    own tensors (RegNet's widths), and where the norm goes depends on the values the builder
+    gave its norms' gammas."""
     from normbench.models import build_model
+    from normbench.models.external import EXTERNAL
     from normbench.norms import make_spec
 
     info = info or placeholder_info(config["dataset"])
-    with torch.device("meta"):
+    external = config["model"]["name"] in EXTERNAL
+    with contextlib.nullcontext() if external else torch.device("meta"):
         build_model(config["model"], make_spec(**config["norm"]), info)
 
 
