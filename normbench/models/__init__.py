@@ -42,11 +42,8 @@ def build_model(options: dict, norm: NormSpec, info: DataInfo) -> nn.Module:
     if info.kind not in COMPATIBLE[name]:
         raise UserError(f"model={name} cannot read {info.kind} data",
                         f"pick a matching pair: {compatible_pairs_text()}")
-    if name in EXTERNAL:
-        model = build_external({"name": name, **options}, norm, info)
-        if norm.weight_norm:
-            apply_weight_norm(model)
-        return model
+    if name in EXTERNAL:  # weight norm included
+        return build_external({"name": name, **options}, norm, info)
     if norm.name == NATIVE:
         raise UserError(f"norm=native keeps a model's own norms, and model={name} is "
                         "normbench's own, built for the norm you choose",

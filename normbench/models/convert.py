@@ -11,8 +11,12 @@ Every norm of such a model ends up as a normbench norm of the same width, in the
 - The layout a norm sees is read from the tensor it gets in one forward pass on a sample
   batch: (N, C, H, W) is `images`; a LayerNorm over the last axis is `tokens` (N, T, D), its
   positions flattened into T when the model keeps a grid (Swin, ConvNeXt's blocks:
-  (N, H, W, C)); a feature vector (N, C) is one token. What a builder's own norm computed
-  and what each normbench norm computes there is tabled in docs/models.md.
+  (N, H, W, C)); a feature vector (N, C) is one token. A slot called with (N, C, C, C) is
+  settled by a second pass at a larger size. What a builder's own norm computed and what
+  each normbench norm computes there is tabled in docs/models.md.
+- A norm with statistics over positions only (instance, frn: no version for an LSTM step's
+  rows) is refused, in one line, where a channels-first norm sees a single position (the
+  1x1 maps of an ImageNet model at 32 px).
 - What the builder did to its norm's gamma and beta (1 and 0, or 0 for torchvision's
   `zero_init_residual` and timm's `zero_init_last`) is carried over to the new norm's; where
   the builder zeroed a gamma the new norm does not have, a scalar gate starting at 0 keeps
@@ -23,6 +27,7 @@ Every norm of such a model ends up as a normbench norm of the same width, in the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +37,12 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from normbench.errors import UserError
 from normbench.norms import NormSpec, make_norm_factory
-from normbench.norms.registry import UnbuildableNorm
+from normbench.norms.registry import (
+    UnbuildableNorm,
+    norm_names,
+    registered,
+    unsupported_reason,
+)
 
 # The torch norm modules a model may hold (their subclasses included: timm's BatchNormAct2d,
 # LayerNorm2d, GroupNorm1; torchvision's LayerNorm2d).
@@ -184,15 +194,19 @@ def seen_shapes(model: nn.Module, sample: torch.Tensor, norms: dict[str, nn.Modu
     return shapes
 
 
-def layout_of(module: nn.Module, shape: tuple[int, ...] | None, width: int) -> tuple[str, str]:
-    """(layout, view) of a norm from the class it replaces and the shape it was called with;
-    view is "" (called as is), "tokens" (positions flattened into T) or "images" ((N, C, L, 1))."""
+def layout_of(module: nn.Module, shape: tuple[int, ...] | None, width: int,
+              larger: tuple[int, ...] | None = None) -> tuple[str, str]:
+    """(layout, view) of a norm from the class it replaces and the shape it was called with
+    (`larger`: with larger images, for a slot whose shape alone cannot tell); view is ""
+    (called as is), "tokens" (positions flattened into T) or "images" ((N, C, L, 1))."""
     channels_last = isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and \
         "2d" not in type(module).__name__.lower()
     if shape is None:  # not reached by the sample: decide by class, view whatever comes
         return ("tokens", "tokens") if channels_last else ("images", "images")
     if isinstance(module, NormSlot):  # no class to go by: the shape says it
         channels_last = len(shape) != 4 or shape[1] != width
+        if larger is not None and len(shape) == 4 and shape[1] == shape[3] == width:
+            channels_last = larger[1] != width
     if channels_last:
         if shape[-1] != width:
             raise ValueError(f"a norm of width {width} got features of shape {shape}")
@@ -243,12 +257,65 @@ class ZeroGate(nn.Module):
         return self.norm(x) * self.gate
 
 
+def _check_placeable(spec: NormSpec, layouts: dict[str, tuple[str, str]],
+                     shapes: dict[str, tuple[int, ...]], sample: torch.Tensor,
+                     describe: str) -> None:
+    """One UserError, naming the first place, where norm `spec` has no version for the
+    layout a norm of the model sees; or where its statistics run over positions only (no
+    version for an LSTM step's rows: instance, frn) and a channels-first norm sees a single
+    position (a 1x1 map, a feature vector): InstanceNorm's x - mean_HW is 0 there (torch
+    refuses it in training), FRN's x / sqrt(x^2 + eps) is sign(x)."""
+    for path, (layout, _) in layouts.items():
+        # (The registry's own error would name normbench's model for the layout.)
+        if spec.name in norm_names() and (spec.name, layout) not in registered():
+            why = unsupported_reason(spec.name, layout)
+            raise UserError(f"{describe}: the norm at {path} sees {layout} "
+                            f"{shapes.get(path, '')}, and norm={spec.name} has no version for "
+                            f"{layout}{': ' + why if why else ''}",
+                            f"use one of: {', '.join(norm_names(layout))}, or norm=native")
+    if (spec.name, "steps") in registered():
+        return
+    single = [(path, shape) for path, shape in shapes.items()
+              if layouts.get(path, ("",))[0] == "images" and math.prod(shape[2:]) == 1]
+    if single:
+        path, shape = single[0]
+        size = "x".join(str(s) for s in sample.shape[2:])
+        raise UserError(f"norm={spec.name} normalizes each channel over its positions, and "
+                        f"{len(single)} norm(s) of {describe} see one position per channel at "
+                        f"{size} px (first {path}, input {tuple(shape)})",
+                        "a larger dataset.image_size (model.cifar_stem=true for a ResNet), "
+                        "or another norm")
+
+
+def _layouts(model: nn.Module, sample: torch.Tensor, norms: dict[str, nn.Module],
+             shapes: dict[str, tuple[int, ...]], describe: str) -> dict[str, tuple[str, str]]:
+    """`layout_of` every norm with a width. A slot called with (N, C, C, C) could be
+    channels-first or channels-last (Swin at 384 px: a 96x96 grid of 96 channels): a second
+    pass 32 px larger tells, since a grid follows the image size and the channels do not."""
+    ambiguous = [path for path, m in norms.items() if isinstance(m, NormSlot)
+                 and len(shape := shapes.get(path) or ()) == 4
+                 and shape[1] == shape[3] == norm_width(m)]
+    second: dict[str, tuple[int, ...]] = {}
+    if ambiguous:
+        n, c, h, w = sample.shape
+        second = seen_shapes(model, sample.new_zeros(n, c, h + 32, w + 32),
+                             {path: norms[path] for path in ambiguous}, describe)
+    layouts = {}
+    for path, module in norms.items():
+        width = norm_width(module)
+        if width is not None:
+            layouts[path] = layout_of(module, shapes.get(path), width, second.get(path))
+    return layouts
+
+
 def replace_norms(model: nn.Module, spec: NormSpec, sample: torch.Tensor,
                   describe: str) -> list[Placement]:
     """Swap every norm of `model` for norm `spec` (see the module docstring), in place; the
     list says where each one went. `describe` names the model in errors."""
     norms = find_norms(model)
     shapes = seen_shapes(model, sample, norms, describe)
+    layouts = _layouts(model, sample, norms, shapes, describe)
+    _check_placeable(spec, layouts, shapes, sample, describe)
     placements = []
     for path, old in norms.items():
         width = norm_width(old)
@@ -257,7 +324,7 @@ def replace_norms(model: nn.Module, spec: NormSpec, sample: torch.Tensor,
                             "over more than one axis; normbench cannot place its norms there",
                             "use norm=native to keep the model's own norms")
         shape = shapes.get(path)
-        layout, view = layout_of(old, shape, width)
+        layout, view = layouts[path]
         factory = make_norm_factory(spec, layout)
         axis = 1 if layout == "images" else -1
         had_beta = isinstance(getattr(old, "bias", None), torch.Tensor)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from normbench.models.convert import (
     native_placements,
     replace_norms,
 )
-from normbench.norms import NormSpec, check_norms
+from normbench.norms import NormSpec, apply_weight_norm, check_norms
 
 EXTERNAL = ("torchvision", "timm", "custom")
 NATIVE = "native"  # norm=native: the model's own norms
@@ -124,10 +125,10 @@ def custom_builder(target: str | None) -> Callable[..., nn.Module]:
     return builder
 
 
-def build_external(options: dict, norm: NormSpec, info: DataInfo,
-                   placements: list[Placement] | None = None) -> nn.Module:
-    """Model `options["name"]` (torchvision, timm or custom) with norm `norm` in every norm's
-    place; `placements`, if given, receives where each norm went (`normbench inspect`)."""
+def build_with_slots(options: dict, info: DataInfo, *, slots: bool = True) -> nn.Module:
+    """Model `options["name"]` (torchvision, timm or custom) for the data `info`, its norms not
+    yet placed: `NormSlot` where the builder takes `norm_layer` (if `slots`; timm never gets
+    one), its own norms elsewhere. `place_norms` finishes it; `build_external` does both."""
     options = dict(options)
     name = options.pop("name")
     kwargs = dict(options.pop("kwargs", None) or {})
@@ -147,24 +148,71 @@ def build_external(options: dict, norm: NormSpec, info: DataInfo,
         raise UserError(f"{describe} takes 3-channel images; the dataset has {info.in_channels}",
                         "use an RGB dataset")
     kwargs.setdefault("num_classes", info.num_classes)
-    native = norm.name == NATIVE
     # timm wraps norm_layer into fused norm+activation layers by its class name: its models
     # get the chosen norm by replacement only.
     model, took_slot = _call_builder(builder, kwargs, describe,
-                                     offer_slot=not native and name != "timm")
+                                     offer_slot=slots and name != "timm")
     if not isinstance(model, nn.Module):
         raise UserError(f"{describe} returned {type(model).__name__}, not a torch nn.Module",
                         "make the builder return the model")
     if options.get("cifar_stem"):
         cifar_stem(model, describe)
-    sample = torch.zeros(2, info.in_channels, info.image_size, info.image_size)
-    found = (native_placements(model, sample, describe) if native
-             else replace_norms(model, norm, sample, describe))
-    check_norms(model)
-    if placements is not None:
-        placements.extend(found)
+    model.normbench_describe = describe  # names the model in place_norms' errors
     model.normbench_took_norm_layer = took_slot  # for inspect: how the norm went in
     return model
+
+
+def place_norms(model: nn.Module, norm: NormSpec, info: DataInfo,
+                placements: list[Placement] | None = None) -> nn.Module:
+    """Norm `norm` in every norm's place of a model from `build_with_slots` (in place, and
+    returned), after one sample pass of `info`'s images; `placements`, if given, receives
+    where each norm went (`normbench inspect`). norm=native keeps the model's own norms;
+    `norm.weight_norm` (norm=weight) reparametrizes every conv/linear weight too."""
+    describe = getattr(model, "normbench_describe", type(model).__name__)
+    sample = torch.zeros(2, info.in_channels, info.image_size, info.image_size)
+    if norm.name == NATIVE:
+        if any(isinstance(m, NormSlot) for m in model.modules()):
+            raise ValueError("norm=native needs a model built without slots "
+                             "(build_with_slots(..., slots=False))")
+        found = native_placements(model, sample, describe)
+    else:
+        found = replace_norms(model, norm, sample, describe)
+    check_norms(model)
+    if norm.weight_norm:
+        weight_norm_from_zero(model)
+    if placements is not None:
+        placements.extend(found)
+    return model
+
+
+def weight_norm_from_zero(model: nn.Module) -> nn.Module:
+    """Weight normalization on every conv/linear (`apply_weight_norm`), also where a builder
+    zeroed a weight (ViT's head): w = g v/||v|| has no direction v there, and torch's 0/0 is
+    NaN. Such a row gets a direction of the layer's default init and the gain g = 0: w is 0
+    at init as the builder made it, and g learns (as ZeroGate does for a zeroed gamma)."""
+    zero_rows = {}
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            rows = module.weight.detach().flatten(1).norm(dim=1) == 0
+            if rows.any():
+                zero_rows[module] = rows
+    apply_weight_norm(model)
+    for module, rows in zero_rows.items():
+        g, v = module.parametrizations.weight.original0, module.parametrizations.weight.original1
+        direction = torch.empty_like(v)
+        nn.init.kaiming_uniform_(direction, a=math.sqrt(5))  # torch's default for both layers
+        with torch.no_grad():
+            v[rows] = direction[rows]
+            g[rows] = 0.0
+    return model
+
+
+def build_external(options: dict, norm: NormSpec, info: DataInfo,
+                   placements: list[Placement] | None = None) -> nn.Module:
+    """Model `options["name"]` (torchvision, timm or custom) with norm `norm` in every norm's
+    place; `placements`, if given, receives where each norm went (`normbench inspect`)."""
+    model = build_with_slots(options, info, slots=norm.name != NATIVE)
+    return place_norms(model, norm, info, placements)
 
 
 def cifar_stem(model: nn.Module, describe: str) -> None:
