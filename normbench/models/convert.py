@@ -185,7 +185,7 @@ def seen_shapes(model: nn.Module, sample: torch.Tensor, norms: dict[str, nn.Modu
         size = "x".join(str(s) for s in sample.shape[2:])
         raise UserError(f"{describe} cannot take {size} images: {first}",
                         "give it the input it expects: a larger dataset.image_size, or "
-                        "model.kwargs for its input (a ViT: model.kwargs.image_size="
+                        "model.kwargs for its input (a ViT: +model.kwargs.image_size="
                         f"{sample.shape[-1]} and a patch size that divides it)") from None
     finally:
         model.train(training)
@@ -313,6 +313,10 @@ def replace_norms(model: nn.Module, spec: NormSpec, sample: torch.Tensor,
     """Swap every norm of `model` for norm `spec` (see the module docstring), in place; the
     list says where each one went. `describe` names the model in errors."""
     norms = find_norms(model)
+    if not norms and spec.name != "none":
+        raise UserError(f"{describe} has no norm layers: there is no place for norm={spec.name}",
+                        "pick a model with norms (normbench inspect shows them), or use "
+                        "norm=none or norm=native for this one")
     shapes = seen_shapes(model, sample, norms, describe)
     layouts = _layouts(model, sample, norms, shapes, describe)
     _check_placeable(spec, layouts, shapes, sample, describe)

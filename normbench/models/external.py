@@ -53,22 +53,30 @@ def _refuses_norm_layer(error: TypeError) -> bool:
     return "norm_layer" in str(error)
 
 
+# What a builder raises for arguments it cannot take: a keyword it lacks (TypeError), a
+# value it checks (ValueError, AssertionError), a size its layers cannot be made with.
+BUILDER_REFUSALS = (TypeError, ValueError, AssertionError, RuntimeError)
+
+
 def _call_builder(builder: Callable[..., nn.Module], kwargs: dict, describe: str,
                   offer_slot: bool) -> tuple[nn.Module, bool]:
     """(model, whether it took norm_layer): with `norm_layer=NormSlot` if `offer_slot` and the
     builder accepts it, else as the builder makes it."""
+    def refused(error: Exception) -> UserError:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return UserError(f"{describe} refused its arguments: {type(error).__name__}: {first}",
+                         "check +model.kwargs.* against the builder's arguments")
+
     if offer_slot and "norm_layer" not in kwargs:
         try:
             return _without_rng(lambda: builder(**kwargs, norm_layer=NormSlot)), True
-        except TypeError as error:
-            if not _refuses_norm_layer(error):
-                raise UserError(f"{describe}: {error}",
-                                "check model.kwargs against the builder's arguments") from None
+        except BUILDER_REFUSALS as error:
+            if not (isinstance(error, TypeError) and _refuses_norm_layer(error)):
+                raise refused(error) from None
     try:
         return builder(**kwargs), False
-    except TypeError as error:
-        raise UserError(f"{describe}: {error}",
-                        "check model.kwargs against the builder's arguments") from None
+    except BUILDER_REFUSALS as error:
+        raise refused(error) from None
 
 
 def torchvision_builder(arch: str) -> Callable[..., nn.Module]:

@@ -271,6 +271,23 @@ def test_builder_kwarg_typo():
     assert "widht" in line
 
 
+def test_builder_that_refuses_a_value():
+    """MaxViT checks its input size against its windows with a ValueError of its own."""
+    line = refusal(model_options("torchvision", arch="maxvit_t",
+                                 kwargs={"input_size": [32, 32]}), "layer")
+    assert "refused its arguments: ValueError" in line and "+model.kwargs" in line
+
+
+def test_model_without_norms_has_no_place_for_one():
+    line = refusal(model_options("torchvision", arch="squeezenet1_0"), "group")
+    assert "has no norm layers" in line and "norm=native" in line
+    placements = []
+    torch.manual_seed(0)
+    build_external(model_options("torchvision", arch="squeezenet1_0"), norm_spec("none"), INFO,
+                   placements)  # no norm: the model as built, nothing placed
+    assert placements == []
+
+
 # vit_b_16 is built for 224 px unless kwargs.image_size says; maxvit_t's 7x7 windows need it.
 @pytest.mark.parametrize("arch", ["vit_b_16", "maxvit_t"])
 def test_model_that_cannot_take_the_images(arch):
