@@ -78,9 +78,13 @@ def load_data(dataset: dict, device: torch.device):
 
 def build_model_within_memory(model: dict, norm, info, device: torch.device) -> nn.Module:
     """The model on the device."""
-    sizes = ", ".join(f"model.{k}={model[k]}" for k in ("depth", "width") if k in model)
-    with refused_when_too_large(f"model={model['name']}", device, sizes,
-                                "use a smaller model.depth or model.width"):
+    # What sizes it: normbench's depth and width, or which model a builder makes and how.
+    sizes = ", ".join(f"model.{k}={model[k]}" for k in ("depth", "width", "arch", "target",
+                                                         "kwargs") if model.get(k))
+    fix = ("use a smaller model.depth or model.width" if "depth" in model else
+           "use a smaller model.arch, or model.kwargs that make it smaller" if "arch" in model
+           else "make the model that model.target builds smaller (model.kwargs)")
+    with refused_when_too_large(f"model={model['name']}", device, sizes, fix):
         return build_model(model, norm, info).to(device)
 
 
@@ -236,7 +240,8 @@ def initial_summary(config: dict, run_dir: Path, norm, model: nn.Module, data, s
     return {
         "run_name": config["run_name"] or Path(run_dir).name,
         "dataset": config["dataset"]["name"], "model": config["model"]["name"],
-        # How the residual branches started (model.residual_init; None: a model without them).
+        # How the residual branches started (model.residual_init; None: a model without the
+        # option: the LSTM, and models built elsewhere, whose builders start them their way).
         "residual_init": config["model"].get("residual_init"),
         "norm": norm.name, "batch_size": config["batch_size"], "lr": config["lr"],
         # Processes, and the batch the optimizer sees (batch_size is per device).

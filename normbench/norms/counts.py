@@ -1,5 +1,6 @@
 """Parameter counts of norm layers: what `normbench list` shows per norm and layout, and what
-a run records in summary.json.
+a run records in summary.json (over normbench's norm layers and torch's own, which a model
+built elsewhere keeps with norm=native).
 
 `trainable` counts learned parameters (gamma, beta, FRN's tau, DyT's alpha, weight norm's
 g); `state` counts the floating-point buffers a norm keeps for inference (running mean and
@@ -13,8 +14,12 @@ from __future__ import annotations
 from fractions import Fraction
 
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from normbench.norms.registry import Norm, NormSpec, create_norm, norm_class
+
+TORCH_NORMS: tuple[type[nn.Module], ...] = (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm,
+                                            nn.LocalResponseNorm)
 
 
 def module_counts(module: nn.Module) -> tuple[int, int]:
@@ -24,15 +29,27 @@ def module_counts(module: nn.Module) -> tuple[int, int]:
     return trainable, state
 
 
+def is_norm_layer(module: nn.Module) -> bool:
+    """A normbench norm, or one of torch's own (what a model built elsewhere keeps with
+    norm=native: BatchNorm, InstanceNorm, GroupNorm, LayerNorm, RMSNorm and their
+    subclasses, such as timm's BatchNormAct2d)."""
+    return isinstance(module, (Norm, *TORCH_NORMS))
+
+
+def outermost_norm_layers(module: nn.Module) -> list[nn.Module]:
+    """The norm layers of `module` that no other norm layer contains."""
+    if is_norm_layer(module):
+        return [module]
+    return [norm for child in module.children() for norm in outermost_norm_layers(child)]
+
+
 def model_norm_counts(model: nn.Module) -> dict[str, int]:
     """Totals over the outermost norm layers of `model` (a per-step container counts once,
     with its children)."""
     trainable = state = 0
-    for name, module in model.named_modules():
-        parent = name.rpartition(".")[0]
-        if isinstance(module, Norm) and not isinstance(model.get_submodule(parent), Norm):
-            t, s = module_counts(module)
-            trainable, state = trainable + t, state + s
+    for module in outermost_norm_layers(model):
+        t, s = module_counts(module)
+        trainable, state = trainable + t, state + s
     return {"norm_params": trainable, "norm_state": state}
 
 

@@ -37,7 +37,10 @@ from normbench.norms.options import known_options, layer_options, unset_options
 
 LAYOUTS = ("images", "tokens", "steps")
 # Which models build norms in each layout, for the error of a norm that lacks one.
-LAYOUT_USERS = {"images": "model=resnet", "tokens": "model=transformer", "steps": "model=lstm"}
+LAYOUT_USERS = {"images": "model=resnet; norms over channels in model=torchvision, timm, custom",
+                "tokens": "model=transformer; norms over the last axis (ViT, Swin, ConvNeXt) "
+                          "in model=torchvision, timm, custom",
+                "steps": "model=lstm"}
 
 
 class NormSpec:

@@ -1,4 +1,4 @@
-"""The report's grid: runs grouped into rows (norm, plus model/dataset/lr when they vary)
+"""The report's grid: runs grouped into rows (norm, plus model/arch/dataset/lr when they vary)
 and columns (the swept variable), one cell of seed statistics per group.
 
 Plain data shared by the report's outputs (`normbench.report.command`) and its figures
@@ -18,7 +18,8 @@ from normbench.report.runs import Run
 # Candidates for --x auto, in order: the first that takes several values is the swept one.
 AUTO_X = ("batch_size", "stats_batch", "lr", "weight_decay", "num_groups", "group_size", "depth",
           "width")
-ROW_KEYS = ("model", "dataset", "norm")
+# model.arch and model.target: which model a builder made (model=torchvision, timm, custom).
+ROW_KEYS = ("model", "arch", "target", "dataset", "norm")
 
 
 def metric_direction(metric: str) -> str | None:
@@ -159,7 +160,7 @@ def build_report(runs: list[Run], x: str = "auto", metric: str = "val_err") -> R
         raise UserError(f"no completed run has the metric '{metric}'",
                         f"use --metric with one of: {', '.join(names)}, or a TensorBoard tag "
                         "such as bn_gap/mean/tid_sigma (its mean over the second half of training)")
-    # Rows: the norm, plus model/dataset when they vary, plus lr when it varies among runs
+    # Rows: the norm, plus model/arch/dataset when they vary, plus lr when it varies among runs
     # that share a row and an x value (an lr grid crossed with x rather than tied to it).
     row_keys = [k for k in ROW_KEYS if k == "norm" or len({r.get(k) for r in runs}) > 1]
     if x != "lr":

@@ -155,6 +155,20 @@ def test_a_setup_on_the_command_line_keeps_a_chosen_dataset():
                       "dataset=cifar100", "seed=0"], True) is not None
 
 
+@pytest.mark.parametrize("model, depth", [("resnet", 8), ("transformer", 8), ("lstm", 8),
+                                          ("torchvision", None), ("timm", None)])
+def test_setup_shapes_small_sizes_the_models_with_a_depth_and_takes_the_others(model, depth):
+    # The depth is the setup's per model (conf/setup/model/): a model without one, such as
+    # model=torchvision, composes with the setup (and the presets that pick it; the sweep
+    # of test_external_models_run) instead of being refused.
+    config = compose_config(["setup=shapes_small", f"model={model}"])
+    check_config(config)
+    assert config["model"].get("depth") == depth
+    assert (config["dataset"]["image_size"], config["epochs"]) == (16, 18)
+    if model == "resnet":  # the command line still wins
+        assert compose_config(["setup=shapes_small", "model.depth=14"])["model"]["depth"] == 14
+
+
 def test_both_lengths_null_is_one_line():
     from normbench.errors import UserError
 

@@ -85,6 +85,22 @@ def test_model_norm_counts_add_the_layers_once():
                                         "norm_state": 2 * 7 * (16 + 16 + 4)}
 
 
+def test_model_norm_counts_count_torch_norm_layers_as_norm_native_keeps_them():
+    # norm=native: torch's own layers, counted as normbench's (a norm inside a norm once).
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.GroupNorm(2, 4),
+                          nn.Sequential(nn.LayerNorm(4), nn.InstanceNorm2d(4)),
+                          create_norm(norm_spec("batch"), "images", 4))
+    assert model_norm_counts(model) == {"norm_params": 4 * 2 * 4, "norm_state": 2 * 2 * 4}
+    info = DataInfo(kind="image", num_classes=10, image_size=8)
+    native = build_model(model_options("torchvision", arch="resnet18"), norm_spec("native"),
+                         info)
+    replaced = build_model(model_options("torchvision", arch="resnet18"), norm_spec("batch"),
+                           info)
+    # ResNet-18's 20 BatchNorm2d: 4800 channels, gamma and beta, running mean and variance
+    assert model_norm_counts(native) == model_norm_counts(replaced) == \
+        {"norm_params": 9600, "norm_state": 9600}
+
+
 def test_weight_norm_reparametrizes_every_linear_and_conv():
     info = DataInfo(kind="image", num_classes=10)
     plain = build_model(model_options("resnet", depth=8), norm_spec("none"), info)

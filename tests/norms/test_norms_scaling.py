@@ -309,7 +309,7 @@ def test_refused_layouts_say_why_in_one_line(norm, model, reason):
         check_model_builds(config)
     line = err.value.line()
     layout = "tokens" if model == "transformer" else "steps"
-    assert line.startswith(f"norm={norm} has no version for {layout} (model={model})")
+    assert line.startswith(f"norm={norm} has no version for {layout} (model={model}")
     assert reason in line and "\n" not in line
     assert "Fix: use one of:" in line and "rms" in line and "dyt" in line
 

@@ -107,6 +107,29 @@ def test_setups_that_differ_in_lr_are_rows_not_a_sweep(tmp_path):
     assert len(report.rows) == 2 and report.columns == [32]
 
 
+def test_models_of_another_arch_or_builder_are_rows_of_their_own(tmp_path):
+    # model=torchvision (or timm, custom) names the model it builds in model.arch (or
+    # model.target): resnet18 and resnet50 runs are not seeds of one cell.
+    models = {"r18": {"name": "torchvision", "arch": "resnet18"},
+              "r50": {"name": "torchvision", "arch": "resnet50"},
+              "mine": {"name": "custom", "target": "my_model.py:tiny"}}
+    for name, model in models.items():
+        for bs, acc in ((8, 0.5), (32, 0.6)):
+            run = fake_run(tmp_path, f"{name}_{bs}", model=model["name"], batch_size=bs,
+                           val_acc=acc)
+            (run / "config.json").write_text(json.dumps({"model": model, "batch_size": bs}))
+    report = build_report(find_runs([tmp_path]))
+    assert report.row_keys == ["model", "arch", "target", "norm"]
+    assert report.rows == [("custom", None, "my_model.py:tiny", "batch"),
+                           ("torchvision", "resnet18", None, "batch"),
+                           ("torchvision", "resnet50", None, "batch")]
+    assert all(len(cell.values) == 1 for cell in report.cells.values())
+    assert report.row_label(report.rows[1]) == "torchvision resnet18 n/a batch"
+    # One arch: no arch column, as before for normbench's own models.
+    one = build_report([r for r in find_runs([tmp_path]) if r.path.name.startswith("r18")])
+    assert one.row_keys == ["norm"]
+
+
 def test_x_from_the_config_json_and_unknown_keys(tmp_path):
     for sb in (4, 16):
         run = fake_run(tmp_path, f"sb{sb}", val_acc=0.5)
