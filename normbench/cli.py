@@ -120,8 +120,10 @@ def list_command(args: list[str]) -> int:
         console.print(table)
         if group == "norm":
             from normbench.config.norm_listing import norm_tables
+            from normbench.norms import norm_names
 
-            for part in norm_tables(options):
+            # norm=native has no options nor counts of its own: the model's norms decide.
+            for part in norm_tables([name for name in options if name in norm_names()]):
                 console.print(part)
     console.print("Pick with e.g. 'normbench train dataset=shapes model=resnet norm=group'.")
     return 0

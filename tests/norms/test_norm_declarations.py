@@ -21,6 +21,7 @@ from normbench.config.ranges import show_value
 from normbench.config.schema import SCHEMAS, schema_name
 from normbench.config.tree import conf_dir, config_options, register
 from normbench.errors import UserError
+from normbench.models.external import NATIVE
 from normbench.norms import norm_class, norm_names, norm_options, norm_options_class, registered
 from normbench.norms.options import (
     NormOptions,
@@ -56,8 +57,9 @@ def test_every_norm_has_one_options_dataclass_of_its_own():
 
 
 def test_the_conf_files_are_the_registered_norms_and_only_name_them():
-    assert config_options("norm") == sorted(NAMES)
-    for name in NAMES:
+    # norm=native (a torchvision/timm/custom model's own norms) is the one unregistered name.
+    assert config_options("norm") == sorted([*NAMES, NATIVE])
+    for name in [*NAMES, NATIVE]:
         text = OmegaConf.load(conf_dir() / "norm" / f"{name}.yaml")
         assert set(text) == {"defaults", "name"} and text.name == name, name
         assert schema_of_option("norm", name) == name
@@ -67,7 +69,7 @@ def test_the_conf_files_are_the_registered_norms_and_only_name_them():
 def test_the_schema_of_each_norm_is_its_options_dataclass():
     register()
     schemas = {s: cls for group, s, cls in SCHEMAS if group == "norm"}
-    assert schemas == {name: norm_options_class(name) for name in NAMES}
+    assert schemas == {**{name: norm_options_class(name) for name in NAMES}, NATIVE: NormOptions}
     store = ConfigStore.instance()
     for name in NAMES:
         node = store.load(f"{schema_name('norm', name)}.yaml").node
