@@ -23,10 +23,12 @@ def project() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
 
-def requirements() -> dict[str, str]:
-    """Distribution name (lower case) -> its version specifier, from [project] dependencies."""
+def requirements(extra: str | None = None) -> dict[str, str]:
+    """Distribution name (lower case) -> its version specifier, from [project] dependencies
+    (or from one extra of [project.optional-dependencies])."""
     out = {}
-    for line in project()["dependencies"]:
+    lines = project()["optional-dependencies"][extra] if extra else project()["dependencies"]
+    for line in lines:
         name, spec = re.match(r"([A-Za-z0-9_.-]+)\s*(.*)", line).groups()
         out[name.lower().replace("_", "-")] = spec
     return out
@@ -48,11 +50,20 @@ def imported_top_level_names() -> dict[str, Path]:
     return found
 
 
+# Optional packages: imported only where a feature needs them, with a one-line install hint
+# where they are missing; each is an extra of its own.
+OPTIONAL = {"timm": "timm"}
+
+
 def test_every_third_party_import_is_a_declared_dependency():
     declared = requirements()
     missing = []
     for name, path in imported_top_level_names().items():
         if name in sys.stdlib_module_names or name == "normbench":
+            continue
+        if name in OPTIONAL:
+            assert name in requirements(OPTIONAL[name]), f"{name}: no [{OPTIONAL[name]}] extra"
+            assert name in requirements("dev"), f"{name}: CI (the dev extra) must install it"
             continue
         dist = DISTRIBUTION.get(name, name).lower()
         if dist not in declared:
