@@ -37,7 +37,7 @@ CHARTS = [
     ("throughput", [r"^perf/"], "always"),
 ]
 
-HPARAMS = ("dataset", "n_train", "model", "norm", "batch_size", "stats_batch", "num_groups",
+HPARAMS = ("dataset", "n_train", "model", "arch", "norm", "batch_size", "stats_batch", "num_groups",
            "group_size", "lr", "seed", "optim", "precision", "channels_last", "compile",
            "world_size", "global_batch", "residual_init")
 # The same metric list for every run: TensorBoard takes the list from one run of the
@@ -57,7 +57,8 @@ def layout(has_bn: bool, has_norm: bool, has_saturation: bool) -> dict:
 # statistics batch BN actually used, the images actually kept), not as a second column.
 SWEPT_ALIASES = {"norm.stats_batch": "stats_batch", "norm.num_groups": "num_groups",
                  "norm.group_size": "group_size", "dataset.n_train": "n_train",
-                 "model.residual_init": "residual_init",
+                 "model.residual_init": "residual_init", "model.arch": "arch",
+                 "model.target": "arch",
                  "dataset": "dataset", "model": "model", "norm": "norm", "optim": "optim"}
 # TensorBoard's HParams table ticks only its first 5 hparams by default, after sorting the
 # experiment's list with `differs` first: swept keys are marked so and listed first.

@@ -240,6 +240,8 @@ def initial_summary(config: dict, run_dir: Path, norm, model: nn.Module, data, s
     return {
         "run_name": config["run_name"] or Path(run_dir).name,
         "dataset": config["dataset"]["name"], "model": config["model"]["name"],
+        # Which model of a family built elsewhere (model.arch; a custom model's target).
+        "arch": config["model"].get("arch") or config["model"].get("target"),
         # How the residual branches started (model.residual_init; None: a model without the
         # option: the LSTM, and models built elsewhere, whose builders start them their way).
         "residual_init": config["model"].get("residual_init"),

@@ -103,6 +103,7 @@ def test_norm_batch_probes_every_bn_layer_and_counts_its_parameters(batch_run, r
     # gamma and beta, running mean and variance: 2 x 4800 channels over the 20 layers
     assert summary["norm_params"] == summary["norm_state"] == 9600
     assert summary["residual_init"] is None and summary["n_params"] > 11_000_000
+    assert summary["arch"] == "resnet18"  # which torchvision model, in summary.json and HParams
 
 
 @slow
