@@ -1,7 +1,8 @@
 """What each preset costs at each setup, from one measured epoch per batch size.
 
-    python scripts/budget.py        # shapes_small, shapes, text_char, tinyshakespeare (+ scaled)
+    python scripts/budget.py        # every measured setup (+ the ones priced through them)
     python scripts/budget.py --setups shapes,tinyshakespeare --jobs 2
+    python scripts/budget.py --setups shapes_resnet18 --scaled cifar10_resnet18  # those rows only
     python scripts/budget.py --from-json FIGURES.json   # no measurement: the file from figures
 
 For each setup, one sweep trains BatchNorm for one epoch at every batch size of
@@ -19,11 +20,17 @@ batch sizes plus their evaluations, summed and divided by the jobs that run at o
 
 The grid sizes and epochs are read from the composed presets. BatchNorm stands for every
 norm (GroupNorm and LayerNorm cost a little more on CPU); the CIFAR and image-folder setups
-are the setup `shapes` (the same ResNet-20 at 32 px) scaled by images per epoch, with their
-own epochs. The result, in minutes of wall time, is written into docs/budgets.md (--out),
-the one place the budgets are kept: the setup and preset headers and the docs link to it.
-The file carries its figures in a trailing comment, so that a new measurement keeps the GPU
-estimates and the whole-sweep checks of the previous one (they are not measured here).
+are priced through a measured setup with the same model at 32 px (`shapes` for ResNet-20,
+`shapes_resnet18` for ResNet-18) scaled by images per epoch, with their own epochs. An epoch
+of the setups in SAMPLED takes too long to time at every batch size on a CPU: for them each
+job trains a few logging intervals (256 samples each in batch_size_sweep), and an epoch is
+priced from the rate (perf/samples_per_sec) over all of them but the first (warm-up).
+
+The result, in minutes of wall time, is written into docs/budgets.md (--out), the one place
+the budgets are kept: the setup and preset headers and the docs link to it. The file
+carries its figures in a trailing comment, so that a new measurement keeps the GPU
+estimates and the whole-sweep checks of the previous one (they are not measured here), and
+a measurement of some setups keeps the other rows, each with where and when it was measured.
 """
 
 from __future__ import annotations
@@ -50,22 +57,51 @@ EVALUATIONS = ("perf/eval_seconds", "perf/val_batchstats_seconds", "perf/precise
 PRESETS = ("batch_size_sweep", "stats_batch_sweep", "stats_batch_references", "lr_sweep")
 # Setups measured through another one: the same model and image size, more images (their
 # own recipe, epochs included, comes from composing the setup).
-SCALED = {"cifar10": ("shapes", 50_000 / 5_000), "imagefolder": ("shapes", 10_000 / 5_000)}
+SCALED = {"cifar10": ("shapes", 50_000 / 5_000), "imagefolder": ("shapes", 10_000 / 5_000),
+          "cifar10_resnet18": ("shapes_resnet18", 50_000 / 5_000)}
+# Setups timed over this many logging intervals per batch size (after one of warm-up)
+# rather than over a whole epoch: ResNet-18 trains at ~10-20 images/s on one CPU core.
+SAMPLED = {"shapes_resnet18": 2}
 # Setups that cost what another costs, and what the row says about them.
 ALIASES = {"cifar10": ["cifar100"], "tinyshakespeare": ["text"]}
 NOTES = {"cifar10": "`shapes` × 10 images, 15 epochs", "imagefolder": "per 10k images at 32 px: "
-         "`shapes` × 2 images, 15 epochs", "tinyshakespeare": "`text`: per 1.1 MB of text"}
+         "`shapes` × 2 images, 15 epochs", "tinyshakespeare": "`text`: per 1.1 MB of text",
+         "cifar10_resnet18": "`shapes_resnet18` × 10 images, 30 epochs"}
+MEASURED_SETUPS = "shapes_small,shapes,text_char,tinyshakespeare,shapes_resnet18"
 OUT = REPO / "docs" / "budgets.md"
 DATA_MARK = "<!-- budget.py figures: "
 
 
-def epoch_costs(setup: str, jobs: int, extra: list[str]) -> dict[int, tuple[float, float]]:
+def sampled_length(setup: str, intervals: int) -> list[str]:
+    """Overrides that train each job of batch_size_sweep for `intervals` + 1 logging
+    intervals (its log_every is a fixed number of samples at every batch size)."""
+    grid = compose_jobs(["experiment=batch_size_sweep", f"setup={setup}"], multirun=True)
+    (samples,) = {job["log_every"] * job["batch_size"] for job in grid}
+    # quoted: Hydra's override grammar takes a nested interpolation only inside a string
+    return ["epochs=null", f"steps='${{nb_idiv:{(intervals + 1) * samples},${{batch_size}}}}'"]
+
+
+def timed_rate(scalars: dict) -> float:
+    """Training samples per second over every logging interval but the first (warm-up)."""
+    steps, rates = scalars["perf/samples_per_sec"]
+    if len(steps) < 3:
+        raise SystemExit("too few logging intervals to time: raise SAMPLED's count")
+    # Each interval's steps over their seconds (the batch size, the same in all, cancels).
+    done = steps[-1] - steps[0]
+    return float(done / sum((step - prev) / rate for prev, step, rate
+                            in zip(steps[:-1], steps[1:], rates[1:], strict=True)))
+
+
+def epoch_costs(setup: str, jobs: int, extra: list[str],
+                intervals: int | None = None) -> dict[int, tuple[float, float]]:
     """Batch size -> (seconds of one BN epoch of training, seconds of the job's final
-    evaluations: validation, batch statistics, PreciseBN), jobs side by side."""
+    evaluations: validation, batch statistics, PreciseBN), jobs side by side. With
+    `intervals`, the epoch is priced from that many logging intervals (sampled_length)."""
+    length = sampled_length(setup, intervals) if intervals else ["epochs=1"]
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, "-m", "normbench", "train", "-m",
                    "experiment=batch_size_sweep", f"setup={setup}", "norm=batch", "seed=0",
-                   "epochs=1", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}",
+                   *length, "hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}",
                    f"hydra.sweep.dir={tmp}/sweep", *extra]
         subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
         costs = {}
@@ -73,7 +109,9 @@ def epoch_costs(setup: str, jobs: int, extra: list[str]) -> dict[int, tuple[floa
             summary = json.loads(path.read_text())
             scalars = read_scalars(path.parent)
             final = sum(float(scalars[tag][1][-1]) for tag in EVALUATIONS if tag in scalars)
-            costs[summary["batch_size"]] = (summary["elapsed_s"] - final, final)
+            epoch = (summary["n_train"] / timed_rate(scalars) if intervals
+                     else summary["elapsed_s"] - final)
+            costs[summary["batch_size"]] = (epoch, final)
     return dict(sorted(costs.items()))
 
 
@@ -104,19 +142,23 @@ def duration(minutes: float | None) -> str:
 
 def budget_markdown(figures: dict) -> str:
     """docs/budgets.md from `figures`: {"generated", "measured", "machine", "jobs",
-    "rows": [{"setup", "cpu": {preset: minutes}, optional "gpu"}], optional "gpu_basis",
-    optional "checks": {"setup", "sweeps": {preset: minutes of a whole sweep}}}. The figures
-    themselves end the file in a comment, for the next run to read back."""
+    "rows": [{"setup", "cpu": {preset: minutes}, optional "gpu", optional "measured",
+    "machine", "jobs" where the row's differ from the file's, optional "basis"}], optional
+    "gpu_basis", optional "checks": {"setup", "sweeps": {preset: minutes of a whole sweep}}}.
+    The figures themselves end the file in a comment, for the next run to read back."""
     presets = [p for p in PRESETS if any(p in row["cpu"] for row in figures["rows"])]
     counts = figures.get("jobs_per_preset", {})
+    footnotes = row_footnotes(figures)
 
     def head(p):
         return f"`{p}` ({counts[p]} jobs)" if p in counts else f"`{p}`"
 
-    def name(row):
+    def name(row, marked=True):
         setups = [row["setup"], *ALIASES.get(row["setup"], [])]
         note = NOTES.get(row["setup"])
-        return ", ".join(f"`{s}`" for s in setups) + (f" ({note})" if note else "")
+        mark = footnotes.get(row["setup"], ("",))[0] if marked else ""
+        return (", ".join(f"`{s}`" for s in setups) + (f" ({note})" if note else "")
+                + (f" {mark}" if mark else ""))
 
     gpu = any(row.get("gpu") for row in figures["rows"])
     lines = [
@@ -129,12 +171,13 @@ def budget_markdown(figures: dict) -> str:
         f"Wall time of each preset's sweep (`normbench train -m experiment=PRESET setup=SETUP "
         f"hydra/launcher=joblib`) per setup. CPU: measured on {figures['measured']}, "
         f"{figures['machine']}, {figures['jobs']} jobs side by side with one torch thread each: "
-        "the script trains BatchNorm for one epoch at every batch size of "
+        "the script trains BatchNorm for one epoch (or, in the rows that say so, a few logging "
+        "intervals) at every batch size of "
         "`experiment=batch_size_sweep` and prices every preset's jobs from those epochs and "
         "their final evaluations. BatchNorm stands for every norm (GroupNorm and LayerNorm cost "
-        "a little more on CPU). Setups noted `×` are priced through `shapes` (the same ResNet-20 "
-        "at 32 px) scaled by their images per epoch, with their own epochs. Durations: s seconds, "
-        "m minutes, h hours.",
+        "a little more on CPU). Setups noted `×` are priced through the setup they name (the "
+        "same model at 32 px) scaled by their images per epoch, with their own epochs. "
+        "Durations: s seconds, m minutes, h hours.",
         "",
         "## On CPU",
         "",
@@ -144,6 +187,11 @@ def budget_markdown(figures: dict) -> str:
     for row in figures["rows"]:
         lines.append(f"| {name(row)} | "
                      + " | ".join(duration(row["cpu"].get(p)) for p in presets) + " |")
+    seen = []
+    for mark, text in footnotes.values():
+        if mark not in seen:
+            seen.append(mark)
+            lines += ["", f"{mark} {text}"]
     checks = figures.get("checks")
     if checks:
         measured = next((r for r in figures["rows"] if r["setup"] == checks["setup"]), None)
@@ -165,12 +213,36 @@ def budget_markdown(figures: dict) -> str:
                   "| `setup=` | " + " | ".join(head(p) for p in presets) + " |",
                   "|---|" + "---|" * len(presets)]
         for row in figures["rows"]:
-            lines.append(f"| {name(row)} | "
+            lines.append(f"| {name(row, marked=False)} | "
                          + " | ".join(duration(row.get("gpu", {}).get(p)) for p in presets) + " |")
     for note in figures.get("notes", []):
         lines += ["", note]
     lines += ["", DATA_MARK + json.dumps(figures, sort_keys=True) + " -->", ""]
     return "\n".join(lines)
+
+
+MARKS = "¹²³⁴⁵⁶⁷⁸⁹"
+
+
+def row_footnotes(figures: dict) -> dict[str, tuple[str, str]]:
+    """setup -> (mark, footnote) for the rows measured elsewhere or otherwise than the
+    file's header says; rows that share a footnote share its mark."""
+    texts: dict[str, str] = {}
+    out = {}
+    for row in figures["rows"]:
+        parts = []
+        if any(key in row for key in ("measured", "machine", "jobs")):
+            parts.append(f"Measured on {row.get('measured', figures['measured'])}, "
+                         f"{row.get('machine', figures['machine'])}, "
+                         f"{row.get('jobs', figures['jobs'])} jobs side by side")
+        if row.get("basis"):
+            parts.append(row["basis"])
+        if parts:
+            text = "; ".join(parts) + "."
+            text = text[0].upper() + text[1:]
+            texts.setdefault(text, MARKS[len(texts)])
+            out[row["setup"]] = (texts[text], text)
+    return out
 
 
 def read_figures(path: Path) -> dict | None:
@@ -181,12 +253,38 @@ def read_figures(path: Path) -> dict | None:
     return json.loads(found.group(1)) if found else None
 
 
+def machine() -> str:
+    """`2 cores of an AMD EPYC, torch 2.14.1, CPU only`: what the table was measured on."""
+    import torch
+
+    name = platform.processor() or platform.machine()
+    try:
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        name = found.group(1).strip() if found else name
+    except OSError:
+        pass
+    where = f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "CPU only"
+    article = "an" if name[:1].upper() in "AEIOU" else "a"
+    return (f"{os.cpu_count()} cores of {article} {name}, torch {torch.__version__.split('+')[0]}, "
+            f"{where}")
+
+
+def basis(setup: str) -> str | None:
+    """How a row's epochs were timed, where not as the header says (SAMPLED setups and
+    the setups priced through them, which say so in their name)."""
+    base = SCALED.get(setup, (setup,))[0]
+    if base not in SAMPLED:
+        return None
+    return (f"an epoch priced from {SAMPLED[base]} logging intervals of BatchNorm training per "
+            "batch size (after one of warm-up), not a whole epoch")
+
+
 def measure(opts) -> dict:
     """Measure the setups and price every preset; the figures for budget_markdown."""
     rows = {}
     measured = {}
     for setup in [s for s in opts.setups.split(",") if s]:
-        costs = epoch_costs(setup, opts.jobs, [])
+        costs = epoch_costs(setup, opts.jobs, [], SAMPLED.get(setup))
         measured[setup] = costs
         print(f"{setup}: seconds of one BN epoch + the final evaluations, by batch size: "
               + ", ".join(f"{b}: {c:.1f} + {e:.1f}" for b, (c, e) in costs.items()), flush=True)
@@ -197,21 +295,54 @@ def measure(opts) -> dict:
             costs = {b: (c * factor, e * factor) for b, (c, e) in measured[base].items()}
             rows[setup] = preset_minutes(setup, costs, opts.jobs)
     counts = {p: len(compose_jobs([f"experiment={p}"], multirun=True)) for p in PRESETS}
-    return {"generated": datetime.date.today().isoformat(),
-            "measured": datetime.date.today().isoformat(),
-            "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
-            "jobs": opts.jobs, "jobs_per_preset": counts,
-            "rows": [{"setup": s, "cpu": m} for s, m in rows.items()]}
+    today = datetime.date.today().isoformat()
+    figures = {"generated": today, "measured": today, "machine": machine(),
+               "jobs": opts.jobs, "jobs_per_preset": counts, "rows": []}
+    for setup, minutes in rows.items():
+        row = {"setup": setup, "cpu": minutes}
+        how = "; ".join(filter(None, [basis(setup), opts.remark]))
+        if how:
+            row["basis"] = how
+        figures["rows"].append(row)
+    return figures
+
+
+def merge(figures: dict, previous: dict) -> dict:
+    """`figures` (this measurement) completed from `previous` (the file's): its GPU
+    estimates, whole-sweep checks and notes, and the rows of the setups not measured now,
+    which keep their own date and machine."""
+    for key in ("gpu_basis", "checks", "notes"):
+        if key in previous:
+            figures[key] = previous[key]
+    before = {row["setup"]: row for row in previous.get("rows", [])}
+    for row in figures["rows"]:
+        if before.get(row["setup"], {}).get("gpu"):
+            row["gpu"] = before[row["setup"]]["gpu"]
+    new = {row["setup"]: row for row in figures["rows"]}
+    kept = [row for row in previous.get("rows", []) if row["setup"] not in new]
+    if not kept:
+        return figures
+    # The header keeps describing the rows kept; the new rows say where they differ.
+    here = {key: figures[key] for key in ("measured", "machine", "jobs")}
+    for key in here:
+        figures[key] = previous[key]
+    for row in new.values():
+        row.update({key: value for key, value in here.items() if value != figures[key]})
+    figures["rows"] = [new.pop(row["setup"], row) for row in previous["rows"]] + list(new.values())
+    return figures
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setups", default="shapes_small,shapes,text_char,tinyshakespeare")
+    parser.add_argument("--setups", default=MEASURED_SETUPS,
+                        help="setups to measure; the file's other rows are kept as they are")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="jobs side by side, as hydra.launcher.n_jobs")
-    parser.add_argument("--scaled", default="cifar10,imagefolder",
+    parser.add_argument("--scaled", default="cifar10,imagefolder,cifar10_resnet18",
                         help=f"setups priced through a measured one ({', '.join(SCALED)})")
     parser.add_argument("--out", type=Path, default=OUT, help="the Markdown file to write")
+    parser.add_argument("--remark", default="",
+                        help="said of the rows measured now, e.g. what else the machine ran")
     parser.add_argument("--from-json", type=Path, default=None,
                         help="write --out from these figures instead of measuring")
     opts = parser.parse_args()
@@ -219,16 +350,7 @@ def main() -> int:
         figures = json.loads(opts.from_json.read_text())
         figures.setdefault("generated", datetime.date.today().isoformat())
     else:
-        figures = measure(opts)
-        previous = read_figures(opts.out) or {}
-        # Kept from the previous file: what this script does not measure.
-        for key in ("gpu_basis", "checks", "notes"):
-            if key in previous:
-                figures[key] = previous[key]
-        before = {row["setup"]: row for row in previous.get("rows", [])}
-        for row in figures["rows"]:
-            if before.get(row["setup"], {}).get("gpu"):
-                row["gpu"] = before[row["setup"]]["gpu"]
+        figures = merge(measure(opts), read_figures(opts.out) or {})
     text = budget_markdown(figures)
     opts.out.write_text(text)
     print(text[:text.index(DATA_MARK)], end="")

@@ -59,7 +59,8 @@ def compose_job(job: list[str]) -> tuple[dict, str]:
     return OmegaConf.to_container(config, resolve=True), str(full.hydra.job.override_dirname)
 
 
-# What each setup promises: (dataset, model, image_size or None for text, depth, epochs, base_lr).
+# What each setup promises: (dataset, model, image_size or None for text, depth (or a
+# torchvision model's arch), epochs, base_lr).
 SETUP_SCALES = {
     "shapes_small": ("shapes", "resnet", 16, 8, 18, 0.2),
     "shapes": ("shapes", "resnet", 32, 20, 10, 0.1),
@@ -69,6 +70,8 @@ SETUP_SCALES = {
     "text_char": ("synthetic_text", "transformer", None, 2, 10, 1e-3),
     "tinyshakespeare": ("tinyshakespeare", "transformer", None, 2, 5, 1e-3),
     "text": ("text", "transformer", None, 2, 5, 1e-3),
+    "cifar10_resnet18": ("cifar10", "torchvision", 32, "resnet18", 30, 0.025),
+    "shapes_resnet18": ("shapes", "torchvision", 32, "resnet18", 10, 0.025),
 }
 # Recipe and scale keys belong to the setups: a preset that set one would override every setup.
 SETUP_KEYS = {"dataset", "model", "optim", "epochs", "steps", "lr", "base_lr", "base_batch_size"}
@@ -98,9 +101,10 @@ def test_every_preset_composes_and_checks_on_every_setup(preset, setup, data_pat
     config, _ = compose_job(job)
     check_config(config)
     assert full.hydra.runtime.choices.setup == setup
-    dataset, model, image_size, depth, epochs, base_lr = SETUP_SCALES[setup]
-    assert (config["dataset"]["name"], config["model"]["name"], config["model"]["depth"]) == \
-        (dataset, model, depth)
+    dataset, model, image_size, size, epochs, base_lr = SETUP_SCALES[setup]
+    model_size = config["model"].get("depth", config["model"].get("arch"))
+    assert (config["dataset"]["name"], config["model"]["name"], model_size) == \
+        (dataset, model, size)
     assert config["dataset"].get("image_size") == image_size
     assert (config["epochs"], config["steps"], config["base_lr"]) == (epochs, None, base_lr)
     factor = config["lr_factor"] or 1.0  # lr_sweep's grid: multiples of the setup's lr
@@ -143,6 +147,33 @@ def test_setup_cifar10_gives_each_preset_resnet20_at_32px_with_its_epochs_and_lr
     # A value on the command line still wins over the setup's.
     given = compose_config(["experiment=stats_batch_sweep", "setup=cifar10", "epochs=6", "lr=0.05"])
     assert (given["epochs"], given["lr"]) == (6, 0.05)
+
+
+def test_setup_cifar10_resnet18_is_torchvisions_resnet18_with_the_cifar_stem_and_its_recipe():
+    stats = [compose_config(job) for job in expand_sweep(
+        ["experiment=stats_batch_sweep", "setup=cifar10_resnet18"])[:3]]
+    for config in stats:
+        assert config["model"] == {"name": "torchvision", "arch": "resnet18", "kwargs": {},
+                                   "cifar_stem": True}
+        assert (config["dataset"]["name"], config["dataset"]["image_size"],
+                config["dataset"]["n_train"]) == ("cifar10", 32, None)
+        assert (config["epochs"], config["lr"], config["batch_size"]) == (30, 0.025, 32)
+        assert (config["optim"]["name"], config["optim"]["momentum"],
+                config["optim"]["weight_decay"], config["sched"]["name"]) == \
+            ("sgd", 0.9, 5e-4, "cosine")
+    jobs = expand_sweep(["experiment=batch_size_sweep", "setup=cifar10_resnet18", "norm=batch",
+                         "seed=0"])
+    lrs = {c["batch_size"]: c["lr"] for c in map(compose_config, jobs)}
+    assert lrs == {2: 0.0015625, 4: 0.003125, 8: 0.00625, 16: 0.0125, 32: 0.025}
+    # The offline twin: the same model and recipe on the generated shapes.
+    shapes = compose_config(expand_sweep(["experiment=stats_batch_sweep",
+                                          "setup=shapes_resnet18"])[0])
+    assert {k: v for k, v in shapes.items() if k not in ("dataset", "epochs", "run_name")} == \
+        {k: v for k, v in stats[0].items() if k not in ("dataset", "epochs", "run_name")}
+    assert (shapes["dataset"]["name"], shapes["dataset"]["image_size"], shapes["epochs"]) == \
+        ("shapes", 32, 10)
+    assert preflight(["experiment=stats_batch_sweep", "setup=cifar10_resnet18", "seed=0"],
+                     True) is not None
 
 
 def test_a_setup_on_the_command_line_keeps_a_chosen_dataset():
@@ -215,6 +246,17 @@ def test_presets_run_on_cifar10_in_its_on_disk_format(preset, cifar_root, tmp_pa
     assert (summary["dataset"], summary["n_train"], summary["n_val"]) == ("cifar10", 64, 32)
     assert (config["dataset"]["image_size"], config["model"]["depth"]) == (32, 20)
     assert config["lr"] == pytest.approx(0.1 * config["batch_size"] / 32)
+
+
+@pytest.mark.slow
+def test_setup_cifar10_resnet18_trains_on_cifar10_in_its_on_disk_format(cifar_root, tmp_path):
+    config, summary = run_first_job(["experiment=stats_batch_sweep", "setup=cifar10_resnet18",
+                                     f"dataset.root={cifar_root}", "dataset.download=false",
+                                     *TINY_BUDGET], tmp_path / "run")
+    assert summary["status"] == "completed"
+    assert (summary["dataset"], summary["n_train"], summary["n_val"]) == ("cifar10", 64, 32)
+    assert (config["model"]["arch"], config["model"]["cifar_stem"]) == ("resnet18", True)
+    assert config["norm"]["stats_batch"] == 2  # the sweep's first job: ghost BN in torchvision's model
 
 
 @pytest.mark.slow

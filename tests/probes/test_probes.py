@@ -107,6 +107,22 @@ def test_excess_kurtosis_matches_hand_computation():
     assert abs(float(excess_kurtosis(torch.randn(200_000)))) < 0.05  # Gaussian: 0
 
 
+def test_excess_kurtosis_leaves_the_gradient_alone_in_any_memory_format():
+    # It squares a temporary in place: the gradient itself must not change, and a
+    # channels_last kernel (not flattened, so not copied) gives the contiguous one's value.
+    torch.manual_seed(0)
+    g = torch.randn(8, 4, 3, 3).pow(3)
+    kept = g.clone()
+    last = g.to(memory_format=torch.channels_last)
+    assert not last.is_contiguous()
+    value = excess_kurtosis(g)
+    assert torch.equal(g, kept) and torch.equal(last, kept)
+    d = (kept.double() - kept.double().mean()).reshape(-1)
+    direct = float((d ** 4).mean() / (d ** 2).mean() ** 2 - 3)
+    assert float(value) == pytest.approx(direct, rel=1e-5)
+    assert float(excess_kurtosis(last)) == pytest.approx(float(value), rel=1e-6)
+
+
 def test_activation_stats_match_direct_computation():
     torch.manual_seed(0)
     x = torch.randn(4, 3, 5, 5) * 3 + 2

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
+import numpy as np
+import pytest
+
 from tests.helpers.common import REPO
 from tests.helpers.common import load_script as load
 
@@ -55,3 +60,42 @@ def test_the_figures_travel_with_the_file(tmp_path):
 def test_docs_budgets_is_exactly_what_the_script_writes_from_its_figures():
     path = REPO / "docs" / "budgets.md"
     assert path.read_text(encoding="utf-8") == budget.budget_markdown(budget.read_figures(path))
+
+
+def test_a_sampled_setup_is_timed_over_its_logging_intervals_but_the_first():
+    # batch_size_sweep logs every 256 samples: 2 timed intervals + 1 of warm-up = 768.
+    assert budget.sampled_length("shapes_resnet18", 2) == \
+        ["epochs=null", "steps='${nb_idiv:768,${batch_size}}'"]
+    steps, rates = np.array([8, 16, 24]), np.array([1.0, 10.0, 30.0])  # the first: warm-up
+    # 8 steps at 10 samples/s and 8 at 30: the batch size cancels, 16 / (8/10 + 8/30) = 15
+    assert budget.timed_rate({"perf/samples_per_sec": (steps, rates)}) == pytest.approx(15.0)
+    assert budget.basis("cifar10_resnet18") == budget.basis("shapes_resnet18")  # one footnote
+    assert budget.basis("shapes") is None
+
+
+def test_measuring_some_setups_keeps_the_other_rows_and_says_where_the_new_ones_ran():
+    new = {"generated": "2030-02-01", "measured": "2030-02-01", "machine": "2 cores, another CPU",
+           "jobs": 2, "jobs_per_preset": FAKE["jobs_per_preset"],
+           "rows": [{"setup": "shapes_resnet18", "cpu": {"batch_size_sweep": 90},
+                     "basis": "an epoch priced from 2 logging intervals"},
+                    {"setup": "cifar10", "cpu": {"batch_size_sweep": 1000}}]}
+    merged = budget.merge(copy.deepcopy(new), copy.deepcopy(FAKE))
+    # The header still describes the rows kept; the new rows carry their own date and machine.
+    assert (merged["measured"], merged["machine"], merged["generated"]) == \
+        ("2030-01-01", "4 cores, a test CPU", "2030-02-01")
+    assert [row["setup"] for row in merged["rows"]] == \
+        ["shapes_small", "cifar10", "tinyshakespeare", "shapes_resnet18"]
+    cifar = merged["rows"][1]
+    assert (cifar["cpu"], cifar["measured"], cifar["machine"]) == \
+        ({"batch_size_sweep": 1000}, "2030-02-01", "2 cores, another CPU")
+    assert "jobs" not in cifar  # the same as the header's
+    assert merged["rows"][0] == FAKE["rows"][0] and merged["checks"] == FAKE["checks"]
+    lines = budget.budget_markdown(merged).splitlines()
+    assert any(line.startswith("| `cifar10`, `cifar100` (") and " ¹ |" in line for line in lines)
+    assert any(line.startswith("| `shapes_resnet18` ² |") for line in lines)
+    assert "¹ Measured on 2030-02-01, 2 cores, another CPU, 2 jobs side by side." in lines
+    assert ("² Measured on 2030-02-01, 2 cores, another CPU, 2 jobs side by side; an epoch "
+            "priced from 2 logging intervals.") in lines
+    # Every setup measured again: nothing kept, no row differs from the header.
+    whole = budget.merge(copy.deepcopy(new), {"rows": [FAKE["rows"][1]]})
+    assert whole["measured"] == "2030-02-01" and "measured" not in whole["rows"][1]
