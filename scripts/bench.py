@@ -4,6 +4,8 @@
     python scripts/bench.py --norms batch,group --precisions fp32 --rounds 5
     python scripts/bench.py --models transformer,lstm -- dataset=synthetic_text
     python scripts/bench.py --memory 10                      # peak RSS at 1x and 10x the steps
+    python scripts/bench.py --mode resnet18                  # torchvision ResNet-18, ~2 min
+    python scripts/bench.py --mode resnet18 --rounds 9 --clock cpu
     python scripts/bench.py --loops normbench,no-probes,bare --variant "precision=fp32" \
         --variant "precision=bf16 compile=true" --json bench.json -- device=cuda batch_size=512
 
@@ -19,6 +21,29 @@ alternating round by round so that drifting machine load hits them alike:
 - `DataLoader` (images): torchvision's ImageFolder over the same images written as PNG
   files, per-image RandomCrop + RandomHorizontalFlip + ToTensor + Normalize, and a
   DataLoader with 2 worker processes, as most training scripts do.
+
+`--mode resnet18`: torchvision's ResNet-18 (`model=torchvision`, its ImageNet stem) on 32 px
+shapes, batch 64, fp32, one torch thread, against the bare loop only (normbench with its
+default probes and log_every, and with probes=false): 60 steps per loop and round (40
+timed), 3 rounds, 250 validation images (the normbench loops evaluate once, untimed), in
+about 2-3 minutes on 2 cores; `--rounds 9` for figures to keep. 32 px images keep its
+steps short (~0.2 s on one core), where a per-step cost of normbench's would show most;
+`-- model.cifar_stem=true` measures setup=cifar10_resnet18's model instead (about 14x the
+work per image). The target is normbench at >= 0.95x the bare loop. Options given on the
+command line win over the mode's.
+
+`--clock cpu` (CPU runs) times every loop in CPU seconds of this process (time.process_time)
+rather than wall seconds: on a machine that other jobs share, a loop that is descheduled for
+a while is not charged for it. With one torch thread (threads=1, as `--mode resnet18` sets)
+it measures the work each loop does; it does not see a loop waiting on something else (a
+GPU, DataLoader workers).
+
+`--estimator median` (CPU runs) rates each loop and round from per-step times rather than
+from the total over its timed steps: the bare loop's median step; normbench's median step,
+plus the median logging step (the one the probes watch) and the median log write once per
+log_every steps, which is how often a run pays them. A step that another process delayed
+moves a median little and a total a lot: on a shared machine, single rounds of the same
+loop spread by ±20 % in total, much less in median.
 
 With `-- compile=true`, every loop's model is compiled (the hand loops' too, unless
 `--eager-baselines`), and the first steps, which compile, are left out of the rates.
@@ -48,6 +73,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -74,6 +100,11 @@ def peak_memory_mib(device: torch.device) -> float:
     return float("nan")
 
 
+# What the loops are timed with (--clock): wall seconds, or this process's CPU seconds.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -86,14 +117,60 @@ def units_per_sample(batch) -> int:
     return batch.x.shape[1] if batch.x.dim() == 2 else 1
 
 
-def normbench_rate(config: dict, run_dir: Path) -> float:
-    """Samples/s of the real loop from its own logging intervals (warm-up interval left out)."""
+def record_steps(times: dict[str, list[float]], warmup: int):
+    """Time normbench's train_step and log_step (with --clock) after step `warmup`, into
+    times["step"], ["logging"] (the steps that log, and probe) and ["log"]; returns undo."""
+    import normbench.engine.train as train
+
+    step_fn, log_fn = train.train_step, train.log_step
+
+    def train_step(exp, step, log_now):
+        start = clock()
+        out = step_fn(exp, step, log_now)
+        if step > warmup:
+            times["logging" if log_now else "step"].append(clock() - start)
+        return out
+
+    def log_step(exp, step, *args):
+        start = clock()
+        out = log_fn(exp, step, *args)
+        if step > warmup:
+            times["log"].append(clock() - start)
+        return out
+
+    train.train_step, train.log_step = train_step, log_step
+
+    def undo() -> None:
+        train.train_step, train.log_step = step_fn, log_fn
+    return undo
+
+
+def normbench_rate(config: dict, run_dir: Path, estimator: str = "mean") -> float:
+    """Samples/s of the real loop (warm-up interval left out): from its own logging
+    intervals, or (estimator "median") from the median step, logging step and log write,
+    one of each of the last two per log_every steps."""
     from rich.console import Console
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from normbench.engine import meters
     from normbench.engine.train import run_experiment
 
-    run_experiment(config, run_dir, console=Console(file=open("/dev/null", "w")), live=False)  # noqa: SIM115
+    every = int(config["log_every"])
+    times: dict[str, list[float]] = {"step": [], "logging": [], "log": []}
+    undo = record_steps(times, every) if estimator == "median" else (lambda: None)
+    # perf/samples_per_sec is timed by meters.Throughput with time.time(): --clock's instead
+    meters.time = SimpleNamespace(time=clock)
+    try:
+        run_experiment(config, run_dir, console=Console(file=open("/dev/null", "w")), live=False)  # noqa: SIM115
+    finally:
+        meters.time = time
+        undo()
+    if estimator == "median":
+        if not all(times.values()):
+            raise SystemExit("too few logging intervals: raise --steps or lower log_every")
+        med = {key: statistics.median(values) for key, values in times.items()}
+        return config["batch_size"] * every / ((every - 1) * med["step"] + med["logging"]
+                                               + med["log"])
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     points = [(e.step, e.value) for e in acc.Scalars("perf/samples_per_sec")]
@@ -121,17 +198,20 @@ def model_and_optimizer(config: dict, data, device):
 
 
 def timed_loop(config: dict, model, optimizer, batches, steps: int, warmup: int,
-               device) -> float:
-    """Samples/s of a plain forward/backward/step loop over `batches` (an iterator)."""
+               device, estimator: str = "mean") -> float:
+    """Samples/s of a plain forward/backward/step loop over `batches` (an iterator): over
+    all its timed steps, or (estimator "median") from its median step (CPU runs)."""
     from normbench.engine.evaluation import forward, loss_and_counts
     from normbench.engine.precision import autocast, prepare_input
 
     model.train()
     start = None
+    each = []
     for i in range(warmup + steps):
         if i == warmup:
             sync(device)
-            start = time.perf_counter()
+            start = clock()
+        begun = clock()
         batch = next(batches)
         batch = type(batch)(prepare_input(batch.x, config["channels_last"]), batch.y, batch.mask)
         with autocast(device, config["precision"]):
@@ -140,8 +220,12 @@ def timed_loop(config: dict, model, optimizer, batches, steps: int, warmup: int,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if i >= warmup:
+            each.append(clock() - begun)
     sync(device)
-    return steps * config["batch_size"] / (time.perf_counter() - start)
+    if estimator == "median":
+        return config["batch_size"] / statistics.median(each)
+    return steps * config["batch_size"] / (clock() - start)
 
 
 def bare_batches(data, batch_size: int, device):
@@ -187,6 +271,13 @@ def dataloader_batches(data, root: Path, batch_size: int, device, workers: int):
         for x, y in loader:
             yield Batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
 
+
+# --mode NAME: a measurement's defaults (the options' own names), and its Hydra overrides
+MODES = {"resnet18": {"models": "torchvision", "precisions": "fp32",
+                      "loops": "normbench,no-probes,bare", "steps": 60, "warmup": 20, "rounds": 3,
+                      "overrides": ["model.arch=resnet18", "batch_size=64", "threads=1",
+                                    "dataset.n_val=250"],
+                      "target": 0.95}}
 
 # --loops names -> the loops' names in the table
 LOOPS = {"normbench": "normbench", "no-probes": "normbench, probes=false", "bare": "bare",
@@ -240,7 +331,8 @@ def bench(overrides: list[str], args, tmp: Path, variant: str = "", emit=None) -
                 run_config = copy.deepcopy(config)
                 if "probes=false" in name:
                     run_config["probes"] = False
-                rate = normbench_rate(run_config, tmp / f"run-{len(list(tmp.iterdir()))}")
+                rate = normbench_rate(run_config, tmp / f"run-{len(list(tmp.iterdir()))}",
+                                      args.estimator)
             else:
                 hand = {**config, "compile": False} if args.eager_baselines else config
                 model, optimizer = model_and_optimizer(hand, data, device)
@@ -248,7 +340,7 @@ def bench(overrides: list[str], args, tmp: Path, variant: str = "", emit=None) -
                            else dataloader_batches(data, folder, config["batch_size"], device,
                                                    args.workers))
                 rate = timed_loop(config, model, optimizer, batches, args.steps - args.warmup,
-                                  args.warmup, device)
+                                  args.warmup, device, args.estimator)
                 del batches  # ends DataLoader workers
             rates[name].append(rate * unit)
             memory[name] = max(memory[name], peak_memory_mib(device))
@@ -267,7 +359,8 @@ def summarize(config: dict, data, unit: float, device, variant: str, rates: dict
     rows = []
     for name, rate in median.items():
         samples_per_s = rate / unit
-        rows.append({"model": config["model"]["name"], "norm": config["norm"]["name"],
+        rows.append({"model": config["model"].get("arch") or config["model"]["name"],
+                     "norm": config["norm"]["name"],
                      "precision": config["precision"], "channels_last": config["channels_last"],
                      "compile": config["compile"], "variant": variant, "loop": name,
                      "rate": rate, "unit": "img/s" if images else "tok/s",
@@ -288,6 +381,29 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['model']:<12}{r['norm']:<14}{r['precision']:<6}{r['loop']:<26}"
               f"{r['rate']:>10.1f}  {r['unit']} {bare:>8}{dl:>14}{r['peak_mib']:>10.0f}"
               f"{r['epoch_s']:>9.2f}  {r['variant']}")
+
+
+def print_ratios(rows: list[dict], target: float | None) -> None:
+    """normbench's loops against the bare loop of the same row group, and the target."""
+    for r in rows:
+        if r["loop"].startswith("normbench") and r["vs_bare"]:
+            verdict = ("" if target is None else
+                       f"  (target >= {target:.2f}x: {'met' if r['vs_bare'] >= target else 'MISSED'})")
+            print(f"{r['model']} {r['precision']} {r['variant']}".rstrip()
+                  + f": {r['loop']} / bare = {r['vs_bare']:.3f}x{verdict}")
+
+
+def apply_mode(parser: argparse.ArgumentParser, argv: list[str] | None = None):
+    """The arguments, with --mode's values where the command line gives none."""
+    known, _ = parser.parse_known_args(argv)
+    mode = dict(MODES.get(known.mode) or {})
+    extra = mode.pop("overrides", [])
+    mode.pop("target", None)
+    parser.set_defaults(**mode)
+    args = parser.parse_args(argv)
+    given = {o.split("=", 1)[0].lstrip("+~") for o in args.overrides}
+    args.overrides = [o for o in extra if o.split("=", 1)[0] not in given] + args.overrides
+    return args
 
 
 def memory_check(factor: int, overrides: list[str], tmp: Path) -> None:
@@ -322,6 +438,14 @@ def write_json(path: Path, rows: list[dict], args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=sorted(MODES), default=None,
+                        help="a prepared measurement (see the module's docstring)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="time the loops in wall seconds or in this process's CPU seconds")
+    parser.add_argument("--estimator", choices=("mean", "median"), default="mean",
+                        help="a loop's rate from all its timed steps, or from its median step "
+                             "(normbench: plus its logging step and log write once per "
+                             "log_every steps)")
     parser.add_argument("--models", default="resnet")
     parser.add_argument("--norms", default="batch")
     parser.add_argument("--precisions", default=None,
@@ -341,7 +465,9 @@ def main() -> None:
     parser.add_argument("--memory", type=int, default=0,
                         help="instead: peak RSS of the default run and of one N times longer")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every loop")
-    args = parser.parse_args()
+    args = apply_mode(parser)
+    global clock
+    clock = CLOCKS[args.clock]
     unknown = set(args.loops.split(",")) - set(LOOPS)
     if unknown:
         parser.error(f"unknown loop(s) {', '.join(sorted(unknown))}: use {','.join(LOOPS)}")
@@ -373,8 +499,10 @@ def main() -> None:
             rows += bench(overrides, args, Path(tmp), variant, emit)
             emit([])
         print(f"\n{torch.__version__}, {torch.get_num_threads()} threads, "
-              f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
+              f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, "
+              f"{args.clock} clock")
         print_table(rows)
+        print_ratios(rows, MODES.get(args.mode, {}).get("target"))
 
 
 if __name__ == "__main__":
