@@ -62,6 +62,47 @@ class TrainConfig:
     lr_factor: Optional[float] = MISSING
     # Filled in by the CLI in -m mode: the values the sweep gave this job (HParams, run name).
     swept: dict[str, str] = MISSING
+    why: WhyConfig = MISSING  # the landscape, ICS, curvature and similarity probes
+
+
+# ----------------------------------------------------------------------------- why probes
+# normbench/probes/why.py. `every`: the probe runs on every N-th logging step (and on the
+# last step); 0 turns it off.
+
+
+@dataclass
+class LandscapeProbeConfig:
+    every: int = MISSING
+    lr_factors: list[float] = field(default_factory=lambda: MISSING)  # step sizes: lr * factor
+
+
+@dataclass
+class IcsProbeConfig:
+    every: int = MISSING
+    layers: Optional[int] = MISSING  # weights measured, spread over the depth; null: all
+
+
+@dataclass
+class HessianProbeConfig:
+    every: int = MISSING
+    bn_mode: str = MISSING  # eval (running statistics) | train (the batch's own statistics)
+    batch_size: Optional[int] = MISSING  # the fixed batch's size; null: the run's batch_size
+    max_hvps: int = MISSING  # Hessian-vector products for lambda_max at most (Lanczos)
+    tol: float = MISSING  # relative tolerance of lambda_max
+    trace_samples: int = MISSING  # Hutchinson's Rademacher vectors for the trace
+
+
+@dataclass
+class SimilarityProbeConfig:
+    every: int = MISSING
+
+
+@dataclass
+class WhyConfig:
+    landscape: LandscapeProbeConfig = field(default_factory=LandscapeProbeConfig)
+    ics: IcsProbeConfig = field(default_factory=IcsProbeConfig)
+    hessian: HessianProbeConfig = field(default_factory=HessianProbeConfig)
+    similarity: SimilarityProbeConfig = field(default_factory=SimilarityProbeConfig)
 
 
 # ----------------------------------------------------------------------------- dataset

@@ -56,6 +56,9 @@ def _inside(label: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def render_shapes(n: int, seed: int, size: int = 32, noise: float = 0.05):
     """Render `n` images (uint8, (n,3,size,size)) and labels from one seed."""
+    # The largest buffer first: a size beyond memory is refused at once, before the
+    # per-image draws fill gigabytes.
+    score = torch.empty(n, size, size)
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
     labels = torch.randint(0, len(SHAPE_CLASSES), (n,), generator=g)
@@ -80,7 +83,6 @@ def render_shapes(n: int, seed: int, size: int = 32, noise: float = 0.05):
     c, s = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
     u, v = c * dx + s * dy, -s * dx + c * dy
     v = -v  # image rows grow downwards; shapes are defined with v up
-    score = torch.empty(n, size, size)
     for label in range(len(SHAPE_CLASSES)):  # ten vectorized passes, one per class
         pick = labels == label
         score[pick] = _inside(label, u[pick], v[pick])

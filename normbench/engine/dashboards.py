@@ -8,7 +8,8 @@ from __future__ import annotations
 LAYOUT_NAME = "normbench"
 
 # (chart title, tag regexes, shown when): "bn" charts only for models with BatchNorm,
-# "norm" for models with any norm layer, "saturation" where tanh/sigmoid units exist.
+# "norm" for models with any norm layer, "saturation" where tanh/sigmoid units exist, a
+# why-probe's name where that probe is on.
 CHARTS = [
     ("loss", [r"^train/loss$", r"^val\w*/loss$"], "always"),
     ("accuracy", [r"^train/acc$", r"^val\w*/acc$"], "always"),
@@ -35,6 +36,19 @@ CHARTS = [
     ("gradient excess kurtosis per layer", [r"^grad/kurtosis/"], "always"),
     ("update:data ratio, log10", [r"^update/"], "always"),
     ("throughput", [r"^perf/"], "always"),
+    # the why-probes, each where it is on (why.<probe>.every > 0)
+    ("landscape: loss range and gradient change along the gradient",
+     [r"^landscape/loss_range$", r"^landscape/grad_change$"], "landscape"),
+    ("landscape: effective beta-smoothness", [r"^landscape/beta_smoothness$"], "landscape"),
+    ("Hessian lambda_max beside 2/lr (edge of stability)",
+     [r"^hessian/lambda_max$", r"^hessian/two_over_lr$"], "hessian"),
+    ("Hessian trace (Hutchinson)", [r"^hessian/trace$"], "hessian"),
+    ("internal covariate shift ||G - G'|| per weight", [r"^ics/l2/"], "ics"),
+    ("internal covariate shift cos(G, G') per weight", [r"^ics/cos/"], "ics"),
+    ("internal covariate shift, mean over weights", [r"^ics/mean/"], "ics"),
+    ("cross-sample similarity per norm layer", [r"^act/similarity/"], "similarity"),
+    ("cross-sample similarity, mean and max over layers", [r"^act/similarity_(mean|max)$"],
+     "similarity"),
 ]
 
 HPARAMS = ("dataset", "n_train", "model", "arch", "norm", "batch_size", "stats_batch", "num_groups",
@@ -43,12 +57,16 @@ HPARAMS = ("dataset", "n_train", "model", "arch", "norm", "batch_size", "stats_b
 # The same metric list for every run: TensorBoard takes the list from one run of the
 # folder it is opened on, so it must not depend on the run (absent tags stay blank).
 METRICS = ("val/acc", "val/loss", "val/bpc", "val/bpt", "val/ppl", "train/loss", "train/acc",
-           "train/bpc", "train/bpt", "val_batchstats/acc", "val_precise/acc", "val_gap/acc")
+           "train/bpc", "train/bpt", "val_batchstats/acc", "val_precise/acc", "val_gap/acc",
+           "landscape/loss_range", "landscape/beta_smoothness", "hessian/lambda_max",
+           "hessian/trace", "ics/mean/l2", "act/similarity_mean")
 
 
-def layout(has_bn: bool, has_norm: bool, has_saturation: bool) -> dict:
-    """The custom-scalars layout for a model with the given kinds of layers."""
+def layout(has_bn: bool, has_norm: bool, has_saturation: bool, why: frozenset[str] = frozenset()
+           ) -> dict:
+    """The custom-scalars layout for a model with the given kinds of layers and why-probes."""
     shown = {"always": True, "bn": has_bn, "norm": has_norm, "saturation": has_saturation}
+    shown.update({probe: probe in why for probe in ("landscape", "ics", "hessian", "similarity")})
     charts = {title: ["Multiline", regexes] for title, regexes, when in CHARTS if shown[when]}
     return {LAYOUT_NAME: charts}
 
@@ -111,7 +129,8 @@ def swept_names(config: dict) -> list[str]:
 
 
 def write_dashboards(writer, hparams: dict, *, has_bn: bool, has_norm: bool,
-                     has_saturation: bool, swept: list[str] = ()) -> None:
+                     has_saturation: bool, swept: list[str] = (),
+                     why: frozenset[str] = frozenset()) -> None:
     """Write the layout and the HParams entry into the writer's own run folder.
 
     The HParams metrics are the run's own scalar tags, which the dashboard reads as they
@@ -121,7 +140,7 @@ def write_dashboards(writer, hparams: dict, *, has_bn: bool, has_norm: bool,
     """
     from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-    writer.add_custom_scalars(layout(has_bn, has_norm, has_saturation))
+    writer.add_custom_scalars(layout(has_bn, has_norm, has_saturation, why))
     experiment, start, end = hparams_summaries(hparams, dict.fromkeys(METRICS, 0.0))
     mark_swept(experiment, swept)
     for summary in (experiment, start, end):

@@ -34,6 +34,7 @@ from normbench.models import build_model
 from normbench.norms import make_spec
 from normbench.norms.counts import model_norm_counts
 from normbench.probes.monitor import Probes
+from normbench.probes.why import WhyProbes
 
 
 def select_device(name: str) -> torch.device:
@@ -131,6 +132,7 @@ class Experiment:
     last_val: dict[str, float] = field(default_factory=dict)
     buffers_agreed: int = -1  # the last step at which the ranks' running statistics were averaged
     throughput: Throughput = field(default_factory=lambda: Throughput(0))
+    why: WhyProbes | None = None  # the why-probes (built once the Experiment can prepare batches)
 
     @functools.cached_property
     def params(self) -> list[nn.Parameter]:
@@ -215,6 +217,8 @@ def build(config: dict, run_dir: Path, console: Console, live: bool) -> Experime
         summary=initial_summary(config, run_dir, norm, model, data, steps, device), steps=steps,
         scaler=grad_scaler(device, config["precision"]),
         runner=torch.compile(eager) if config["compile"] else eager, eager=eager)
+    # Rank 0's model alone, outside DDP: no other rank takes part in the extra passes.
+    exp.why = WhyProbes(model, config, data, steps, exp.prepare, enabled=distributed.is_main())
     distributed.seed_rank(config["seed"])
     if resumed:
         resume(exp, *resumed)  # last: it sets the RNG states the next steps draw from
@@ -231,7 +235,8 @@ def start_writing(exp: Experiment) -> None:
     exp.tracker.write_summary(exp.summary)
     write_dashboards(exp.tracker.writer, hparams_of(exp.summary, exp.config),
                      has_bn=bool(exp.probes.bn_layers), has_norm=bool(exp.probes.norm_layers),
-                     has_saturation=bool(exp.probes.saturating), swept=swept_names(exp.config))
+                     has_saturation=bool(exp.probes.saturating), swept=swept_names(exp.config),
+                     why=frozenset(p for p, every in exp.why.every.items() if every))
 
 
 def initial_summary(config: dict, run_dir: Path, norm, model: nn.Module, data, steps: int,

@@ -24,6 +24,7 @@ from normbench.engine.experiment import Experiment, build, checkpoint_state, sta
 from normbench.engine.guard import StopSignals, grad_norm
 from normbench.engine.tracking import mark_failed, read_summary, warn
 from normbench.norms.sync import synchronized
+from normbench.probes.why import FINAL as WHY_FINAL
 
 
 def run_experiment(config: dict, run_dir: Path, console: Console | None = None,
@@ -153,10 +154,13 @@ def record_for_lost_main(exp: Experiment) -> None:
 
 def train_step(exp: Experiment, step: int, log_now: bool) -> tuple[int, float]:
     """One optimizer step; returns the batch size and the learning rate the step used."""
-    batch = next(exp.loader)
+    batch = exp.prepare(next(exp.loader))
     probed = log_now and exp.probes.enabled
-    with exp.probes.watch_forward(probed), exp.autocast(), synchronized():
-        logits = forward(exp.train_module(probed), exp.prepare(batch))
+    why = exp.why.due(step) if log_now else frozenset()  # the why-probes due at this step
+    exp.why.start(why)
+    with exp.probes.watch_forward(probed), exp.why.watch_forward(why), exp.autocast(), \
+            synchronized():
+        logits = forward(exp.train_module(probed or bool(why)), batch)
     loss, correct, count = loss_and_counts(logits, batch)
     exp.optimizer.zero_grad(set_to_none=True)
     exp.scaler.scale(exp.objective(loss, count)).backward()  # DDP averages over the ranks
@@ -169,10 +173,12 @@ def train_step(exp: Experiment, step: int, log_now: bool) -> tuple[int, float]:
     if exp.scaler.is_enabled():  # fp16: an overflow is the scaler's to skip, not a divergence
         norm = torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))
     exp.watch.observe(step, loss, norm)
+    step_lr = exp.optimizer.param_groups[0]["lr"]  # this step's rate, before the schedule moves on
+    exp.why.before_step(why, batch, step, step_lr)
     with exp.probes.watch_step(log_now):
         exp.scaler.step(exp.optimizer)
+    exp.why.after_step(why, batch)
     exp.scaler.update()
-    step_lr = exp.optimizer.param_groups[0]["lr"]  # this step's rate, before the schedule moves on
     exp.scheduler.step()
     exp.running.add(loss, correct, count)
     exp.step = step
@@ -190,6 +196,9 @@ def log_step(exp: Experiment, step: int, step_lr: float, batch_size: int) -> flo
     if exp.data.info.kind == "text":  # bits per character (token), from the same running mean
         values.update(text_metrics(values["train/loss"], exp.data.info.unit, "train"))
     values["perf/samples_per_sec"] = exp.throughput.rate(step, batch_size)
+    why = exp.why.take()
+    values.update(why)
+    exp.summary["final"].update({tag.replace("/", "_"): why[tag] for tag in WHY_FINAL if tag in why})
     exp.tracker.scalars(values, step)
     exp.tracker.histograms(exp.probes.take_histograms(), step)
     exp.summary["final"]["train_loss"] = values["train/loss"]

@@ -27,12 +27,17 @@ from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator
 # densely: ARPACK's Lanczos basis (ncv = min(P, 20) for k = 1) would span the whole space
 # anyway, so it cannot be cheaper, and eigsh needs k < P (P = 1 is impossible for it).
 DENSE_MAX = 20
+NCV = 20  # Lanczos basis size (ARPACK's default for k = 1), fewer under a smaller HVP budget
 
 NAN = float("nan")
 
 
 class _NonFinite(Exception):
     """An HVP returned inf or NaN: raised inside eigsh's matvec to stop the iteration."""
+
+
+class _OverBudget(Exception):
+    """max_hvps HVPs are spent and eigsh has not converged."""
 
 
 def hessian_vector_product(grads: list[torch.Tensor], params: list[torch.Tensor],
@@ -118,13 +123,21 @@ def _lambda_max_dense(hessian: _Hessian) -> float:
 
 
 def _lambda_max_arpack(hessian: _Hessian, generator: torch.Generator, tol: float,
-                       max_iter: int) -> float:
-    """Largest algebraic eigenvalue of H by implicitly restarted Lanczos (eigsh, "LA")."""
+                       max_hvps: int) -> float:
+    """Largest algebraic eigenvalue of H by implicitly restarted Lanczos (eigsh, "LA"), in at
+    most `max_hvps` HVPs: a Lanczos basis of NCV vectors costs NCV HVPs, each restart
+    NCV - 1 more, so the budget sets the basis size and the number of restarts; past it the
+    iteration stops (lambda_max NaN: not converged)."""
     v0 = torch.randn(hessian.size, generator=generator, dtype=torch.float64).numpy()
     all_zero = None  # True: there were HVPs, and every one was exactly 0
+    ncv = max(2, min(hessian.size, NCV, max_hvps))
+    restarts = max(1, (max_hvps - ncv) // (ncv - 1) + 1)
+    budget = hessian.count + max_hvps
 
     def matvec(x: np.ndarray) -> np.ndarray:
         nonlocal all_zero
+        if hessian.count >= budget:
+            raise _OverBudget
         hv = hessian(torch.tensor(x.reshape(-1), dtype=torch.float64)).double().cpu().numpy()
         if not np.isfinite(hv).all():
             raise _NonFinite
@@ -133,9 +146,9 @@ def _lambda_max_arpack(hessian: _Hessian, generator: torch.Generator, tol: float
 
     op = LinearOperator((hessian.size, hessian.size), matvec=matvec, dtype=np.float64)
     try:
-        values = eigsh(op, k=1, which="LA", v0=v0, tol=tol, maxiter=max_iter,
+        values = eigsh(op, k=1, which="LA", v0=v0, tol=tol, maxiter=restarts, ncv=ncv,
                        return_eigenvectors=False)
-    except _NonFinite:
+    except (_NonFinite, _OverBudget):
         return NAN
     except ArpackNoConvergence as e:  # the eigenvalues that did converge (k = 1: none)
         return float(np.max(e.eigenvalues)) if len(e.eigenvalues) else NAN
@@ -150,16 +163,16 @@ def _lambda_max_arpack(hessian: _Hessian, generator: torch.Generator, tol: float
     return float(values.max())
 
 
-def _check(params: list[torch.Tensor], trace_samples: int, max_iter: int, tol: float) -> None:
+def _check(params: list[torch.Tensor], trace_samples: int, max_hvps: int, tol: float) -> None:
     if not params:
         raise ValueError("curvature: no parameters")
-    if trace_samples < 1 or max_iter < 1 or tol < 0:
-        raise ValueError(f"curvature: need trace_samples >= 1, max_iter >= 1, tol >= 0; got "
-                         f"{trace_samples}, {max_iter}, {tol}")
+    if trace_samples < 1 or max_hvps < 1 or tol < 0:
+        raise ValueError(f"curvature: need trace_samples >= 1, max_hvps >= 1, tol >= 0; got "
+                         f"{trace_samples}, {max_hvps}, {tol}")
 
 
 def curvature(loss: torch.Tensor, params: list[torch.Tensor], *, generator: torch.Generator,
-              trace_samples: int = 20, max_iter: int = 100, tol: float = 1e-3) -> dict[str, float]:
+              trace_samples: int = 20, max_hvps: int = 100, tol: float = 1e-3) -> dict[str, float]:
     """Largest Hessian eigenvalue and Hutchinson trace of `loss` w.r.t. `params`.
 
     Returns {"lambda_max", "trace", "trace_stderr" (sample std / sqrt(trace_samples); NaN for
@@ -174,10 +187,10 @@ def curvature(loss: torch.Tensor, params: list[torch.Tensor], *, generator: torc
 
     A non-finite loss or gradient gives NaN for every value (hvps = 0) without an HVP; a
     non-finite HVP makes the values it feeds NaN (lambda_max, or trace and its stderr). If
-    eigsh stops at max_iter, lambda_max is the eigenvalue it did converge, if any (with k = 1
-    there is none), else NaN.
+    lambda_max has not converged within max_hvps HVPs (trace_samples more go to the trace),
+    it is NaN: eigsh reports no partial eigenvalue for k = 1.
     """
-    _check(params, trace_samples, max_iter, tol)
+    _check(params, trace_samples, max_hvps, tol)
     grads = _gradients(loss, params)
     if grads is None:
         return {"lambda_max": NAN, "trace": NAN, "trace_stderr": NAN, "hvps": 0}
@@ -186,5 +199,5 @@ def curvature(loss: torch.Tensor, params: list[torch.Tensor], *, generator: torc
     if hessian.size <= DENSE_MAX:
         lam = _lambda_max_dense(hessian)
     else:
-        lam = _lambda_max_arpack(hessian, generator, tol, max_iter)
+        lam = _lambda_max_arpack(hessian, generator, tol, max_hvps)
     return {"lambda_max": lam, "trace": trace, "trace_stderr": stderr, "hvps": hessian.count}

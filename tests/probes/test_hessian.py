@@ -309,8 +309,23 @@ def test_other_arpack_errors_give_nan_with_a_warning(monkeypatch):
 
 def test_bad_arguments_are_refused():
     loss, params = loss_and_params(mlp())
-    for kwargs in ({"trace_samples": 0}, {"max_iter": 0}, {"tol": -1.0}):
+    for kwargs in ({"trace_samples": 0}, {"max_hvps": 0}, {"tol": -1.0}):
         with pytest.raises(ValueError):
             curvature(loss, params, generator=seeded(), **kwargs)
     with pytest.raises(ValueError, match="no autograd graph"):
         curvature(loss.detach(), params, generator=seeded())
+
+
+def test_lambda_max_stays_within_its_hvp_budget():
+    """max_hvps bounds the Lanczos iteration: a spectrum it cannot resolve in the budget gives
+    NaN (not converged), and the same spectrum with a larger budget converges."""
+    diag = torch.linspace(0.0, 1.0, 400, dtype=torch.float64)  # no gap at the top
+    w = torch.randn(400, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w.requires_grad_(True)
+    loss = 0.5 * (diag * w.square()).sum()
+    small = curvature(loss, [w], generator=torch.Generator().manual_seed(1), trace_samples=1,
+                      max_hvps=12, tol=1e-10)
+    assert math.isnan(small["lambda_max"]) and small["hvps"] <= 1 + 12
+    large = curvature(loss, [w], generator=torch.Generator().manual_seed(1), trace_samples=1,
+                      max_hvps=2000, tol=1e-6)
+    assert large["lambda_max"] == pytest.approx(1.0, rel=1e-5) and large["hvps"] <= 1 + 2000
