@@ -17,6 +17,7 @@ import torch
 
 from normbench.config.ranges import Range
 from normbench.config.ranges import show_value as _show
+from normbench.config.why_options import check_why_options
 from normbench.data import DataInfo
 from normbench.engine.checkpoint import check_resume, normalize_resume
 from normbench.engine.distributed import world_from_env
@@ -296,36 +297,7 @@ def check_ranges(config: dict) -> None:
     _norm_ranges(config.get("norm") or {})
     _optim_ranges(config.get("optim") or {}, config.get("sched") or {})
     _dataset_ranges(config.get("dataset") or {})
-    _why_ranges(config.get("why") or {}, (config.get("norm") or {}).get("name"))
-
-
-def _why_ranges(why: dict, norm: str | None) -> None:
-    """The why-probes' intervals and sizes (normbench/probes/why.py)."""
-    for probe, options in why.items():
-        _in_range(options, "every", f"why.{probe}.every", low=0, kind=_INTEGER,
-                  example="1 (or 0: off)", why=" (logging steps between two measurements)")
-    landscape, ics, hessian = why.get("landscape", {}), why.get("ics", {}), why.get("hessian", {})
-    factors = landscape.get("lr_factors")
-    if factors is not None and (not factors or any(
-            isinstance(f, bool) or not isinstance(f, Real) or not f > 0 for f in factors)):
-        raise UserError(f"why.landscape.lr_factors={_show(factors)} must be a non-empty list of "
-                        "positive numbers", "use e.g. why.landscape.lr_factors=[0.5,1,2,4]")
-    _in_range(ics, "layers", "why.ics.layers", low=1, kind=_INTEGER, allow_none=True,
-              example="8 (or null: every weight)")
-    if hessian.get("bn_mode", "eval") not in ("eval", "train"):
-        raise UserError(f"why.hessian.bn_mode={_show(hessian['bn_mode'])} is not a BN mode",
-                        "use why.hessian.bn_mode=eval (running statistics) or train (the "
-                        "batch's own)")
-    if hessian.get("every") and hessian.get("bn_mode") == "train" and norm == "power":
-        raise UserError("why.hessian.bn_mode=train cannot differentiate norm=power twice: its "
-                        "training backward updates its nu buffer in place",
-                        "use why.hessian.bn_mode=eval (running statistics)")
-    _in_range(hessian, "batch_size", "why.hessian.batch_size", low=1, kind=_INTEGER,
-              allow_none=True, example="128 (or null: the run's batch_size)")
-    _in_range(hessian, "max_hvps", "why.hessian.max_hvps", low=1, kind=_INTEGER, example="100")
-    _in_range(hessian, "tol", "why.hessian.tol", low=0, low_open=True, example="0.001")
-    _in_range(hessian, "trace_samples", "why.hessian.trace_samples", low=1, kind=_INTEGER,
-              example="20")
+    check_why_options(config.get("why") or {}, (config.get("norm") or {}).get("name"))
 
 
 def _norm_ranges(norm: dict) -> None:

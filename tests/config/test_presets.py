@@ -25,7 +25,8 @@ from tests.helpers.images import write_imagefolder
 PRESETS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
 SETUPS = sorted(p.stem for p in (conf_dir() / "setup").glob("*.yaml"))
 # stat_gap's gap setups each pick their own scale: a setup= would override all three.
-SCALED_PRESETS = [p for p in PRESETS if p != "stat_gap"]
+# landscape sweeps the ResNet's depth itself (a shallow and a deep one): its own test below.
+SCALED_PRESETS = [p for p in PRESETS if p not in ("stat_gap", "landscape")]
 
 
 def compose_full(overrides: list[str]):
@@ -528,3 +529,20 @@ def test_an_image_folder_under_a_presets_small_setup_is_warned_about(tmp_path, m
         preflight(overrides, True)
         assert capsys.readouterr().err == "", overrides
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # nothing written
+
+
+@pytest.mark.parametrize("setup", ["shapes_small", "cifar10"])
+def test_landscape_preset_sweeps_norms_and_two_depths_at_one_lr_with_the_probes_on(setup):
+    jobs = expand_sweep(["experiment=landscape", f"setup={setup}"])
+    configs = [compose_job(job)[0] for job in jobs]
+    for config in configs:
+        check_config(config)
+    grid = {(c["norm"]["name"], c["model"]["depth"], c["seed"]) for c in configs}
+    assert grid == set(itertools.product(["batch", "group", "layer", "none"], [8, 32], [0, 1]))
+    assert len({c["lr"] for c in configs}) == 1  # one learning rate for every norm and depth
+    assert all(c["why"][p]["every"] > 0 for c in configs
+               for p in ("landscape", "ics", "hessian", "similarity"))
+    skipinit = [compose_job(job)[0] for job in expand_sweep(
+        ["experiment=landscape", f"setup={setup}", "norm=none", "model.residual_init=zero"])]
+    assert {(c["norm"]["name"], c["model"]["residual_init"]) for c in skipinit} == {("none", "zero")}
+    assert {c["lr"] for c in skipinit} == {configs[0]["lr"]}
