@@ -3,12 +3,18 @@ the default logging interval, and on at every step, and the ratios to probes off
 
     python scripts/bench_probes.py                    # default ResNet on shapes, CPU
     python scripts/bench_probes.py --steps 400 --rounds 3 -- device=cuda batch_size=256
+    python scripts/bench_probes.py --why              # the why-probes, each on its own
 
 Throughput is read back from the runs' own `perf/samples_per_sec` (the time between two
 logging steps, probes included); the first interval (warm-up) is left out, and so are
 the evaluations, which happen outside those intervals. With several rounds the three
 settings alternate, so that drifting machine load affects them alike, and the median of
 the rounds is reported.
+
+--why: the default run (its steps, log_every 20, the default probes) once without the
+why-probes and once with each of them alone on every logging step (`why.<probe>.every=1`);
+each probe's seconds per measurement are its own `perf/why_<probe>_seconds`, and its share
+of the run is those seconds over the run's measurements, against the run without it.
 """
 
 from __future__ import annotations
@@ -40,12 +46,49 @@ def throughput(run_dir: Path, batch_size: int) -> float:
     return samples / seconds
 
 
+def why_costs(overrides: list[str]) -> None:
+    """Seconds per measurement of each why-probe and its share of the default run."""
+    import time
+
+    from rich.console import Console
+
+    from normbench.config.compose import compose_config
+    from normbench.engine.train import run_experiment
+    from normbench.probes.why import PROBES
+    from tests.helpers.common import read_scalars
+
+    quiet = Console(file=open("/dev/null", "w"))  # noqa: SIM115
+    with tempfile.TemporaryDirectory() as tmp:
+        config = compose_config(overrides)
+        start = time.perf_counter()
+        run_experiment(config, Path(tmp) / "base", console=quiet, live=False)
+        base = time.perf_counter() - start
+        print(f"model={config['model']['name']} dataset={config['dataset']['name']} "
+              f"norm={config['norm']['name']} batch_size={config['batch_size']} "
+              f"steps={config['steps']} log_every={config['log_every']}: {base:.1f} s "
+              "without why-probes", flush=True)
+        print(f"{'probe':<12}{'s/measurement':>15}{'measurements':>14}{'% of the run':>14}")
+        for probe in PROBES:
+            run_dir = Path(tmp) / probe
+            run_experiment(compose_config([*overrides, f"why.{probe}.every=1"]), run_dir,
+                           console=quiet, live=False)
+            scalars = read_scalars(run_dir)
+            seconds = [v for _, v in scalars[f"perf/why_{probe}_seconds"]]
+            each = statistics.median(seconds)
+            share = 100 * sum(seconds) / base
+            print(f"{probe:<12}{each:>15.3f}{len(seconds):>14}{share:>13.1f}%", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--why", action="store_true", help="the why-probes' cost, each alone")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for all settings")
     args = parser.parse_args()
+    if args.why:
+        why_costs(args.overrides)
+        return
 
     from rich.console import Console
 

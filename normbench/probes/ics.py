@@ -33,18 +33,19 @@ def parameter_order(model: nn.Module, run_forward: Callable[[], Any]) -> list[st
     parameter a module uses directly (a ViT's position embedding, owned by the model itself)
     ranks with that module's call. A module called many times (a recurrent cell) ranks at its
     first call; a parameter shared by several modules at the earliest of their first calls.
-    Parameters of modules never called come last, in registration order. The hooks are
-    removed afterwards, also on an exception.
+    A module never called itself whose submodules are (a container whose children use its
+    parameters: the LSTM's per-step norms share their container's scale and shift) ranks at
+    its first submodule's call. Parameters of modules never called at all come last, in
+    registration order. The hooks are removed afterwards, also on an exception.
     """
     first_call: dict[int, int] = {}  # id(module) -> rank of its first call
 
     def record(module: nn.Module, args: Any) -> None:
         first_call.setdefault(id(module), len(first_call))
 
-    owners = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
     handles = []
     try:
-        for module in owners:
+        for module in model.modules():
             handles.append(module.register_forward_pre_hook(record))
         with torch.no_grad():
             run_forward()
@@ -59,7 +60,10 @@ def rank_by_call(model: nn.Module, first_call: dict[int, int]) -> list[str]:
     owners keep registration order (the sort is stable)."""
     rank: dict[int, float] = {}  # id(parameter) -> earliest first call of a module owning it
     for module in model.modules():
-        called = first_call.get(id(module), math.inf)
+        called = first_call.get(id(module))
+        if called is None:  # a container: when its first submodule was called, if ever
+            called = min((first_call.get(id(m), math.inf) for m in module.modules()),
+                         default=math.inf)
         for p in module.parameters(recurse=False):
             rank[id(p)] = min(rank.get(id(p), math.inf), called)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]

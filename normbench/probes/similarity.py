@@ -20,6 +20,7 @@ the collapse is expected), each module measured on its output in the training fo
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
 import torch
@@ -75,6 +76,7 @@ class SimilarityProbe:
         self.places = similarity_places(model)
         self._sums: dict[str, torch.Tensor] = {}
         self._pairs: dict[str, torch.Tensor] = {}
+        self.seconds = 0.0  # in the hooks since the last take (host time: on CUDA, launches)
 
     @contextmanager
     def watch(self, active: bool):
@@ -96,8 +98,10 @@ class SimilarityProbe:
             x = args[0] if args else output
             # (N, T) for tokens, (N,) for the LSTM's per-step rows
             mask = token_mask(x, args, kwargs) if isinstance(x, torch.Tensor) else None
+            start = time.perf_counter()
             with torch.no_grad():
                 total, pairs = pair_similarity(output, mask)
+            self.seconds += time.perf_counter() - start
             self._sums[name] = self._sums.get(name, 0) + total
             self._pairs[name] = self._pairs.get(name, 0) + pairs
 
@@ -114,4 +118,5 @@ class SimilarityProbe:
                 pairs > 0, value, torch.full_like(total, float("nan"))).float()
         self._sums.clear()
         self._pairs.clear()
+        self.seconds = 0.0
         return out

@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from normbench.engine.evaluation import batch_statistics, forward, loss_and_counts
+from normbench.errors import UserError
 from normbench.probes.hessian import curvature
 from normbench.probes.ics import internal_covariate_shift, parameter_order
 from normbench.probes.landscape import landscape
@@ -120,7 +121,10 @@ class WhyProbes:
         self._saved: ModelState | None = None
         self._before: dict[str, torch.Tensor] | None = None
         self._order: list[str] | None = None
-        self.hessian_batch = self._fixed_batch(config) if self.every["hessian"] else None
+        self.hessian_batch = None
+        if self.every["hessian"]:
+            self.hessian_batch = self._fixed_batch(config)
+            self._check_second_derivatives(config)
 
     @property
     def enabled(self) -> bool:
@@ -144,6 +148,7 @@ class WhyProbes:
     def before_step(self, due: frozenset[str], batch, step: int, step_lr: float) -> None:
         """After the backward pass, before the optimizer's step (the weights are theta)."""
         if "similarity" in due:
+            self._values["perf/why_similarity_seconds"] = self.similarity.seconds
             self._tensors.update(self.similarity.take())
         if "landscape" in due:
             self._timed("landscape", lambda: self._landscape(batch))
@@ -224,6 +229,31 @@ class WhyProbes:
         with isolated(self.model):
             loader = self.data.train_loader(size, seed=self.seed + HESSIAN_SEED_OFFSET)
             return self.prepare(next(iter(loader)))
+
+    def _check_second_derivatives(self, config: dict) -> None:
+        """Refuse, before the run writes anything, a model with an operation PyTorch cannot
+        differentiate twice (hardsigmoid, say): one Hessian-vector product on two samples."""
+        batch = self.hessian_batch
+        two = type(batch)(batch.x[:2], batch.y[:2], None if batch.mask is None else batch.mask[:2])
+        params = [p for _, p in self._trained()]
+        with isolated(self.model), probe_kernels():
+            self.model.eval()
+            loss = loss_and_counts(forward(self.model, two), two)[0]
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            used = [(g, p) for g, p in zip(grads, params, strict=True)
+                    if g is not None and g.requires_grad]
+            try:
+                torch.autograd.grad([g for g, _ in used], [p for _, p in used],
+                                    grad_outputs=[torch.ones_like(g) for g, _ in used],
+                                    allow_unused=True)
+            except RuntimeError as e:
+                missing = str(e).split("\n")[0]
+                model = config["model"]
+                name = " ".join([f"model={model['name']}", *(
+                    [f"model.arch={model['arch']}"] if model.get("arch") else [])])
+                raise UserError(f"why.hessian needs second derivatives, which {name} does not "
+                                f"have ({missing})", "turn it off with why.hessian.every=0 "
+                                "(the other why-probes need first derivatives only)") from None
 
     def _hessian(self, step: int, step_lr: float) -> dict[str, float]:
         options = self.options["hessian"]

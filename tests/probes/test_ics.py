@@ -228,3 +228,21 @@ def test_parameter_order_removes_its_hooks_on_an_exception():
     with pytest.raises(RuntimeError, match="boom"):
         parameter_order(model, failing)
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_container_whose_children_use_its_parameters_ranks_at_its_first_childs_call():
+    """The LSTM's per-step norms share their container's scale and shift, and the cell calls
+    the step children (`norm.at(t)`), never the container: its parameters rank where its
+    first step child was called, before the parameters of later layers, not last."""
+    from normbench.data import DataInfo
+    from normbench.models import build_model
+    from tests.helpers.config_defaults import model_options, norm_spec
+
+    model = build_model(model_options("lstm", depth=1, hidden=4, embed=4, t_max=3),
+                        norm_spec("batch"), DataInfo(kind="text", num_classes=7, seq_len=3))
+    order = parameter_order(model, lambda: model(torch.randint(0, 7, (2, 3))))
+    names = [n for n, _ in model.named_parameters()]
+    head = [n for n in names if n.startswith("head")]
+    shared = [n for n in names if ".norm_h." in n or ".norm_c." in n]
+    assert shared and head
+    assert max(order.index(n) for n in shared) < min(order.index(n) for n in head)
