@@ -3,6 +3,7 @@
     python scripts/results.py --run         # run every study (~70 min on 2 CPU cores), then write
     python scripts/results.py               # write from the sweep folders already in --runs
     python scripts/results.py --run --only stats_batch,lr
+    python scripts/results.py --run --only landscape --section landscape   # one study's section
 
 Each study is one or more `normbench train -m` sweeps (each into RUNS/<sweep>) and one or
 more `normbench report` calls on them. docs/results.md gets, per study, the question, the
@@ -57,6 +58,23 @@ class Study:
     sweeps: list[Sweep]
     reports: list[Report]
 
+
+# experiment=landscape's reports: a final value (the end of training) or a logged tag (its
+# mean over the second half of training, as `normbench report --metric TAG` takes it).
+LANDSCAPE_METRICS = [
+    ("hessian_lambda_max", "Hessian λ_max on the fixed batch at the end of training (BN in "
+                           "eval mode), against the ResNet's depth."),
+    ("hessian_trace", "Hessian trace (Hutchinson, 20 vectors) at the end of training."),
+    ("landscape/loss_range", "Loss range along the gradient (η = ½ to 4 × lr), mean over the "
+                             "second half of training."),
+    ("landscape/beta_smoothness", "Effective β-smoothness along the gradient, mean over the "
+                                  "second half of training."),
+    ("ics/mean/l2", "Internal covariate shift ‖G − G′‖ (mean over 8 weights), mean over the "
+                    "second half of training."),
+    ("act_similarity_max", "Cross-sample cosine similarity at the most collapsed norm layer, at "
+                           "the end of training."),
+    ("val_err", "Validation error (%)."),
+]
 
 STUDIES = [
     Study(
@@ -135,6 +153,22 @@ STUDIES = [
                  "--reference", "resnet"],
                 "tid_sigma per model and text condition (unit, sample); the ResNet on "
                 "images has no text condition (n/a).")]),
+
+    Study(
+        "landscape", "Why normalization helps: landscape, covariate shift, curvature, collapse",
+        "Santurkar et al. (2018): BN does not reduce internal covariate shift but makes the "
+        "loss landscape smoother along the gradient. Yao et al. (2020, PyHessian): BN lowers "
+        "the Hessian's top eigenvalue and trace for deep ResNets but not necessarily for "
+        "shallow ones. Lubana et al. (2021): without normalization activations collapse "
+        "towards one direction. Here BN, GN, LN and no norm (and no norm with SkipInit, De & "
+        "Smith 2020) train ResNet-8 and ResNet-32 on the 16-px shapes at one constant "
+        "learning rate, 2 seeds, with every why-probe on (docs/why.md).",
+        [Sweep("landscape", ["experiment=landscape"]),
+         Sweep("landscape_skipinit", ["experiment=landscape", "norm=none",
+                                      "model.residual_init=zero"])],
+        [Report(f"landscape_{metric.replace('/', '_')}", ["landscape", "landscape_skipinit"],
+                ["--x", "model.depth", "--metric", metric], caption, curves=False)
+         for metric, caption in LANDSCAPE_METRICS]),
 ]
 
 
@@ -247,37 +281,64 @@ def write(studies: list[Study], runs: Path, docs: Path) -> Path:
              ""]
     lines += ["## Contents", ""] + [f"- [{s.title}](#{anchor(s.title)})" for s in studies] + [""]
     for study in studies:
-        lines += [f"## {study.title}", "", study.question, "", "Commands:", "", "```bash"]
-        sweeps = {s.folder: s for s in study.sweeps}
-        ran = {s.folder: [(f, o) for f, o in [(s.folder, s.overrides), *s.extra]
-                          if (runs / f).is_dir()] for s in study.sweeps}
-        for sweep in study.sweeps:
-            for folder, overrides in ran[sweep.folder]:
-                lines.append(shown(train_command(runs / folder, overrides), runs))
-        report_lines = []
-        for report in study.reports:
-            typed, out = run_report(report, sweeps, runs, docs)
-            lines += typed
-            report_lines += [f"### {report.caption}", ""]
-            report_lines += embed(out / "report.md", f"results/{report.name}") + [""]
-        lines += ["```", ""]
-        extras = [f for s in study.sweeps for f, _ in ran[s.folder][1:]]
-        if extras:
-            lines += [f"The jobs of {', '.join(f'`{f}`' for f in extras)} are the same jobs as "
-                      "the first sweep's (same settings and seeds), run again by narrower "
-                      "commands after that sweep was stopped partway; the report reads all "
-                      "the folders.", ""]
-        lines += ["Wall time on this machine:", ""]
-        for sweep in study.sweeps:
-            for folder, _ in ran[sweep.folder]:
-                path = runs / folder
-                seconds = wall_seconds(path)
-                total, done = job_count(path)
-                took = f"{seconds / 60:.1f} min" if seconds is not None else "unknown"
-                lines.append(f"- `{folder}`: {total} jobs ({done} completed), {took}")
-        lines += [""] + report_lines
+        lines += study_lines(study, runs, docs)
     path = docs / "results.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def study_lines(study: Study, runs: Path, docs: Path) -> list[str]:
+    """One study's section of results.md: question, commands, wall time, reports."""
+    lines: list[str] = []
+    lines += [f"## {study.title}", "", study.question, "", "Commands:", "", "```bash"]
+    sweeps = {s.folder: s for s in study.sweeps}
+    ran = {s.folder: [(f, o) for f, o in [(s.folder, s.overrides), *s.extra]
+                      if (runs / f).is_dir()] for s in study.sweeps}
+    for sweep in study.sweeps:
+        for folder, overrides in ran[sweep.folder]:
+            lines.append(shown(train_command(runs / folder, overrides), runs))
+    report_lines = []
+    for report in study.reports:
+        typed, out = run_report(report, sweeps, runs, docs)
+        lines += typed
+        report_lines += [f"### {report.caption}", ""]
+        report_lines += embed(out / "report.md", f"results/{report.name}") + [""]
+    lines += ["```", ""]
+    extras = [f for s in study.sweeps for f, _ in ran[s.folder][1:]]
+    if extras:
+        lines += [f"The jobs of {', '.join(f'`{f}`' for f in extras)} are the same jobs as "
+                  "the first sweep's (same settings and seeds), run again by narrower "
+                  "commands after that sweep was stopped partway; the report reads all "
+                  "the folders.", ""]
+    lines += ["Wall time on this machine:", ""]
+    for sweep in study.sweeps:
+        for folder, _ in ran[sweep.folder]:
+            path = runs / folder
+            seconds = wall_seconds(path)
+            total, done = job_count(path)
+            took = f"{seconds / 60:.1f} min" if seconds is not None else "unknown"
+            lines.append(f"- `{folder}`: {total} jobs ({done} completed), {took}")
+    lines += [""] + report_lines
+    return lines
+
+
+def write_section(study: Study, runs: Path, docs: Path) -> Path:
+    """Replace (or add) one study's section of an existing results.md, leaving the others as
+    they are: a study run on its own, without the other studies' sweep folders."""
+    path = docs / "results.md"
+    old = path.read_text().rstrip("\n").split("\n")
+    heading = f"## {study.title}"
+    new = study_lines(study, runs, docs)
+    if heading in old:
+        start = old.index(heading)
+        end = next((i for i in range(start + 1, len(old)) if old[i].startswith("## ")), len(old))
+        old[start:end] = new
+    else:
+        old += [""] + new
+        contents = old.index("## Contents")
+        last = max(i for i in range(contents, len(old)) if old[i].startswith("- ["))
+        old.insert(last + 1, f"- [{study.title}](#{anchor(study.title)})")
+    path.write_text("\n".join(old).rstrip() + "\n")
     return path
 
 
@@ -296,9 +357,11 @@ def main() -> int:
     parser.add_argument("--runs", default=str(REPO / "runs" / "results"),
                         help="where the sweep folders are (default runs/results)")
     parser.add_argument("--docs", default=str(REPO / "docs"), help="where results.md goes")
+    parser.add_argument("--section", default="", help="write only this study's section into "
+                        "the existing results.md (its sweeps alone need to be in --runs)")
     opts = parser.parse_args()
     keys = [k for k in opts.only.split(",") if k]
-    unknown = set(keys) - {s.key for s in STUDIES}
+    unknown = (set(keys) | ({opts.section} if opts.section else set())) - {s.key for s in STUDIES}
     if unknown:
         parser.error(f"unknown study {', '.join(sorted(unknown))}")
     runs, docs = Path(opts.runs), Path(opts.docs)
@@ -309,6 +372,10 @@ def main() -> int:
                 print(f"results: {study.key}: {shown(command, runs)}", flush=True)
                 subprocess.run(command, cwd=REPO)
                 print(f"results: {time.time() - start:.0f} s", flush=True)
+    if opts.section:
+        (study,) = [s for s in STUDIES if s.key == opts.section]
+        print(f"results: wrote the {study.key} section of {write_section(study, runs, docs)}")
+        return 0
     print(f"results: wrote {write(STUDIES, runs, docs)}")
     return 0
 

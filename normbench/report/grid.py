@@ -18,8 +18,9 @@ from normbench.report.runs import Run
 # Candidates for --x auto, in order: the first that takes several values is the swept one.
 AUTO_X = ("batch_size", "stats_batch", "lr", "weight_decay", "num_groups", "group_size", "depth",
           "width")
-# model.arch and model.target: which model a builder made (model=torchvision, timm, custom).
-ROW_KEYS = ("model", "arch", "target", "dataset", "norm")
+# model.arch and model.target: which model a builder made (model=torchvision, timm, custom);
+# residual_init: norm=none with and without SkipInit are two rows (experiment=landscape).
+ROW_KEYS = ("model", "arch", "target", "dataset", "norm", "residual_init")
 
 
 def metric_direction(metric: str) -> str | None:
