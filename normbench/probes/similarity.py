@@ -50,16 +50,28 @@ def pair_similarity(x: torch.Tensor, mask: torch.Tensor | None = None
     else:  # one position: the whole sample, or one step's (N, C) rows with an (N,) mask
         rows = x.reshape(x.shape[0], 1, -1)
         real = None if mask is None else mask.reshape(-1, 1).bool()
-    norms = torch.linalg.vector_norm(rows, dim=-1)  # (N, T)
+    norms = row_norms(rows)  # (N, T), float64
     keep = norms > 0
     if real is not None:
         keep = keep & real
     # sum_i u_i per position as one contraction: no normalized copy of the activation
-    scale = keep / norms.clamp(min=torch.finfo(torch.float32).tiny)
+    scale = (keep / norms.clamp(min=torch.finfo(torch.float64).tiny)).float()
     totals = torch.einsum("ntc,nt->tc", rows, scale).double()  # (T, C)
     n = keep.sum(0).double()  # (T,)
     # in float64: each position's pair sum is a difference of two numbers of size up to n^2
     return (totals.square().sum() - n.sum()), (n * (n - 1)).sum()
+
+
+def row_norms(rows: torch.Tensor, chunk_entries: int = 1 << 22) -> torch.Tensor:
+    """The float64 norm of each (n, t) row of an (N, T, C) tensor. In float32 a squared norm
+    overflows past 3.4e38 (a diverging network's activations, whose loss is still finite)
+    or underflows for tiny ones; a float64 copy is made a few samples at a time, not of the
+    whole activation."""
+    per_sample = max(1, rows[0].numel()) if rows.shape[0] else 1
+    step = max(1, chunk_entries // per_sample)
+    return torch.cat([torch.linalg.vector_norm(rows[i:i + step].double(), dim=-1)
+                      for i in range(0, rows.shape[0], step)] or [rows.new_zeros(rows.shape[:2],
+                                                                               dtype=torch.float64)])
 
 
 def mean_cosine_similarity(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -118,3 +118,14 @@ def test_places_are_the_norm_layers_and_none_identities(norm):
     values = probe.take()
     assert values and all(tag.startswith("act/similarity/") for tag in values)
     assert all(-1 <= v.item() <= 1 for v in values.values() if not math.isnan(v.item()))
+
+
+@pytest.mark.parametrize("scale", [2e17, 1e-23])
+def test_a_cosine_does_not_depend_on_the_scale_of_huge_or_tiny_activations(scale):
+    # A diverging network without normalization reaches activations whose squared norm per
+    # sample overflows float32 (> 3.4e38) while its loss is still finite: with that norm at
+    # inf every row would count as 0 (-1/7 here); tiny ones (a subnormal squared norm) would
+    # read as a false collapse (above 1).
+    x = torch.randn(8, 64, 16, 16, generator=torch.Generator().manual_seed(0))
+    expected = mean_cosine_similarity(x).item()
+    assert mean_cosine_similarity(x * scale).item() == pytest.approx(expected, abs=1e-5)

@@ -29,7 +29,8 @@ CASES = {
     # hardsigmoid has no second derivative: every why-probe but the Hessian
     "torchvision-mobilenet": ["model=torchvision", "model.arch=mobilenet_v3_small"],
     "lstm-per-step-bn": ["model=lstm", "dataset=synthetic_text", "dataset.seq_len=24",
-                         "dataset.max_depth=0", "batch_size=16"],  # short: a BN per step
+                         "dataset.max_depth=0", "batch_size=16", "dataset.n_val=32",
+                         "precise_bn_batches=0"],  # short: a BN per time step
 }
 
 
