@@ -21,6 +21,8 @@ AUTO_X = ("batch_size", "stats_batch", "lr", "weight_decay", "num_groups", "grou
 # model.arch and model.target: which model a builder made (model=torchvision, timm, custom);
 # residual_init: norm=none with and without SkipInit are two rows (experiment=landscape).
 ROW_KEYS = ("model", "arch", "target", "dataset", "norm", "residual_init")
+# summary.json's final values of the why-probes (landscape_loss_range, hessian_lambda_max, ...)
+WHY_PREFIXES = ("landscape_", "ics_", "hessian_", "act_similarity_")
 
 
 def metric_direction(metric: str) -> str | None:
@@ -30,8 +32,9 @@ def metric_direction(metric: str) -> str | None:
     any added later) is maximized without a list to keep in step. None for a logged probe
     (a TensorBoard tag: a gap, a gradient norm) and for the train/eval discrepancy
     (val_gap_*: running minus batch statistics), which are only higher or lower; a gap of
-    either sign means the two evaluations disagree."""
-    if "/" in metric or metric.startswith("val_gap_"):
+    either sign means the two evaluations disagree. None for the why-probes' final values
+    (curvature, smoothness, covariate shift, similarity: what they say is the question)."""
+    if "/" in metric or metric.startswith(("val_gap_", *WHY_PREFIXES)):
         return None
     return "higher" if metric.split("_")[-1] in ("acc", "accuracy") else "lower"
 

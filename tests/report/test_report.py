@@ -71,7 +71,9 @@ def test_every_accuracy_is_higher_is_better_and_a_gap_has_no_better_side(tmp_pat
         assert metric_direction(metric) == "higher", metric
     for metric in ("val_err", "val_loss", "val_bpc", "train_loss", "val_precise_loss"):
         assert metric_direction(metric) == "lower", metric
-    for metric in ("val_gap_acc", "val_gap_loss", "bn_gap/mean/tid_sigma"):
+    for metric in ("val_gap_acc", "val_gap_loss", "bn_gap/mean/tid_sigma",
+                   "hessian_lambda_max", "landscape_loss_range", "ics_mean_l2",
+                   "act_similarity_max"):  # the why-probes' values: no side is better
         assert metric_direction(metric) is None, metric
     # PreciseBN's accuracy: the best lr is the argmax, and report.md says higher is better.
     for lr, acc in [(0.1, 0.6), (0.4, 0.9), (1.6, 0.7)]:
