@@ -161,8 +161,10 @@ STUDIES = [
         "the Hessian's top eigenvalue and trace for deep ResNets but not necessarily for "
         "shallow ones. Lubana et al. (2021): without normalization activations collapse "
         "towards one direction. Here BN, GN, LN and no norm (and no norm with SkipInit, De & "
-        "Smith 2020) train ResNet-8 and ResNet-32 on the 16-px shapes at one constant "
-        "learning rate, 2 seeds, with every why-probe on (docs/why.md).",
+        "Smith 2020) train ResNet-8 and ResNet-32 on the 16-px shapes with one learning-rate "
+        "schedule (the setup's lr 0.2 at batch 32, cosine down to a tenth), 2 seeds, with "
+        "every why-probe on (docs/why.md). The Hessian is taken at the end of training; the "
+        "landscape and ICS are each run's mean over the second half of training.",
         [Sweep("landscape", ["experiment=landscape"]),
          Sweep("landscape_skipinit", ["experiment=landscape", "norm=none",
                                       "model.residual_init=zero"])],
@@ -184,10 +186,12 @@ def shown(command: list[str], runs: Path) -> str:
 
 
 def relative(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
+    for candidate in (path.absolute(), path.resolve()):  # runs/results may be a link elsewhere
+        try:
+            return str(candidate.relative_to(REPO))
+        except ValueError:
+            continue
+    return str(path)
 
 
 def folders(runs: Path, sweep: Sweep) -> list[Path]:
@@ -329,6 +333,9 @@ def write_section(study: Study, runs: Path, docs: Path) -> Path:
     old = path.read_text().rstrip("\n").split("\n")
     heading = f"## {study.title}"
     new = study_lines(study, runs, docs)
+    # the file's header names the machine of a full run; this section's may differ
+    new[4:4] = [f"This section alone was written on {datetime.date.today().isoformat()} "
+                f"(`scripts/results.py --section {study.key}`) on {machine()}.", ""]
     if heading in old:
         start = old.index(heading)
         end = next((i for i in range(start + 1, len(old)) if old[i].startswith("## ")), len(old))
