@@ -57,6 +57,8 @@ class Study:
     question: str
     sweeps: list[Sweep]
     reports: list[Report]
+    # What the tables show, in words (written after reading them; printed after the commands).
+    outcome: str = ""
 
 
 # experiment=landscape's reports: a final value (the end of training) or a logged tag (its
@@ -67,6 +69,8 @@ LANDSCAPE_METRICS = [
     ("hessian_trace", "Hessian trace (Hutchinson, 20 vectors) at the end of training."),
     ("landscape/loss_range", "Loss range along the gradient (η = ½ to 4 × lr), mean over the "
                              "second half of training."),
+    ("landscape/grad_change", "Gradient change along the gradient, max over η of ‖∇L(θ) − "
+                              "∇L(θ − ηg)‖, mean over the second half of training."),
     ("landscape/beta_smoothness", "Effective β-smoothness along the gradient, mean over the "
                                   "second half of training."),
     ("ics/mean/l2", "Internal covariate shift ‖G − G′‖ (mean over 8 weights), mean over the "
@@ -170,7 +174,14 @@ STUDIES = [
                                       "model.residual_init=zero"])],
         [Report(f"landscape_{metric.replace('/', '_')}", ["landscape", "landscape_skipinit"],
                 ["--x", "model.depth", "--metric", metric], caption, curves=False)
-         for metric, caption in LANDSCAPE_METRICS]),
+         for metric, caption in LANDSCAPE_METRICS],
+        outcome="Santurkar's direction holds for the landscape (of the networks that trained, "
+        "BN's loss range, gradient change and β-smoothness are the lowest at both depths) "
+        "but not for internal covariate shift "
+        "(BN's is lower than without a norm, where Santurkar found it no lower); PyHessian's "
+        "does not (BN's λ_max is not lower on the deep network: higher than no norm with "
+        "SkipInit's). The deep LayerNorm network did not train at this lr and its activations "
+        "collapsed (similarity 0.98). Two seeds: only large differences pass a test."),
 ]
 
 
@@ -314,6 +325,8 @@ def study_lines(study: Study, runs: Path, docs: Path) -> list[str]:
                   "the first sweep's (same settings and seeds), run again by narrower "
                   "commands after that sweep was stopped partway; the report reads all "
                   "the folders.", ""]
+    if study.outcome:
+        lines += [f"What this run shows: {study.outcome}", ""]
     lines += ["Wall time on this machine:", ""]
     for sweep in study.sweeps:
         for folder, _ in ran[sweep.folder]:
