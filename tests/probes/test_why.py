@@ -30,7 +30,8 @@ CASES = {
     "torchvision-mobilenet": ["model=torchvision", "model.arch=mobilenet_v3_small"],
     "lstm-per-step-bn": ["model=lstm", "dataset=synthetic_text", "dataset.seq_len=24",
                          "dataset.max_depth=0", "batch_size=16", "dataset.n_val=32",
-                         "precise_bn_batches=0"],  # short: a BN per time step
+                         "precise_bn_batches=0", "steps=4"],
+    # short: a BN per time step, and a double backward through every one of them
 }
 
 
@@ -45,7 +46,8 @@ def test_probes_on_leave_the_run_bit_identical(tmp_path, case):
     tiny = [o for o in TINY if not (o.startswith("model.") and "model=torchvision" in CASES[case])]
     off = run_experiment(compose_config([*tiny, *CASES[case]]), tmp_path / "off", live=False)
     probes = [o for o in ALL_ON if not ("mobilenet" in case and o.startswith("why.hessian"))]
-    on = run_experiment(compose_config([*tiny, *CASES[case], *probes]), tmp_path / "on", live=False)
+    # the case's own overrides last: they may narrow the run and the Hessian's interval
+    on = run_experiment(compose_config([*tiny, *probes, *CASES[case]]), tmp_path / "on", live=False)
     assert off["status"] == on["status"] == "completed"
     shared = {k for k in off["final"] if not k.startswith("perf")}
     assert shared and {k: on["final"][k] for k in shared} == {k: off["final"][k] for k in shared}
@@ -53,11 +55,12 @@ def test_probes_on_leave_the_run_bit_identical(tmp_path, case):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = [read_scalars(tmp_path / d)["train/loss"] for d in ("off", "on")]
     assert losses[0] == losses[1]
-    # and they measured something, on every logging step (6 steps, log_every 2)
+    # and they measured something, on every logging step (log_every 2), the Hessian on the last
     scalars = read_scalars(tmp_path / "on")
+    steps = list(range(2, on["steps"] + 1, 2))
     for tag in ("landscape/loss_range", "landscape/beta_smoothness", "ics/mean/l2",
                 *(["hessian/trace"] if probes == ALL_ON else []), "act/similarity_mean"):
-        assert [s for s, _ in scalars[tag]] == ([6] if tag.startswith("hessian") else [2, 4, 6])
+        assert [s for s, _ in scalars[tag]] == (steps[-1:] if tag.startswith("hessian") else steps)
         assert all(math.isfinite(v) for _, v in scalars[tag]), tag
     for tag in FINAL:
         skipped = tag.startswith("hessian") and probes != ALL_ON
@@ -107,16 +110,18 @@ def test_spread_keeps_the_first_and_last_and_is_even():
 
 def test_due_steps_follow_the_interval_in_logging_steps_and_the_last_step(tiny_config):
     from normbench.engine.experiment import load_data
+    from normbench.models import build_model
+    from normbench.norms import make_spec
 
     config = tiny_config("why.landscape.every=2", "why.hessian.every=3", "log_every=5")
     data = load_data(config["dataset"], torch.device("cpu"))
-    probes = WhyProbes(torch.nn.Linear(2, 2), config, data, 37, lambda b: b)
+    model = build_model(config["model"], make_spec(**config["norm"]), data.info)
+    probes = WhyProbes(model, config, data, 37, lambda b: b)
     due = {step: probes.due(step) for step in range(5, 38, 5)}
     assert [s for s, d in due.items() if "landscape" in d] == [10, 20, 30]
     assert [s for s, d in due.items() if "hessian" in d] == [15, 30]
     assert probes.due(37) == {"landscape", "hessian"}  # the last step, for the final values
-    assert WhyProbes(torch.nn.Linear(2, 2), config, data, 37, lambda b: b,
-                     enabled=False).due(37) == frozenset()
+    assert WhyProbes(model, config, data, 37, lambda b: b, enabled=False).due(37) == frozenset()
 
 
 @pytest.mark.slow
