@@ -90,6 +90,10 @@ def check_config(config: dict) -> None:
     dataset = config["dataset"]
     if dataset.get("kind") == "text" and dataset.get("path"):
         check_text_file(dataset["path"], text_context(config))
+    if dataset.get("name") == "imagefolder" and dataset.get("root"):
+        from normbench.data.images import check_image_folder
+
+        check_image_folder(dataset["root"])
     check_model_builds(config)
 
 
@@ -336,6 +340,10 @@ def _dataset_ranges(dataset: dict) -> None:
     _in_range(dataset, "val_fraction", "dataset.val_fraction", low=0, high=1, low_open=True,
               high_open=True, example="0.1")
     _in_range(dataset, "noise", "dataset.noise", low=0, example="0.05")
+    _in_range(dataset, "memory_budget_gb", "dataset.memory_budget_gb", low=0, example="4")
+    _in_range(dataset, "workers", "dataset.workers", low=0, kind=_INTEGER, allow_none=True,
+              example="8")
+    _in_range(dataset, "prefetch", "dataset.prefetch", low=1, kind=_INTEGER, example="4")
     _in_range(dataset, "max_depth", "dataset.max_depth", low=0, kind=_INTEGER, example="2")
     if "unit" in dataset:  # the text files' condition: unit, sample, vocab_size
         from normbench.data.corpus import check_condition

@@ -143,6 +143,10 @@ class ImageFolderConfig(DatasetConfig):
     n_train: Optional[int] = MISSING
     n_val: Optional[int] = MISSING
     seed: int = MISSING
+    stream: Optional[bool] = MISSING
+    memory_budget_gb: float = MISSING
+    workers: Optional[int] = MISSING
+    prefetch: int = MISSING
 
 
 @dataclass

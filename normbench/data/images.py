@@ -196,52 +196,119 @@ def cifar_dataset(name: str, root: str = "data_cache", download: bool = True,
 
 
 def imagefolder_dataset(root: str | None = None, image_size: int = 32, augment: bool = True,
-                        n_train: int | None = None, n_val: int | None = None,
-                        seed: int = 0) -> ImageDataset:
-    """Any folder with train/ and val/ split into class subfolders, resized to a square.
+                        n_train: int | None = None, n_val: int | None = None, seed: int = 0,
+                        stream: bool | None = None, memory_budget_gb: float = 4.0,
+                        workers: int | None = None, prefetch: int = 4):
+    """Any folder with train/ and val/ split into class subfolders.
 
     n_train / n_val keep a class-stratified subset of each split (only those files are read).
+    The images are read into memory, each resized to a square, when they fit in
+    `memory_budget_gb` as uint8; otherwise, or with stream=true, they stream from disk
+    (`normbench.data.streaming`, with `workers` decoding processes, null: one per core up to 8).
     """
-    import torchvision
-
     if not root:
         raise UserError("dataset=imagefolder needs a folder",
                         "add dataset.root=/path/with/train_and_val")
+    base = check_image_folder(root)  # before a long listing of train/
+    train, classes = list_split(base, "train", n_train, 2 * seed)
+    val, _ = list_split(base, "val", n_val, 2 * seed + 1, classes)
+    name = f"imagefolder:{base}"
+    in_memory_gb = (len(train) + len(val)) * 3 * image_size**2 / 2**30
+    if stream is None:
+        stream = in_memory_gb > memory_budget_gb
+    if stream:
+        from normbench.data.streaming import FileList, StreamedImages
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return StreamedImages(FileList(train), FileList(val), len(classes), image_size=image_size,
+                              augment=augment, name=name, seed=seed, prefetch=prefetch,
+                              workers=min(8, cores or 1) if workers is None else workers)
+    tx, ty = read_images(train, image_size)
+    vx, vy = read_images(val, image_size)
+    return ImageDataset(tx, ty, vx, vy, len(classes), augment=augment, name=name)
+
+
+FOLDER_LAYOUT = "point dataset.root at a folder holding train/ and val/, each with one subfolder per class"
+
+
+def list_split(base: Path, split: str, n: int | None, split_seed: int,
+               train_classes: dict[str, int] | None = None):
+    """The (path, label) samples kept from `base/split` and its class -> label map; the
+    validation split (`train_classes` given) must have the training split's classes."""
+    import torchvision
+
+    folder = check_folder(base, split)
+    try:
+        listed = torchvision.datasets.ImageFolder(str(folder), loader=lambda p: p)
+    except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images
+        if isinstance(e, OSError) and e.filename:
+            raise path_error(e, "dataset.root", base, FOLDER_LAYOUT) from None
+        raise UserError(f"{folder}: {e}", "put images in one subfolder per class") from None
+    except OSError as e:  # a folder it may not list
+        raise path_error(e, "dataset.root", base, FOLDER_LAYOUT) from None
+    if train_classes is not None:  # a class folder without images is not a class to ImageFolder
+        check_same_classes(base, set(train_classes), set(listed.class_to_idx))
+    labels = torch.tensor(listed.targets)
+    key = "dataset.n_train" if split == "train" else "dataset.n_val"
+    keep = stratified_subset(labels, n, split_seed, key, f"images in {folder}")
+    return [listed.samples[i] for i in keep.tolist()], listed.class_to_idx
+
+
+def check_image_folder(root: str) -> Path:
+    """The folder's layout, in the pre-flight: train/ and val/ exist, hold class subfolders,
+    and the same ones (only folder names are listed, not files). Returns the folder."""
+    from torchvision.datasets.folder import find_classes
+
     base = Path(root).expanduser()
-    layout = "point dataset.root at a folder holding train/ and val/, each with one subfolder per class"
+    classes = {}
     for split in ("train", "val"):
+        folder = check_folder(base, split)
         try:
-            is_folder = (base / split).is_dir()
-        except OSError as e:
-            raise path_error(e, "dataset.root", base, layout) from None
-        if not is_folder:
-            raise UserError(f"{base / split} is not a folder", layout)
-
-    def load(split: str, n: int | None, split_seed: int, class_to_idx=None):
-        try:
-            folder = torchvision.datasets.ImageFolder(str(base / split), loader=lambda p: p)
-        except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images
-            if isinstance(e, OSError) and e.filename:
-                raise path_error(e, "dataset.root", base, layout) from None
-            raise UserError(f"{base / split}: {e}", "put images in one subfolder per class") from None
+            classes[split], _ = find_classes(str(folder))
+        except FileNotFoundError as e:  # no class subfolder
+            if e.filename:
+                raise path_error(e, "dataset.root", base, FOLDER_LAYOUT) from None
+            raise UserError(f"{folder} has no class subfolders",
+                            "put the images in one subfolder per class") from None
         except OSError as e:  # a folder it may not list
-            raise path_error(e, "dataset.root", base, layout) from None
-        if class_to_idx is not None and folder.class_to_idx != class_to_idx:
-            raise UserError(f"the classes of {base / 'val'} differ from those of {base / 'train'}",
-                            "give val/ the same class subfolders as train/")
-        labels = torch.tensor(folder.targets)
-        key = "dataset.n_train" if split == "train" else "dataset.n_val"
-        keep = stratified_subset(labels, n, split_seed, key, f"images in {base / split}")
-        images = torch.empty(len(keep), 3, image_size, image_size, dtype=torch.uint8)
-        with decoder_messages() as said:
-            for i, index in enumerate(keep.tolist()):
-                images[i] = resize_images(read_image(folder.samples[index][0], said)[None],
-                                          image_size)[0]
-        return images, labels[keep], folder.class_to_idx
+            raise path_error(e, "dataset.root", base, FOLDER_LAYOUT) from None
+    check_same_classes(base, set(classes["train"]), set(classes["val"]))
+    return base
 
-    tx, ty, classes = load("train", n_train, 2 * seed)
-    vx, vy, _ = load("val", n_val, 2 * seed + 1, classes)
-    return ImageDataset(tx, ty, vx, vy, len(classes), augment=augment, name=f"imagefolder:{base}")
+
+def check_same_classes(base: Path, train: set[str], val: set[str]) -> None:
+    if train == val:
+        return
+    said = "; ".join(part for part in (
+        val - train and f"only val/ has {_names(sorted(val - train))}",
+        train - val and f"only train/ has {_names(sorted(train - val))}") if part)
+    raise UserError(f"the classes of {base / 'val'} differ from those of {base / 'train'} ({said})",
+                    "give val/ the same class subfolders as train/")
+
+
+def check_folder(base: Path, split: str) -> Path:
+    folder = base / split
+    try:
+        is_folder = folder.is_dir()
+    except OSError as e:
+        raise path_error(e, "dataset.root", base, FOLDER_LAYOUT) from None
+    if not is_folder:
+        raise UserError(f"{folder} is not a folder", FOLDER_LAYOUT)
+    return folder
+
+
+def _names(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def read_images(samples: list[tuple[str, int]], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sample decoded and resized to a square: (N,3,S,S) uint8 images and labels."""
+    images = torch.empty(len(samples), 3, image_size, image_size, dtype=torch.uint8)
+    with decoder_messages() as said:
+        for i, (path, _) in enumerate(samples):
+            images[i] = resize_images(read_image(path, said)[None], image_size)[0]
+    return images, torch.tensor([label for _, label in samples], dtype=torch.long)
 
 
 @contextlib.contextmanager

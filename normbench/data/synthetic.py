@@ -54,14 +54,17 @@ def _inside(label: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                          0.42 - torch.sqrt((u + 0.5) ** 2 + v * v))
 
 
-def render_shapes(n: int, seed: int, size: int = 32, noise: float = 0.05):
-    """Render `n` images (uint8, (n,3,size,size)) and labels from one seed."""
+def render_shapes(n: int, seed: int, size: int = 32, noise: float = 0.05,
+                  labels: torch.Tensor | None = None):
+    """Render `n` images (uint8, (n,3,size,size)) and labels from one seed (`labels`: these
+    classes instead of drawn ones; the other draws stay the same)."""
     # The largest buffer first: a size beyond memory is refused at once, before the
     # per-image draws fill gigabytes.
     score = torch.empty(n, size, size)
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
-    labels = torch.randint(0, len(SHAPE_CLASSES), (n,), generator=g)
+    drawn = torch.randint(0, len(SHAPE_CLASSES), (n,), generator=g)
+    labels = drawn if labels is None else labels
     radius = (0.18 + 0.17 * rand(n)) * size  # pixels
     cx = 0.5 * size + (rand(n) - 0.5) * (size - 2 * radius)
     cy = 0.5 * size + (rand(n) - 0.5) * (size - 2 * radius)
@@ -103,3 +106,34 @@ def shapes_dataset(n_train: int = 5000, n_val: int = 1000, image_size: int = 32,
     tx, ty = render_shapes(n_train, seed=2 * seed, size=image_size, noise=noise)
     vx, vy = render_shapes(n_val, seed=2 * seed + 1, size=image_size, noise=noise)
     return ImageDataset(tx, ty, vx, vy, len(SHAPE_CLASSES), augment=augment, name="shapes")
+
+
+def write_shapes_folder(root, n_train: int, n_val: int, min_size: int = 64, max_size: int = 300,
+                        seed: int = 0, quality: int = 90, progress=None) -> dict[str, int]:
+    """The shapes as an image folder of JPEGs (train/ and val/, one subfolder per class), at
+    mixed sizes and aspect ratios between `min_size` and `max_size` px, the classes in turn
+    (each gets n // 10 or one more): data for the streaming path without a download.
+    Deterministic in `seed`; returns the files per split.
+    `progress(k)`: called with the number of files just written."""
+    from pathlib import Path
+
+    from torchvision.io import encode_jpeg, write_file
+    from torchvision.transforms.v2.functional import resize
+
+    root = Path(root)
+    written = {}
+    for split, n, split_seed in (("train", n_train, 2 * seed), ("val", n_val, 2 * seed + 1)):
+        for name in SHAPE_CLASSES:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+        g = torch.Generator().manual_seed(split_seed)
+        sides = torch.randint(min_size, max_size + 1, (n, 2), generator=g)  # (height, width)
+        # Drawn at 64 px (the shapes' outlines need no more), then resized to each file's size.
+        images, labels = render_shapes(n, seed=split_seed, size=64,  # every class, in turn
+                                       labels=torch.arange(n) % len(SHAPE_CLASSES))
+        for index, (image, label) in enumerate(zip(images, labels.tolist(), strict=True)):
+            data = encode_jpeg(resize(image, sides[index].tolist(), antialias=True), quality=quality)
+            write_file(str(root / split / SHAPE_CLASSES[label] / f"{index:06d}.jpg"), data)
+            if progress:
+                progress(1)
+        written[split] = n
+    return written

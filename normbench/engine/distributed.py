@@ -11,7 +11,8 @@ others with an error instead of a hang.
 The data: every rank draws the *global* batch (`batch_size` x world) from the same loader,
 in the same order, with the same augmentation, and keeps its own slice (`RankShard`). So the
 ranks see disjoint shards of exactly the batches one process would see with the global
-batch, and the loader's state is the same on every rank (resume is exact).
+batch, and the loader's state is the same on every rank (resume is exact). A streamed image
+folder reads only its rank's slice, with the same result (normbench/data/streaming.py).
 """
 
 from __future__ import annotations
@@ -165,10 +166,10 @@ def earliest(step: int) -> int:
     divergence any rank saw."""
     if not active():
         return step
-    value = torch.tensor([step if step > 0 else torch.iinfo(torch.int64).max])
+    never = torch.iinfo(torch.int64).max
+    value = torch.tensor([step if step > 0 else never])
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    found = int(value.item())
-    return 0 if found == torch.iinfo(torch.int64).max else found
+    return 0 if int(value.item()) == never else int(value.item())
 
 
 @contextmanager
@@ -184,8 +185,7 @@ def main_first():
 
 
 def barrier() -> None:
-    """Wait for every rank. A CPU all_reduce: gloo whatever the device (dist.barrier would
-    have to guess one)."""
+    """Wait for every rank: a CPU all_reduce, gloo whatever the device (no device to guess)."""
     if active():
         dist.all_reduce(torch.zeros(1))
 
@@ -392,7 +392,9 @@ class RankShard:
 def train_loader(data, batch_size: int, seed: int, overfit_batches: int = 0):
     """The training stream of this rank: per-device batches of `batch_size`; with
     overfit_batches=k, the first k of them over and over."""
-    loader = data.train_loader(batch_size * world(), seed=seed)
+    own = getattr(data, "shards_itself", False)  # a streamed folder: this rank's samples only
+    loader = (data.train_loader(batch_size, seed=seed, rank=rank(), world=world()) if own
+              else data.train_loader(batch_size * world(), seed=seed))
     if overfit_batches:  # before sharding: each rank slices the same repeated global batch
         loader = RepeatedBatches(loader, overfit_batches)
-    return RankShard(loader, rank(), world()) if active() else loader
+    return RankShard(loader, rank(), world()) if active() and not own else loader

@@ -75,16 +75,24 @@ def metrics_from(loss: float, acc: float, info, prefix: str) -> dict[str, float]
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, batch_size: int, prefix: str = "val",
-             shuffle_seed: int | None = None) -> dict[str, float]:
-    """Loss and accuracy over the whole validation set, weighted by real targets."""
+             shuffle_seed: int | None = None, shard: tuple[int, int, object] | None = None
+             ) -> dict[str, float]:
+    """Loss and accuracy over the whole validation set, weighted by real targets.
+
+    `shard` (rank, world, sum over ranks): a data set that shards itself (a streamed folder)
+    gives this rank its stride of the set, and the totals are summed over the ranks."""
     total_loss = total_correct = total_count = 0.0
-    for batch in data.val_batches(batch_size, shuffle_seed=shuffle_seed):
+    where = {"rank": shard[0], "world": shard[1]} if shard else {}
+    for batch in data.val_batches(batch_size, shuffle_seed=shuffle_seed, **where):
         loss, correct, count = loss_and_counts(forward(model, batch), batch)
         total_loss = total_loss + loss * count
         total_correct = total_correct + correct
         total_count = total_count + count
-    values = torch.stack([torch.as_tensor(v, dtype=torch.float64)
-                          for v in (total_loss, total_correct, total_count)]).tolist()
+    totals = torch.stack([torch.as_tensor(v, dtype=torch.float64)
+                          for v in (total_loss, total_correct, total_count)])
+    if shard:
+        shard[2]([totals])
+    values = totals.tolist()
     return metrics_from(values[0] / values[2], values[1] / values[2], data.info, prefix)
 
 

@@ -267,7 +267,7 @@ def initial_summary(config: dict, run_dir: Path, norm, model: nn.Module, data, s
         # The sizes actually used: images, or text rows (training windows for a text stream).
         "n_train": data.n_train, "n_val": data.n_val,
         # Text: the unit, what a row is, the vocabulary size (words: <unk>'s share).
-        **(data.facts() if data.info.kind == "text" else {}),
+        **(data.facts() if hasattr(data, "facts") else {}),
         "n_params": sum(p.numel() for p in model.parameters()),
         **model_norm_counts(model),  # learned and kept-for-inference numbers in norm layers
         "status": "running",

@@ -208,17 +208,22 @@ def log_step(exp: Experiment, step: int, step_lr: float, batch_size: int) -> flo
 def evaluate_step(exp: Experiment, step: int) -> str:
     """Validation metrics (and, for BN models with probes, the train/eval discrepancy);
     returns the line the terminal shows. Under several processes the ranks' running
-    statistics are averaged first, and rank 0 evaluates alone (the others return "")."""
+    statistics are averaged first, and rank 0 evaluates alone (the others return ""), except
+    on a streamed folder's val/, which every rank reads a stride of."""
     agree_buffers(exp, step)
-    if not distributed.is_main():
+    sharded = distributed.active() and getattr(exp.data, "shards_itself", False)
+    if not distributed.is_main() and not sharded:
         return ""
     config = exp.config
     exp.model.eval()
     start = time.perf_counter()
     with exp.autocast():
-        exp.last_val = evaluate(exp.eval_model, exp.data, config["eval_batch_size"])
-    exp.tracker.scalars({"perf/eval_seconds": time.perf_counter() - start}, step)
+        exp.last_val = evaluate(exp.eval_model, exp.data, config["eval_batch_size"], shard=(
+            distributed.rank(), distributed.world(), distributed.sum_) if sharded else None)
     exp.model.train()
+    if not distributed.is_main():
+        return ""
+    exp.tracker.scalars({"perf/eval_seconds": time.perf_counter() - start}, step)
     if exp.probes.enabled:  # BN models: val_batchstats/, val_precise/, val_gap/
         with exp.autocast():
             extra = train_eval_discrepancy(
@@ -272,6 +277,8 @@ def agree_buffers(exp: Experiment, step: int) -> None:
 def finish(exp: Experiment, status: str, elapsed: float) -> None:
     """The final summary.json, the terminal table and the end-of-run warnings."""
     exp.summary.update(status=status, steps=exp.step, elapsed_s=round(elapsed, 2))
+    if hasattr(exp.data, "facts"):  # a streamed folder's unreadable files, as of now
+        exp.summary.update(exp.data.facts())
     exp.summary["final"].update({k.replace("/", "_"): v for k, v in exp.last_val.items()})
     exp.tracker.write_summary(exp.summary)
     exp.tracker.close()
