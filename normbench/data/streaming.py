@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 
 from normbench.data import Batch, DataInfo
-from normbench.data.images import decode_problem
+from normbench.data.decoding import decode_problem
 from normbench.errors import UserError
 
 STATS_IMAGES = 256  # training images the per-channel mean and std are estimated from

@@ -23,7 +23,8 @@ from normbench.config.compose import compose_config, parse_overrides
 from normbench.config.explain import schema_of_option
 from normbench.config.schema import SCHEMAS, TrainConfig
 from normbench.config.tree import config_options
-from normbench.data.images import decoder_messages, imagefolder_dataset
+from normbench.data.decoding import decoder_messages
+from normbench.data.images import imagefolder_dataset
 from normbench.data.text import read_text_file
 from normbench.engine.tracking import read_json, write_json_atomic
 from normbench.errors import UserError
