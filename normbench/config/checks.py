@@ -328,6 +328,23 @@ def _optim_ranges(optim: dict, sched: dict) -> None:
                       high_open=True, example="[0.9,0.999]")
     for key in ("warmup_frac", "final_lr_frac"):
         _in_range(sched, key, f"sched.{key}", low=0, high=1, example="0.05")
+    _in_range(sched, "gamma", "sched.gamma", low=0, high=1, low_open=True, example="0.1")
+    if "milestones" in sched:
+        _milestones(sched["milestones"])
+
+
+def _milestones(milestones) -> None:
+    """sched=step's milestones: fractions of the steps in (0, 1], each above the last."""
+    fix = "use e.g. sched.milestones=[0.333,0.667,0.889] (epochs 30, 60, 80 of 90)"
+    if not isinstance(milestones, list | tuple):
+        raise UserError(f"sched.milestones={_show(milestones)} must be a list of fractions "
+                        "of the steps", fix)
+    for i, m in enumerate(milestones):
+        _in_range({"m": m}, "m", f"sched.milestones[{i}]", low=0, high=1, low_open=True,
+                  example="[0.333,0.667,0.889]", why=" (a fraction of the steps)")
+        if i and m <= milestones[i - 1]:
+            raise UserError(f"sched.milestones={_show(milestones)} must increase: "
+                            f"{_show(m)} follows {_show(milestones[i - 1])}", fix)
 
 
 def _dataset_ranges(dataset: dict) -> None:

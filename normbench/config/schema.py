@@ -270,6 +270,12 @@ class CosineScheduleConfig(ConstantScheduleConfig):
     final_lr_frac: float = MISSING
 
 
+@dataclass
+class StepScheduleConfig(ConstantScheduleConfig):
+    milestones: list[float] = field(default_factory=lambda: MISSING)  # fractions of the steps
+    gamma: float = MISSING
+
+
 # ----------------------------------------------------------------------------- registration
 
 # (group, schema name, dataclass). A conf/<group>/<option>.yaml file starts with
@@ -296,6 +302,7 @@ SCHEMAS: list[tuple[str, str, type]] = [
     ("optim", "adamw", AdamWConfig),
     ("sched", "constant", ConstantScheduleConfig),
     ("sched", "cosine", CosineScheduleConfig),
+    ("sched", "step", StepScheduleConfig),
 ]
 
 

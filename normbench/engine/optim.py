@@ -100,9 +100,25 @@ def cosine(total_steps: int, warmup_frac: float,
     return factor
 
 
+def step(total_steps: int, warmup_frac: float, milestones: list[float],
+         gamma: float) -> Callable[[int], float]:
+    """Step decay (Goyal et al. 2017): the rate times `gamma` from each milestone on, a
+    milestone being a fraction of the steps (30/90 of them: the first step of epoch 31 of 90),
+    times the linear warm-up while it lasts."""
+    warmup = int(round(warmup_frac * total_steps))
+    starts = [int(round(m * total_steps)) for m in milestones]
+
+    def factor(step: int) -> float:
+        warm = (step + 1) / warmup if step < warmup else 1.0
+        return warm * gamma ** sum(step >= start for start in starts)
+
+    return factor
+
+
 # name (conf/sched/<name>.yaml) -> function
 SCHEDULES: dict[str, Callable[..., Callable[[int], float]]] = {"cosine": cosine,
-                                                               "constant": constant}
+                                                               "constant": constant,
+                                                               "step": step}
 
 
 def schedule_function(name: str) -> Callable[..., Callable[[int], float]]:
@@ -113,6 +129,7 @@ def schedule_function(name: str) -> Callable[..., Callable[[int], float]]:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, name: str,
                     **options) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over `warmup_frac` of the steps, then cosine decay or a constant rate."""
+    """Linear warm-up over `warmup_frac` of the steps, then cosine decay, a constant rate or
+    step decay at milestones."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer,
                                              schedule_function(name)(total_steps, **options))

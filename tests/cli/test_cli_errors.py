@@ -142,6 +142,10 @@ CASES = [
     ("warmup-above-1", ["sched.warmup_frac=1.5"],
      ["sched.warmup_frac=1.5 must be a number, between 0 and 1"]),
     ("final-lr-negative", ["sched.final_lr_frac=-0.1"], ["sched.final_lr_frac=-0.1 must be"]),
+    ("milestones-decreasing", ["sched=step", "sched.milestones=[0.6,0.3]"],
+     ["sched.milestones=[0.6,0.3] must increase: 0.3 follows 0.6", "sched.milestones=[0.333,"]),
+    ("milestone-above-1", ["sched=step", "sched.milestones=[0.5,1.2]"],
+     ["sched.milestones[1]=1.2 must be a number, above 0 and at most 1"]),
     ("n-train-zero", ["dataset.n_train=0"], ["dataset.n_train=0 must be an integer, 1 or more"]),
     ("n-val-not-a-number", ["dataset=cifar10", "dataset.n_val=lots"],
      ["dataset.n_val=lots (from the command line) must be an integer (or null)"]),
@@ -306,6 +310,7 @@ def test_options_with_a_key_come_from_the_schemas():
     assert options_with_key("optim", "nesterov") == ["sgd"]
     assert options_with_key("optim", "betas") == ["adamw"]
     assert options_with_key("sched", "final_lr_frac") == ["cosine"]
+    assert options_with_key("sched", "milestones") == ["step"]
     assert options_with_key("dataset", "noise") == ["shapes"]
     assert options_with_key("norm", "stats_batch") == ["batch", "batch_renorm"]
     assert options_with_key("dataset", "image_size") == ["cifar10", "cifar100", "imagefolder",

@@ -73,6 +73,7 @@ SETUP_SCALES = {
     "text": ("text", "transformer", None, 2, 5, 1e-3),
     "cifar10_resnet18": ("cifar10", "torchvision", 32, "resnet18", 30, 0.025),
     "shapes_resnet18": ("shapes", "torchvision", 32, "resnet18", 10, 0.025),
+    "imagenet": ("imagefolder", "torchvision", 224, "resnet50", 90, 0.0125),
 }
 # Recipe and scale keys belong to the setups: a preset that set one would override every setup.
 SETUP_KEYS = {"dataset", "model", "optim", "epochs", "steps", "lr", "base_lr", "base_batch_size"}
@@ -85,6 +86,7 @@ def data_paths(tmp_path_factory):
     write_imagefolder(root / "images", per_class=2)
     (root / "corpus.txt").write_text("To be, or not to be: that is the question.\n" * 40)
     return {"imagefolder": [f"dataset.root={root / 'images'}"],
+            "imagenet": [f"dataset.root={root / 'images'}"],
             "text": [f"dataset.path={root / 'corpus.txt'}"]}
 
 
@@ -131,7 +133,9 @@ def test_presets_take_the_small_shapes_setup_by_default_and_set_no_scale_keys(pr
     assert not written_keys, "the scale and the recipe are the setup's"
     overridden = {next(iter(d)).split("/")[-1] for d in written.get("defaults", [])
                   if isinstance(d, dict)}
-    assert not {"dataset", "model", "optim"} & overridden
+    # The schedule too: a preset comes after the setup in the defaults list, so its choice
+    # would replace setup=imagenet's step schedule.
+    assert not {"dataset", "model", "optim", "sched"} & overridden
 
 
 def test_setup_cifar10_gives_each_preset_resnet20_at_32px_with_its_epochs_and_lr():
@@ -175,6 +179,39 @@ def test_setup_cifar10_resnet18_is_torchvisions_resnet18_with_the_cifar_stem_and
         ("shapes", 32, 10)
     assert preflight(["experiment=stats_batch_sweep", "setup=cifar10_resnet18", "seed=0"],
                      True) is not None
+
+
+IMAGENET_RECIPE = {
+    "model": {"name": "torchvision", "arch": "resnet50", "kwargs": {}, "cifar_stem": False},
+    "optim": {"name": "sgd", "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4,
+              "implementation": "auto"},
+    "sched": {"name": "step", "warmup_frac": pytest.approx(5 / 90),
+              "milestones": pytest.approx([30 / 90, 60 / 90, 80 / 90], rel=1e-9), "gamma": 0.1},
+}
+
+
+def test_setup_imagenet_is_resnet50_at_224_px_with_goyal_et_al_s_recipe_in_every_preset(data_paths):
+    root = data_paths["imagenet"]
+    for preset in SCALED_PRESETS:
+        for job in expand_sweep([f"experiment={preset}", "setup=imagenet", *root])[:3]:
+            config = compose_config(job)
+            assert {k: config[k] for k in IMAGENET_RECIPE} == IMAGENET_RECIPE, preset
+            assert (config["dataset"]["name"], config["dataset"]["image_size"],
+                    config["epochs"], config["steps"]) == ("imagefolder", 224, 90, None)
+            factor = config["lr_factor"] or 1.0
+            assert config["lr"] == pytest.approx(factor * 0.1 * config["batch_size"] / 256)
+    jobs = expand_sweep(["experiment=batch_size_sweep", "setup=imagenet", *root, "norm=batch",
+                         "seed=0"])
+    lrs = {c["batch_size"]: c["lr"] for c in map(compose_config, jobs)}
+    assert lrs == pytest.approx({b: 0.1 * b / 256 for b in (2, 4, 8, 16, 32)})
+    # debug=tiny shortens the run and the data, not the model, the image size or the recipe.
+    tiny = compose_config(["experiment=stats_batch_sweep", "setup=imagenet", *root, "debug=tiny"])
+    assert {k: tiny[k] for k in IMAGENET_RECIPE} == IMAGENET_RECIPE
+    assert (tiny["dataset"]["image_size"], tiny["steps"], tiny["epochs"],
+            tiny["dataset"]["n_train"]) == (224, 6, None, 256)
+    # The literal per-GPU version: lr 0.1 per 32 images per process, 0.1 per 256 on 8.
+    per_gpu = compose_config(["setup=imagenet", *root, "batch_size=4", "base_lr=0.1"])
+    assert per_gpu["lr"] == pytest.approx(0.1 * 4 / 32)
 
 
 def test_a_setup_on_the_command_line_keeps_a_chosen_dataset():
@@ -270,6 +307,19 @@ def test_presets_run_on_an_image_folder(preset, tmp_path):
     assert summary["status"] == "completed"
     assert (summary["dataset"], summary["n_train"]) == ("imagefolder", 64)
     assert (config["dataset"]["image_size"], config["model"]["depth"]) == (32, 20)
+
+
+@pytest.mark.slow
+def test_setup_imagenet_trains_resnet50_on_an_image_folder(tmp_path):
+    # At 64 px (typed explicitly) for CPU time: the setup's 224 px is checked above.
+    write_imagefolder(tmp_path / "images", per_class=24)
+    config, summary = run_first_job(["experiment=stats_batch_sweep", "setup=imagenet",
+                                     f"dataset.root={tmp_path / 'images'}",
+                                     "dataset.image_size=64", *TINY_BUDGET], tmp_path / "run")
+    assert summary["status"] == "completed"
+    assert (summary["dataset"], summary["n_train"]) == ("imagefolder", 64)
+    assert (config["model"]["arch"], config["sched"]["name"], config["norm"]["stats_batch"]) == \
+        ("resnet50", "step", 2)
 
 
 def test_stats_batch_sweep_is_bn_at_each_k_with_k_in_the_folder_names():

@@ -1,4 +1,5 @@
-"""The optimizer's implementations (fused, foreach, for_loop) apply the same update rule."""
+"""The optimizer's implementations (fused, foreach, for_loop) apply the same update rule;
+the step schedule's rates against a direct computation, and its options' checks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from normbench.engine.optim import IMPLEMENTATIONS, build_optimizer, param_groups, resolve_implementation
+from normbench.config.checks import check_ranges
+from normbench.engine.optim import (
+    IMPLEMENTATIONS,
+    build_optimizer,
+    build_scheduler,
+    param_groups,
+    resolve_implementation,
+)
+from normbench.errors import UserError
 
 OPTIMIZERS = {"sgd": {"momentum": 0.9, "nesterov": True}, "adamw": {"betas": (0.9, 0.999)}}
 
@@ -79,3 +88,74 @@ def test_weight_norm_scales_are_not_decayed_and_their_directions_are():
     assert len(scales) == len(directions) == 2  # the conv and the linear layer
     assert not any(id(named[n]) in decayed for n in scales)
     assert all(id(named[n]) in decayed for n in directions)
+
+
+def scheduled_rates(lr: float, total_steps: int, **sched) -> list[float]:
+    """The learning rate that each step 0..total_steps-1 trains with."""
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=lr)
+    scheduler = build_scheduler(optimizer, total_steps, **sched)
+    rates = []
+    for _ in range(total_steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_step_schedule_warms_up_then_divides_by_ten_at_each_milestone():
+    # 20 steps: warm-up over 2, milestones at steps 10 and 15 exactly (0.5 and 0.75 of 20).
+    rates = scheduled_rates(0.4, 20, name="step", warmup_frac=0.1, milestones=[0.5, 0.75],
+                            gamma=0.1)
+    expected = [0.2, 0.4] + [0.4] * 8 + [0.04] * 5 + [0.004] * 5
+    assert rates == pytest.approx(expected, rel=1e-12)
+    assert rates[9] == pytest.approx(0.4) and rates[10] == pytest.approx(0.04)  # on the step
+
+
+def test_step_schedule_is_goyal_et_al_s_epochs_30_60_80_of_90():
+    # setup=imagenet's schedule, 7 steps per epoch: 5 epochs of warm-up, then x0.1 from the
+    # first step of epochs 31, 61 and 81 (epochs counted from 1), computed from the epoch.
+    per_epoch, lr = 7, 0.1
+    rates = scheduled_rates(lr, 90 * per_epoch, name="step", warmup_frac=5 / 90,
+                            milestones=[30 / 90, 60 / 90, 80 / 90], gamma=0.1)
+    warmup = 5 * per_epoch
+    expected = [lr * min(1.0, (s + 1) / warmup) * 0.1 ** sum(s // per_epoch >= e for e in (30, 60, 80))
+                for s in range(90 * per_epoch)]
+    assert rates == pytest.approx(expected, rel=1e-9)
+    assert rates[30 * per_epoch - 1] == pytest.approx(lr)
+    assert rates[30 * per_epoch] == pytest.approx(lr / 10)
+    assert rates[-1] == pytest.approx(lr / 1000)
+
+
+def test_a_milestone_inside_the_warm_up_scales_it():
+    rates = scheduled_rates(1.0, 10, name="step", warmup_frac=0.4, milestones=[0.2], gamma=0.5)
+    assert rates == pytest.approx([0.25, 0.5, 0.375, 0.5] + [0.5] * 6)
+
+
+def sched_error(**sched) -> str:
+    with pytest.raises(UserError) as caught:
+        check_ranges({"sched": {"name": "step", "warmup_frac": 0.0, "gamma": 0.1, **sched}})
+    line = str(caught.value)
+    assert "\n" not in line and "Fix: use e.g. sched." in line, line
+    return line
+
+
+@pytest.mark.parametrize("milestones, problem", [
+    ([0.5, 0.4], "sched.milestones=[0.5,0.4] must increase: 0.4 follows 0.5"),
+    ([0.5, 0.5], "sched.milestones=[0.5,0.5] must increase: 0.5 follows 0.5"),
+    ([0.0, 0.5], "sched.milestones[0]=0.0 must be a number, above 0 and at most 1"),
+    ([0.5, 1.5], "sched.milestones[1]=1.5 must be a number, above 0 and at most 1"),
+    ([-0.2], "sched.milestones[0]=-0.2 must be a number, above 0 and at most 1"),
+    ([float("nan")], "sched.milestones[0]=nan must be a finite number"),
+    (0.5, "sched.milestones=0.5 must be a list of fractions of the steps"),
+])
+def test_out_of_range_milestones_are_refused_in_one_line(milestones, problem):
+    assert sched_error(milestones=milestones).startswith(problem)
+
+
+def test_milestones_in_range_and_gamma_pass_and_a_bad_gamma_does_not():
+    check_ranges({"sched": {"name": "step", "warmup_frac": 0.05, "gamma": 1.0,
+                            "milestones": [30 / 90, 60 / 90, 1.0]}})
+    check_ranges({"sched": {"name": "step", "warmup_frac": 0.0, "gamma": 0.1, "milestones": []}})
+    assert sched_error(milestones=[0.5], gamma=0.0).startswith(
+        "sched.gamma=0.0 must be a number, above 0 and at most 1")

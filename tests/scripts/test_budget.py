@@ -99,3 +99,30 @@ def test_measuring_some_setups_keeps_the_other_rows_and_says_where_the_new_ones_
     # Every setup measured again: nothing kept, no row differs from the header.
     whole = budget.merge(copy.deepcopy(new), {"rows": [FAKE["rows"][1]]})
     assert whole["measured"] == "2030-02-01" and "measured" not in whole["rows"][1]
+
+
+def test_a_setup_no_cpu_runs_has_its_own_table_of_node_estimates_which_a_measurement_keeps():
+    figures = copy.deepcopy(FAKE)
+    figures["node_basis"] = "Eight GPUs, estimated."
+    figures["rows"].append({"setup": "imagenet",
+                            "node": {"batch_size_sweep": 22800, "lr_sweep": 10200}})
+    lines = budget.budget_markdown(figures).splitlines()
+    cpu = lines[lines.index("## On CPU"):lines.index("## Against whole sweeps")]
+    gpu = lines[lines.index("## On one GPU (estimates)"):lines.index("## On one 8-GPU node (estimates)")]
+    node = lines[lines.index("## On one 8-GPU node (estimates)"):]
+    assert not any("imagenet" in line for line in cpu + gpu)
+    assert "Eight GPUs, estimated." in node
+    assert "| `imagenet` (ResNet-50, 1.28M images at 224 px, 90 epochs) | 380 h | 170 h |" in node
+    assert not any("`shapes_small`" in line for line in node)  # only the rows estimated for it
+    assert "## On one 8-GPU node (estimates)" not in budget.budget_markdown(FAKE)
+    # Measuring the CPU rows again keeps the node row and its basis as they were.
+    new = {"generated": "2030-02-01", "measured": "2030-02-01", "machine": "4 cores, a test CPU",
+           "jobs": 2, "jobs_per_preset": FAKE["jobs_per_preset"],
+           "rows": [{"setup": row["setup"], "cpu": {"batch_size_sweep": 1.0}}
+                    for row in FAKE["rows"]]}
+    merged = budget.merge(copy.deepcopy(new), copy.deepcopy(figures))
+    assert merged["node_basis"] == "Eight GPUs, estimated."
+    assert merged["rows"][-1] == figures["rows"][-1]
+    # Every CPU row measured again: the header is the new measurement's, no row differs.
+    assert merged["measured"] == "2030-02-01"
+    assert not any("measured" in row for row in merged["rows"])
