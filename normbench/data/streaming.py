@@ -91,9 +91,13 @@ class DecodedFiles(Dataset):
             image = decode_image(path, mode=ImageReadMode.RGB)
         except RuntimeError as e:  # a truncated, corrupt or unreadable file
             return Unreadable(path, decode_problem(e, ""))
-        with torch.random.fork_rng(devices=[]):  # the caller's RNG stays where it was
-            torch.manual_seed(seed)
-            return self.transform(image), int(self.files.labels[index])
+        label = int(self.files.labels[index])
+        if torch.utils.data.get_worker_info() is not None:  # a worker's RNG is its own
+            torch.default_generator.manual_seed(seed)  # what transforms.v2 draws from
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):  # in the main process: restored after
+            torch.default_generator.manual_seed(seed)
+            return self.transform(image), label
 
 
 def collate(items: list) -> tuple[torch.Tensor | None, torch.Tensor, list[Unreadable]]:
