@@ -45,13 +45,27 @@ def decoder_messages():
         sink.close()
 
 
+def as_uint8(image: torch.Tensor) -> torch.Tensor:
+    """8 bits per channel: a 16-bit PNG decodes as uint16, and is scaled down, not wrapped."""
+    if image.dtype == torch.uint8:
+        return image
+    from torchvision.transforms.v2.functional import to_dtype
+
+    return to_dtype(image, torch.uint8, scale=True)
+
+
+# The files torchvision.io decodes; ImageFolder's default list also has BMP, PPM, PGM and TIFF,
+# which it cannot read. Other files in the class folders are not images to normbench.
+DECODABLE = (".jpg", ".jpeg", ".png", ".webp")
+
+
 def read_image(path: str, said=lambda: "") -> torch.Tensor:
     """One image file as a (3,H,W) uint8 tensor; a file that does not decode is a UserError
     naming it. `said`: what the decoders printed (see `decoder_messages`)."""
     from torchvision.io import ImageReadMode, decode_image
 
     try:
-        return decode_image(path, mode=ImageReadMode.RGB)
+        return as_uint8(decode_image(path, mode=ImageReadMode.RGB))
     except RuntimeError as e:
         raise UserError(f"cannot read the image {path}: {decode_problem(e, said())}",
                         "replace or delete the file (every file with an image extension below "

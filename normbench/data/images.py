@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from normbench.data import Batch, DataInfo
-from normbench.data.decoding import decoder_messages, read_image
+from normbench.data.decoding import DECODABLE, decoder_messages, read_image
 from normbench.data.sampling import ShuffledEpochs
 from normbench.errors import UserError
 from normbench.paths import path_error
@@ -236,7 +236,8 @@ def list_split(base: Path, split: str, n: int | None, split_seed: int,
 
     folder = check_folder(base, split)
     try:
-        listed = torchvision.datasets.ImageFolder(str(folder), loader=lambda p: p)
+        listed = torchvision.datasets.ImageFolder(
+            str(folder), loader=lambda p: p, is_valid_file=lambda p: p.lower().endswith(DECODABLE))
     except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images
         if isinstance(e, OSError) and e.filename:
             raise path_error(e, "dataset.root", base, FOLDER_LAYOUT) from None

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 
 from normbench.data import Batch, DataInfo
-from normbench.data.decoding import decode_problem
+from normbench.data.decoding import as_uint8, decode_problem
 from normbench.errors import UserError
 
 STATS_IMAGES = 256  # training images the per-channel mean and std are estimated from
@@ -88,7 +88,7 @@ class DecodedFiles(Dataset):
         index, seed = key
         path = self.files.path(index)
         try:
-            image = decode_image(path, mode=ImageReadMode.RGB)
+            image = as_uint8(decode_image(path, mode=ImageReadMode.RGB))
         except RuntimeError as e:  # a truncated, corrupt or unreadable file
             return Unreadable(path, decode_problem(e, ""))
         label = int(self.files.labels[index])
@@ -188,7 +188,6 @@ class StreamedImages:
         self.device = torch.device("cpu")
         self.val_plan, self.val_loader = Batches(), None
         self.unreadable: dict[str, str] = {}  # path -> why, every file met so far
-        self.skipped_draws = 0  # training samples lost to unreadable files
         self.info = DataInfo(kind="image", num_classes=num_classes, in_channels=3,
                              image_size=image_size)
         self.mean, self.std = self.channel_stats(seed)
@@ -210,8 +209,10 @@ class StreamedImages:
 
     def loader(self, files: FileList, transform, batches) -> DataLoader:
         workers = self.workers
+        # generator=: the loader's own seed draw (unused: every sample is seeded by its
+        # position) must not move the global RNG, which a resumed run restores exactly.
         return DataLoader(DecodedFiles(files, transform), batch_sampler=batches,
-                          num_workers=workers, collate_fn=collate,
+                          num_workers=workers, collate_fn=collate, generator=torch.Generator(),
                           pin_memory=self.device.type == "cuda",
                           persistent_workers=workers > 0,
                           prefetch_factor=self.prefetch if workers else None,
@@ -246,10 +247,9 @@ class StreamedImages:
         x = x.to(self.device, non_blocking=True).float().div_(255)
         return (x - self.mean[:, None, None]) / self.std[:, None, None]
 
-    def met(self, unreadable: list[Unreadable], training: bool = False) -> None:
+    def met(self, unreadable: list[Unreadable]) -> None:
         """Record unreadable files; one warning line for each new one."""
         for item in unreadable:
-            self.skipped_draws += training
             if item.path not in self.unreadable:
                 self.unreadable[item.path] = item.problem
                 rank = os.environ.get("RANK")
@@ -259,9 +259,9 @@ class StreamedImages:
                       file=sys.stderr, flush=True)
 
     def facts(self) -> dict:
-        """What summary.json records about the files read."""
-        return {"skipped_draws": self.skipped_draws,
-                "unreadable_images": dict(sorted(self.unreadable.items()))}
+        """What summary.json records about the files read (the training stream adds the
+        samples it lost, `StreamTrainLoader.skipped_draws`)."""
+        return {"unreadable_images": dict(sorted(self.unreadable.items()))}
 
     def train_loader(self, batch_size: int, seed: int, rank: int = 0,
                      world: int = 1) -> StreamTrainLoader:
@@ -295,8 +295,11 @@ class StreamTrainLoader:
             raise UserError(f"batch_size={batch_size}{ranks} is larger than the {ds.n_train} "
                             f"training images of {ds.name}", "use a smaller batch_size")
         self.loader = ds.loader(ds.train_files, ds.train_transform, self.batches)
+        self.world = world
         self.epoch = self.step = 0
+        self.skipped_draws = 0  # samples of this stream lost to unreadable files
         self.iterator = None
+        self.last: Batch | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -314,14 +317,22 @@ class StreamTrainLoader:
                 self.iterator = iter(self.loader)
             x, y, bad = next(self.iterator)
             self.step += 1
-            self.ds.met(bad, training=True)
-            if x is not None:  # a batch of unreadable files only: the next one
-                return Batch(self.ds.normalize(x), y.to(self.ds.device, non_blocking=True))
+            self.ds.met(bad)
+            self.skipped_draws += len(bad)
+            if x is not None:
+                self.last = Batch(self.ds.normalize(x), y.to(self.ds.device, non_blocking=True))
+                return self.last
+            # Every sample of this rank's slice was unreadable. One process takes the next
+            # batch; with several, every rank must take one batch per step, so this rank
+            # repeats its previous one (the run's first batch has none: it takes the next).
+            if self.world > 1 and self.last is not None:
+                return self.last
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, **self.ds.facts()}
+        return {"epoch": self.epoch, "step": self.step, "skipped_draws": self.skipped_draws,
+                **self.ds.facts()}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step, self.iterator = state["epoch"], state["step"], None
-        self.ds.skipped_draws = state["skipped_draws"]
+        self.skipped_draws = state["skipped_draws"]
         self.ds.unreadable.update(state["unreadable_images"])

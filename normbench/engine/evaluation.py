@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normbench.errors import UserError
 from normbench.norms.stats import (
     BatchStatsSwitch,
 )
@@ -88,11 +89,16 @@ def evaluate(model: nn.Module, data, batch_size: int, prefix: str = "val",
         total_loss = total_loss + loss * count
         total_correct = total_correct + correct
         total_count = total_count + count
-    totals = torch.stack([torch.as_tensor(v, dtype=torch.float64)
+    # On the model's device: a rank with no validation sample sums with the others' tensors.
+    device = next(model.parameters()).device
+    totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
                           for v in (total_loss, total_correct, total_count)])
     if shard:
         shard[2]([totals])
     values = totals.tolist()
+    if values[2] == 0:
+        raise UserError(f"no validation sample of {getattr(data, 'name', 'the dataset')} could "
+                        "be read (see the warnings above)", "replace the unreadable files")
     return metrics_from(values[0] / values[2], values[1] / values[2], data.info, prefix)
 
 

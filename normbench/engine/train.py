@@ -279,6 +279,8 @@ def finish(exp: Experiment, status: str, elapsed: float) -> None:
     exp.summary.update(status=status, steps=exp.step, elapsed_s=round(elapsed, 2))
     if hasattr(exp.data, "facts"):  # a streamed folder's unreadable files, as of now
         exp.summary.update(exp.data.facts())
+    if hasattr(exp.loader, "skipped_draws"):  # and the training samples they cost
+        exp.summary["skipped_draws"] = exp.loader.skipped_draws
     exp.summary["final"].update({k.replace("/", "_"): v for k, v in exp.last_val.items()})
     exp.tracker.write_summary(exp.summary)
     exp.tracker.close()

@@ -149,12 +149,81 @@ def test_an_unreadable_file_is_skipped_counted_and_named_once(folder, tmp_path, 
     err = capfd.readouterr().err
     assert err.count("normbench: warning: skipped the unreadable image") == 1 and bad in err
     assert "truncated" in err
-    assert ds.facts()["skipped_draws"] == sizes.count(7)
+    assert loader.skipped_draws == sizes.count(7)
     assert list(ds.facts()["unreadable_images"]) == [bad]
+    other = ds.train_loader(8, seed=9)  # another stream of the same folder (PreciseBN's)
+    list(itertools.islice(other, other.steps_per_epoch))
+    assert loader.skipped_draws == sizes.count(7)  # counts its own samples only
     state = loader.state_dict()  # the counts travel with the checkpoint
     fresh = stream(root)
-    fresh.train_loader(8, seed=0).load_state_dict(state)
-    assert fresh.facts()["skipped_draws"] == ds.facts()["skipped_draws"]
+    resumed = fresh.train_loader(8, seed=0)
+    resumed.load_state_dict(state)
+    assert resumed.skipped_draws == loader.skipped_draws
+    assert fresh.facts() == ds.facts()
+
+
+def test_a_rank_whose_whole_slice_is_unreadable_keeps_step_with_the_others(folder, tmp_path):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(folder, root)
+    ds = stream(root)
+    keys = [next(iter(ds.train_loader(1, seed=0, rank=r, world=2).batches))[0][0] for r in (0, 1)]
+    first = ds.train_loader(1, seed=0, rank=1, world=2)
+    batches(first, 2)  # a good first batch: rank 1's second batch is the one emptied below
+    second_key = list(first.batches.__class__(60, 1, 0, 1, 2))[1][0][0]
+    open(ds.train_files.path(second_key), "wb").close()  # an empty file
+    ranks = [stream(root).train_loader(1, seed=0, rank=r, world=2) for r in (0, 1)]
+    got = [batches(loader, 3) for loader in ranks]
+    assert [(r.epoch, r.step) for r in ranks] == [(0, 3), (0, 3)]  # still in step
+    assert torch.equal(got[1][1][0], got[1][0][0])  # rank 1 repeated its previous batch
+    assert ranks[1].skipped_draws == 1 and ranks[0].skipped_draws == 0
+    assert keys[0] != keys[1]
+
+
+def test_reading_and_resuming_never_move_the_global_rng(folder):
+    ds = stream(folder)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    loader = ds.train_loader(8, seed=0)
+    batches(loader, 3)
+    list(ds.val_batches(5))
+    again = ds.train_loader(8, seed=0)
+    again.load_state_dict(loader.state_dict())
+    batches(again, 2)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_16_bit_pngs_are_scaled_to_8_bits_and_undecodable_formats_are_not_listed(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            deep = np.full((12, 10), 65535 if name == "a" else 257 * 100, dtype=np.uint16)
+            Image.fromarray(deep).save(folder / "deep.png")  # 16-bit greyscale
+            Image.new("RGB", (9, 9), (10, 20, 30)).save(folder / "flat.png")
+            Image.new("RGB", (9, 9)).save(folder / "skip.bmp")  # torchvision.io cannot read BMP
+    ds = stream(tmp_path, image_size=8)
+    assert ds.n_train == 4 and not ds.unreadable
+    x = torch.cat([b.x for b in ds.val_batches(4)]) * ds.std[:, None, None] + ds.mean[:, None, None]
+    values = sorted({round(v * 255) for v in x.flatten().tolist()})
+    assert values == [10, 20, 30, 100, 255]
+    kept = imagefolder_dataset(str(tmp_path), image_size=8, stream=False)
+    assert sorted(kept.val_x.flatten().unique().tolist()) == [10, 20, 30, 100, 255]
+
+
+def test_a_validation_set_that_cannot_be_read_at_all_is_one_line(tmp_path):
+    from normbench.engine.evaluation import evaluate
+
+    write_shapes_folder(tmp_path, n_train=10, n_val=10, min_size=20, max_size=30)
+    for path in (tmp_path / "val").rglob("*.jpg"):
+        path.write_bytes(b"")
+    ds = stream(tmp_path)
+    with pytest.raises(UserError, match="no validation sample of imagefolder:.* could be read"):
+        evaluate(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(10)), ds, 4)
 
 
 def test_a_folder_streams_when_it_exceeds_the_memory_budget(folder):

@@ -40,13 +40,80 @@ TINY = [*_overrides_of(REPO / "conf" / "debug" / "tiny.yaml"),
         *_overrides_of(REPO / "conf" / "debug" / "model" / "tiny_resnet.yaml")]
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300):
-    """Run `python -m normbench ARGS` in `cwd`; returns the CompletedProcess."""
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300,
+            fresh: bool = False):
+    """`normbench ARGS` run in `cwd` as its own process; returns a CompletedProcess.
+
+    The process is a fork of this one, which has torch, Hydra and normbench imported already
+    (a new interpreter spends seconds importing them: most of a refused command's time). The
+    child has its own state, exit status and output, as `python -m normbench` would;
+    `fresh=True` starts a new interpreter instead (what a test of the import itself needs)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
                 "HYDRA_FULL_ERROR": "0", **(env or {})}
     full_env.pop("NORMBENCH_STAMP", None)
-    return subprocess.run([sys.executable, "-m", "normbench", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    if fresh:
+        return subprocess.run([sys.executable, "-m", "normbench", *args], cwd=cwd,
+                              env=full_env, capture_output=True, text=True, timeout=timeout)
+    return _forked(["normbench", *args], cwd, full_env, timeout)
+
+
+def _forked(argv: list[str], cwd: Path, env: dict, timeout: float):
+    """Run normbench's main(argv[1:]) in a forked child: its stdout and stderr go to files,
+    its exit status is main's (or the signal that ended it)."""
+    import signal
+    import tempfile
+    import time
+
+    outputs = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            for fd, file in zip((1, 2), outputs, strict=True):
+                os.dup2(file.fileno(), fd)
+            sys.stdout = open(1, "w", closefd=False, buffering=1)  # noqa: SIM115
+            sys.stderr = open(2, "w", closefd=False, buffering=1)  # noqa: SIM115
+            os.chdir(cwd)
+            os.environ.clear()
+            os.environ.update(env)
+            import torch
+
+            torch.set_num_threads(1)  # OMP_NUM_THREADS=1, as the environment says
+            sys.argv = argv
+            from hydra.core.global_hydra import GlobalHydra
+
+            GlobalHydra.instance().clear()  # an in-process compose of the parent's may hold it
+            from normbench.cli import main
+
+            code = main(argv[1:])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:  # noqa: BLE001 - what an uncaught error prints, then status 1
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise subprocess.TimeoutExpired(argv, timeout)
+        time.sleep(0.02)
+    texts = []
+    for file in outputs:
+        file.seek(0)
+        texts.append(file.read().decode(errors="replace"))
+        file.close()
+    return subprocess.CompletedProcess(argv, os.waitstatus_to_exitcode(status), *texts)
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
