@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from normbench.config.ranges import Range
+from normbench.config.ranges import Range, check_milestones
 from normbench.config.ranges import show_value as _show
 from normbench.config.why_options import check_why_options
 from normbench.data import DataInfo
@@ -330,21 +330,7 @@ def _optim_ranges(optim: dict, sched: dict) -> None:
         _in_range(sched, key, f"sched.{key}", low=0, high=1, example="0.05")
     _in_range(sched, "gamma", "sched.gamma", low=0, high=1, low_open=True, example="0.1")
     if "milestones" in sched:
-        _milestones(sched["milestones"])
-
-
-def _milestones(milestones) -> None:
-    """sched=step's milestones: fractions of the steps in (0, 1], each above the last."""
-    fix = "use e.g. sched.milestones=[0.333,0.667,0.889] (epochs 30, 60, 80 of 90)"
-    if not isinstance(milestones, list | tuple):
-        raise UserError(f"sched.milestones={_show(milestones)} must be a list of fractions "
-                        "of the steps", fix)
-    for i, m in enumerate(milestones):
-        _in_range({"m": m}, "m", f"sched.milestones[{i}]", low=0, high=1, low_open=True,
-                  example="[0.333,0.667,0.889]", why=" (a fraction of the steps)")
-        if i and m <= milestones[i - 1]:
-            raise UserError(f"sched.milestones={_show(milestones)} must increase: "
-                            f"{_show(m)} follows {_show(milestones[i - 1])}", fix)
+        check_milestones(sched["milestones"])
 
 
 def _dataset_ranges(dataset: dict) -> None:

@@ -78,3 +78,17 @@ class Range:
         fix_key = label.split("[")[0]
         raise UserError(f"{label}={show_value(value)} must be {self.words(finite)}{self.why}",
                         f"use e.g. {fix_key}={self.example}")
+
+
+def check_milestones(milestones) -> None:
+    """sched=step's milestones: fractions of the steps in (0, 1], each above the last."""
+    fix = "use e.g. sched.milestones=[0.333,0.667,0.889] (epochs 30, 60, 80 of 90)"
+    if not isinstance(milestones, list | tuple):
+        raise UserError(f"sched.milestones={show_value(milestones)} must be a list of fractions "
+                        "of the steps", fix)
+    for i, m in enumerate(milestones):
+        Range(0, 1, low_open=True, example="[0.333,0.667,0.889]",
+              why=" (a fraction of the steps)").check(f"sched.milestones[{i}]", m)
+        if i and m <= milestones[i - 1]:
+            raise UserError(f"sched.milestones={show_value(milestones)} must increase: "
+                            f"{show_value(m)} follows {show_value(milestones[i - 1])}", fix)

@@ -188,7 +188,8 @@ def float_options() -> list:
 @pytest.mark.parametrize("select, key", float_options())
 @pytest.mark.parametrize("value", ["inf", "nan"])
 def test_every_float_option_refuses_non_finite_values(select, key, value):
-    given = "[0.9,inf]" if key == "optim.betas" else value
+    lists = {"optim.betas": f"[0.9,{value}]", "sched.milestones": f"[0.5,{value}]"}
+    given = lists.get(key, value)
     config = compose_config([*select, f"{key}={given}"])
     with pytest.raises(UserError, match="finite") as e:
         check_config(config)

@@ -241,9 +241,12 @@ def test_joblib_sweep_with_a_diverging_job_finishes_the_others(cli, tmp_path, ca
 
 @pytest.mark.slow
 def test_failing_job_is_recorded_and_isolated(cli, tmp_path):
-    # One image folder is missing: the pre-flight cannot know (it loads no data), so that job
-    # fails at run time; the sweep records it as failed and the other job still completes.
+    # One image folder has its class folders but no image in them: the pre-flight, which
+    # lists folders and no files, cannot know, so that job fails at run time; the sweep
+    # records it as failed and the other job still completes.
     write_imagefolder(tmp_path / "good", per_class=12)
+    for split in ("train", "val"):
+        (tmp_path / "nope" / split / "cat").mkdir(parents=True)
     tiny = [o for o in TINY if not o.startswith(("dataset.", "batch_size="))]
     result = cli("train", "-m", "dataset=imagefolder",
                  f"dataset.root={tmp_path}/good,{tmp_path}/nope", "norm=none", "batch_size=8",
