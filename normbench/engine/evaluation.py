@@ -90,7 +90,7 @@ def evaluate(model: nn.Module, data, batch_size: int, prefix: str = "val",
         total_correct = total_correct + correct
         total_count = total_count + count
     # On the model's device: a rank with no validation sample sums with the others' tensors.
-    device = next(model.parameters()).device
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
                           for v in (total_loss, total_correct, total_count)])
     if shard:

