@@ -561,6 +561,7 @@ def test_text_conditions_sweep_in_the_shakespeare_gap_setups_with_short_folder_n
                                                    "batch", 600)
 
 
+@pytest.mark.slow  # five pre-flights of whole sweeps
 def test_an_image_folder_under_a_presets_small_setup_is_warned_about(tmp_path, monkeypatch, capsys):
     write_imagefolder(tmp_path / "images")
     monkeypatch.chdir(tmp_path)

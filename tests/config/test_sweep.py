@@ -138,6 +138,7 @@ def test_every_job_of_every_preset_passes_the_checks(preset):
     assert preflight([f"experiment={preset}"], True) is not None
 
 
+@pytest.mark.slow  # a whole sweep's pre-flight
 def test_a_preset_on_another_dataset_keeps_its_sizes_or_is_refused():
     # Image datasets read the preset's n_train / n_val / image_size (honoured, not dropped);
     # a text dataset reads no image_size, and the line names the preset it came from.
