@@ -9,6 +9,9 @@
     python scripts/bench.py --loops normbench,no-probes,bare --variant "precision=fp32" \
         --variant "precision=bf16 compile=true" --json bench.json -- device=cuda batch_size=512
 
+An image folder streamed from disk (dataset=imagefolder dataset.stream=true) is measured by
+scripts/bench_stream.py, against torchvision's ImageFolder + DataLoader.
+
 For each model x norm x precision, four loops train the same network from the same config,
 alternating round by round so that drifting machine load hits them alike:
 
