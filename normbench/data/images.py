@@ -287,6 +287,9 @@ def check_same_classes(base: Path, train: set[str], val: set[str]) -> None:
 def check_folder(base: Path, split: str) -> Path:
     folder = base / split
     try:
+        if not base.is_dir():  # name the folder the user gave, not its missing train/
+            what = "is not a folder" if base.exists() else "does not exist"
+            raise UserError(f"dataset.root={base} {what}", FOLDER_LAYOUT)
         is_folder = folder.is_dir()
     except OSError as e:
         raise path_error(e, "dataset.root", base, FOLDER_LAYOUT) from None

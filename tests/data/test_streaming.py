@@ -237,6 +237,11 @@ def test_a_folder_streams_when_it_exceeds_the_memory_budget(folder):
 
 
 def test_the_layout_checks_name_the_problem(tmp_path):
+    with pytest.raises(UserError, match="dataset.root=.*/missing does not exist"):
+        check_image_folder(str(tmp_path / "missing"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match="dataset.root=.*/a_file is not a folder"):
+        check_image_folder(str(tmp_path / "a_file"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty/train is not a folder"):
         check_image_folder(str(tmp_path / "empty"))
