@@ -409,6 +409,16 @@ def apply_mode(parser: argparse.ArgumentParser, argv: list[str] | None = None):
     return args
 
 
+def resnet20(model: str, args) -> list[str]:
+    """ResNet-20 on 5000 shapes of 32 px at batch 128 (setup=shapes), what the figures in
+    docs/performance.md measure, unless a mode or the command line picks a setup or a size:
+    the plain run's ResNet-8 at 16 px is too small to time a training loop by."""
+    given = {o.split("=", 1)[0].lstrip("+~") for o in args.overrides}
+    if model != "resnet" or args.mode or given & {"setup", "batch_size", "model.depth"}:
+        return []
+    return ["setup=shapes", "batch_size=128"]
+
+
 def memory_check(factor: int, overrides: list[str], tmp: Path) -> None:
     """Peak RSS of the default run and of one `factor` times longer, in fresh processes."""
     import subprocess
@@ -496,7 +506,7 @@ def main() -> None:
             print(f"model={model} norm={norm}" + (f" precision={precision}" if precision else "")
                   + (f" {variant}" if variant else ""), flush=True)
             # the variant last: its values win over the ones given for every loop
-            overrides = [f"model={model}", f"norm={norm}",
+            overrides = [f"model={model}", f"norm={norm}", *resnet20(model, args),
                          *([f"precision={precision}"] if precision else []), *args.overrides,
                          *variant.split()]
             rows += bench(overrides, args, Path(tmp), variant, emit)

@@ -227,7 +227,7 @@ def bench_figures(ctx: Context, model: str, variants: list[str]) -> dict:
     return figures
 
 
-RESNET_COMMON = ["batch_size=512", "dataset.n_train=50000", "dataset.image_size=32"]
+RESNET_COMMON = ["batch_size=512", "dataset.n_train=50000", "dataset.image_size=32", "model.depth=20"]
 RESNET_DRY = ["batch_size=32", "dataset.n_train=256", "dataset.n_val=32", "model.depth=8",
               "log_every=2"]
 TEXT_COMMON = ["dataset=synthetic_text", "batch_size=512"]

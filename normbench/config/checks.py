@@ -61,10 +61,13 @@ def check_config(config: dict) -> None:
     these are the values and the combinations that a type cannot express.
     """
     _positive_int(config, "batch_size")
+    # The optimizer's default first: lr is often it, and the line should name the key given.
+    _in_range(config.get("optim") or {}, "default_lr", "optim.default_lr", low=0,
+              low_open=True, example="0.002")
     _positive_number(config, "lr")
     if config.get("epochs") is None and config.get("steps") is None:
         raise UserError("steps and epochs are both null: nothing says how long to train",
-                        "set one of them, e.g. steps=140 or epochs=10")
+                        "set one of them, e.g. steps=2232 or epochs=36")
     if config.get("epochs") is None:
         _positive_int(config, "steps")
     else:

@@ -244,6 +244,7 @@ class CustomModelConfig:
 @dataclass
 class OptimConfig:
     name: str = MISSING
+    default_lr: float = MISSING  # the top-level lr of a run that sets none
     weight_decay: float = MISSING
     implementation: str = MISSING
 

@@ -74,9 +74,11 @@ def optimizer_function(name: str) -> Callable[..., torch.optim.Optimizer]:
 
 
 def build_optimizer(model: nn.Module, lr: float, name: str, weight_decay: float,
-                    implementation: str = "auto", **options) -> torch.optim.Optimizer:
+                    implementation: str = "auto", default_lr: float | None = None,
+                    **options) -> torch.optim.Optimizer:
     """`options` are the named optimizer's own (e.g. sgd: momentum, nesterov). The
-    implementation changes the speed and the rounding of the update, not the rule."""
+    implementation changes the speed and the rounding of the update, not the rule.
+    `default_lr` is the config's top-level lr where none is given: `lr` is what counts."""
     device = next(model.parameters()).device
     kwargs = IMPLEMENTATIONS[resolve_implementation(implementation, device)]
     return optimizer_function(name)(param_groups(model, weight_decay), lr, **options, **kwargs)

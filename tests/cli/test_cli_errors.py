@@ -295,7 +295,8 @@ def test_every_shipped_config_file_sets_exactly_the_keys_of_its_schema():
 
 @pytest.mark.parametrize("group, lookup, fixed", [
     ("dataset", dataset_builder, {"name", "kind"}),
-    ("optim", optimizer_function, {"name", "weight_decay", "implementation"}),  # build_optimizer
+    # build_optimizer takes these four itself
+    ("optim", optimizer_function, {"name", "weight_decay", "implementation", "default_lr"}),
     ("sched", schedule_function, {"name"}),
 ])
 def test_every_schema_key_is_a_parameter_of_its_builder(group, lookup, fixed):

@@ -7,7 +7,8 @@ import pytest
 
 from normbench.cli import SUBCOMMANDS, main
 
-TORCHVISION_RESNET18 = ["model=torchvision", "model.arch=resnet18"]
+# At 32 px (the plain run's shapes are 16 px): the shapes in the tables below are at 32.
+TORCHVISION_RESNET18 = ["model=torchvision", "model.arch=resnet18", "dataset.image_size=32"]
 
 
 @pytest.fixture
@@ -64,7 +65,8 @@ def test_native_keeps_the_models_batchnorm(inspect):
 
 
 def test_convnext_mixes_norm_layer_and_replacement_and_both_layouts(inspect):
-    status, out, err = inspect("model=torchvision", "model.arch=convnext_tiny", "norm=layer")
+    status, out, err = inspect("model=torchvision", "model.arch=convnext_tiny", "norm=layer",
+                          "dataset.image_size=32")
     assert status == 0, err
     rows = {row[1]: row for row in table_rows(out)}
     assert len(rows) == 23
@@ -79,7 +81,7 @@ def test_convnext_mixes_norm_layer_and_replacement_and_both_layouts(inspect):
 
 
 def test_a_builtin_model_lists_its_normbench_norms(inspect):
-    status, out, err = inspect()  # the default: ResNet-20 with BatchNorm
+    status, out, err = inspect("setup=shapes")  # ResNet-20 with BatchNorm at 32 px
     assert status == 0, err
     rows = table_rows(out)
     assert len(rows) == 19
@@ -111,7 +113,7 @@ def test_a_bad_arch_is_train_s_one_line_refusal(inspect):
 
 @pytest.mark.parametrize("args, words", [
     (["norm=group", "norm.group_size=32"], "does not divide the 16 channels"),
-    (["model=torchvision", "model.arch=vit_b_16"], "cannot take 32x32 images"),
+    (["model=torchvision", "model.arch=vit_b_16"], "cannot take 16x16 images"),
     (["model=torchvision", "model.arch=vit_b_16", "model.kwargs.image_size=32"],
      "write +model.kwargs.image_size=32"),
     (["-m", "norm=batch,group"], "it shows the model of one job"),

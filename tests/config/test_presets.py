@@ -183,7 +183,7 @@ def test_setup_cifar10_resnet18_is_torchvisions_resnet18_with_the_cifar_stem_and
 
 IMAGENET_RECIPE = {
     "model": {"name": "torchvision", "arch": "resnet50", "kwargs": {}, "cifar_stem": False},
-    "optim": {"name": "sgd", "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4,
+    "optim": {"name": "sgd", "default_lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4,
               "implementation": "auto"},
     "sched": {"name": "step", "warmup_frac": pytest.approx(5 / 90),
               "milestones": pytest.approx([30 / 90, 60 / 90, 80 / 90], rel=1e-9), "gamma": 0.1},
