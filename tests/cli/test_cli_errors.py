@@ -133,7 +133,7 @@ CASES = [
      ["norm.num_groups=0 must be an integer, 1 or more"]),
     ("weight-decay-negative", ["optim.weight_decay=-0.1"],
      ["optim.weight_decay=-0.1 must be a number, 0 or more"]),
-    ("sgd-momentum-1", ["optim.momentum=1.0"],
+    ("sgd-momentum-1", ["optim=sgd", "optim.momentum=1.0"],
      ["optim.momentum=1.0 must be a number, at least 0 and below 1"]),
     ("optimizer-implementation-unknown", ["optim.implementation=fast"],
      ["optim.implementation=fast is not known", "auto, fused, foreach, for_loop"]),

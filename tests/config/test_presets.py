@@ -462,7 +462,7 @@ def test_debug_overfit_repeats_one_batch_and_drives_the_loss_down(tmp_path):
     from normbench.engine.train import run_experiment
     from tests.helpers.common import read_scalars
 
-    config = compose_config(["debug=overfit", "model.depth=8", "batch_size=16", "steps=20",
+    config = compose_config(["debug=overfit", "optim=sgd", "model.depth=8", "batch_size=16", "steps=20",
                              "log_every=1", "dataset.n_train=64", "dataset.n_val=32",
                              "probes=false", "precise_bn_batches=0"])
     assert (config["overfit_batches"], config["epochs"]) == (1, None)
