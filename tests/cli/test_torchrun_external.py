@@ -22,7 +22,7 @@ STEPS = 4
 # 16 images per process at 8 px. lr=0.001: ResNet-18 starts with gradient norms near 50,
 # and at test_torchrun's lr=0.01 the float32 rounding between two ways of summing the same
 # numbers (or between 1 and 2 threads in one process) grows to 1e-3 of the loss in 4 steps.
-RUN = ["model=torchvision", "model.arch=resnet18", "batch_size=16", f"steps={STEPS}",
+RUN = ["optim=sgd", "model=torchvision", "model.arch=resnet18", "batch_size=16", f"steps={STEPS}",
        "epochs=null", "eval_every=0", "log_every=2", "dataset.n_train=128", "dataset.n_val=32",
        "dataset.image_size=8", "precise_bn_batches=2", "lr=0.001"]
 TAGS = ("train/loss", "train/acc", "val/loss", "val/acc")

@@ -23,7 +23,7 @@ from tests.helpers.common import compose_config, read_scalars, run_cli
 
 slow = pytest.mark.slow  # every test here but the first trains
 
-SMALL = ["batch_size=16", "epochs=null", "eval_every=0", "log_every=2", "dataset.n_train=64",
+SMALL = ["optim=sgd", "batch_size=16", "epochs=null", "eval_every=0", "log_every=2", "dataset.n_train=64",
          "dataset.n_val=32", "dataset.image_size=8", "precise_bn_batches=2"]
 TORCHVISION = ["model=torchvision", "model.arch=resnet18"]
 BN_LAYERS = 20  # torchvision's ResNet-18: bn1, 2 per basic block x 8, 3 downsample BNs
