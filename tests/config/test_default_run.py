@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from normbench.config.compose import compose_jobs
 from normbench.models.external import NATIVE
 from normbench.norms import norm_names
 from tests.helpers.common import compose_config, run_cli
@@ -21,8 +22,10 @@ RECIPE_KEYS = ("dataset", "model", "optim", "sched", "lr", "batch_size", "steps"
 
 
 def test_the_plain_run_is_one_recipe_for_every_norm():
-    recipes = {name: {k: compose_config([f"norm={name}"])[k] for k in RECIPE_KEYS}
-               for name in IMAGE_NORMS}
+    # composed as the jobs of one sweep, `normbench train -m norm=<all>`: one Hydra start
+    jobs = compose_jobs([f"norm={','.join(IMAGE_NORMS)}"], multirun=True)
+    recipes = {job["norm"]["name"]: {k: job[k] for k in RECIPE_KEYS} for job in jobs}
+    assert sorted(recipes) == sorted(IMAGE_NORMS)
     first = recipes[IMAGE_NORMS[0]]
     assert len(IMAGE_NORMS) >= 11
     for name, recipe in recipes.items():
